@@ -1,0 +1,166 @@
+"""KVCacheManager: a request's KV memory through a few verbs.
+
+    get_computed_blocks(request)  -> the longest cached prefix (blocks, tokens)
+    allocate_slots(request, n, computed_blocks) -> room for n more tokens, or None
+    free(request)                 -> release everything (cached blocks stay evictable)
+    fork(parent, child)           -> share the parent's full prompt blocks (n > 1)
+
+The manager never touches tensors: block ids are the handle the model runner
+uses to address the per-layer pools.  Pure Python, unit-tested on exact state.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from kvserve.core.block_pool import BlockPool, KVBlock
+from kvserve.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        # request_id -> its block table (append-only while the request holds blocks)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        # request_id -> how many of its leading blocks are registered in the cache
+        self.num_cached_blocks: dict[str, int] = {}
+        # Prefix-cache statistics (in tokens), for metrics.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    # ---------------------------------------------------------------- lookup
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest run of cached leading blocks of `request`.
+
+        The last token is never matched from cache: its logits are needed to
+        sample the next token, so at least one token is always computed.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        blocks: list[KVBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(blocks) * self.block_size
+        return blocks, len(blocks) * self.block_size
+
+    def num_blocks_needed(self, request: Request, num_new_tokens: int,
+                          new_computed_blocks: list[KVBlock] = ()) -> int:
+        """Free blocks that allocate_slots would take from the pool."""
+        have = len(self.req_blocks.get(request.request_id, ())) + len(new_computed_blocks)
+        total = request.num_computed_tokens + num_new_tokens
+        new = max(0, cdiv(total, self.block_size) - have)
+        evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        return new + evictable_hits
+
+    # ------------------------------------------------------------ allocation
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVBlock] = (),
+    ) -> Optional[list[KVBlock]]:
+        """Make room for `num_new_tokens` tokens after `request.num_computed_tokens`.
+
+        `request.num_computed_tokens` must already count the tokens of
+        `new_computed_blocks` (the prefix-cache hit).  Returns the newly
+        allocated blocks, or None (and changes nothing) if the pool is short.
+        """
+        if self.num_blocks_needed(request, num_new_tokens, new_computed_blocks) > self.pool.num_free_blocks:
+            return None
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        self.num_cached_blocks.setdefault(request.request_id, 0)
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            self.num_cached_blocks[request.request_id] = len(blocks)
+        total = request.num_computed_tokens + num_new_tokens
+        num_new_blocks = max(0, cdiv(total, self.block_size) - len(blocks))
+        new_blocks = self.pool.allocate(num_new_blocks)
+        blocks.extend(new_blocks)
+        self._cache_full_blocks(request, total)
+        return new_blocks
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Register blocks that are full once `num_tokens` tokens are written.
+
+        Registration happens when the step is scheduled, before the KV is
+        written; this is safe because within a step every layer writes its new
+        K/V before any attention of that layer reads the pool.
+        """
+        if not self.enable_prefix_caching:
+            return
+        blocks = self.req_blocks[request.request_id]
+        start = self.num_cached_blocks[request.request_id]
+        end = min(num_tokens // self.block_size, len(request.block_hashes), len(blocks))
+        for i in range(start, end):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        if end > start:
+            self.num_cached_blocks[request.request_id] = end
+
+    # --------------------------------------------------------------- release
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, None)
+        self.num_cached_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    def fork(self, parent: Request, child: Request) -> int:
+        """Give `child` (same prompt as `parent`) the parent's full prompt blocks.
+
+        The child shares every block that lies entirely before the last prompt
+        token; it recomputes the rest itself (at most `block_size` tokens), so
+        no block is ever written by two sequences.  Returns the shared tokens,
+        which the caller stores as the child's `num_computed_tokens`.
+        """
+        parent_blocks = self.req_blocks.get(parent.request_id, [])
+        num_shared = min((parent.num_prompt_tokens - 1) // self.block_size, len(parent_blocks))
+        shared = parent_blocks[:num_shared]
+        self.pool.touch(shared)
+        self.req_blocks[child.request_id] = list(shared)
+        self.num_cached_blocks[child.request_id] = min(
+            num_shared, self.num_cached_blocks.get(parent.request_id, 0)
+        )
+        return num_shared * self.block_size
+
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    # ------------------------------------------------------------- integrity
+    def check_integrity(self) -> None:
+        """Assert every invariant of the pool and of the per-request tables."""
+        self.pool.check_integrity()
+        refs = [0] * self.pool.num_blocks
+        for req_id, blocks in self.req_blocks.items():
+            ids = [b.block_id for b in blocks]
+            assert len(ids) == len(set(ids)), f"{req_id} holds a block twice: {ids}"
+            for b in blocks:
+                refs[b.block_id] += 1
+            assert self.num_cached_blocks.get(req_id, 0) <= len(blocks)
+        for block in self.pool.blocks:
+            assert block.ref_cnt == refs[block.block_id], (
+                f"block {block.block_id}: ref_cnt {block.ref_cnt} but held {refs[block.block_id]} times"
+            )

@@ -1,0 +1,321 @@
+"""Scheduler: which requests run this step, and how many tokens each.
+
+Stall-free continuous batching (Sarathi-Serve): running decodes are scheduled
+first, then running prefills continue in chunks, then waiting requests are
+admitted, all under one per-step token budget.  When blocks run out, the
+policy's victim is preempted by recompute; it resumes with whatever prefix is
+still cached.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kvserve.config import SchedulerConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.policies import make_waiting_queue
+from kvserve.request import Request, RequestStatus
+from kvserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step (plain data for the model runner)."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens whose K/V are computed this step
+    start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # this chunk reaches the end of the sequence: sample a token
+    sampling_params: SamplingParams
+    # Token history for penalties; shared references, read-only for the runner.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator_key: tuple[str, int]  # (request id, sample index): per-request RNG identity
+    prompt_logprobs: bool  # compute logprobs for the prompt positions in this chunk
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # freed since last step
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprobs: Optional[dict[int, float]] = None  # top-k + the sampled token
+
+
+@dataclass
+class ModelRunnerOutput:
+    # request_id -> tokens sampled this step (one per request; more later for
+    # speculative decoding).
+    sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
+    # request_id -> logprob dicts for the prompt positions computed this step.
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.waiting = make_waiting_queue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+        # Samples forked during the last update, for the engine to track.
+        self.new_forks: list[Request] = []
+
+    # -------------------------------------------------------------- requests
+    def validate_fits(self, request: Request) -> None:
+        """Refuse a request that could never be served (instead of hanging)."""
+        if request.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty; at least one token is required")
+        if request.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens, which leaves no room to "
+                f"generate within max_model_len={self.config.max_model_len}"
+            )
+        needed_blocks = -(-(request.num_prompt_tokens + 1) // self.kv.block_size)
+        if needed_blocks > self.kv.num_blocks:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens and needs {needed_blocks} KV "
+                f"blocks, but the KV cache has only {self.kv.num_blocks} blocks of "
+                f"{self.kv.block_size} tokens; raise kv_cache_memory/num_kv_blocks"
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.validate_fits(request)
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.waiting.add(request)
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Optional[Request]:
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, status)
+        return request
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        request.finish_time = time.time()
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self._finished_since_last_step.append(request.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        num_new_tokens: dict[str, int] = {}
+
+        # 1. Running requests: decodes first, then unfinished prefill chunks.
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        scheduled: list[Request] = []
+        for request in order:
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = self._num_tokens_to_run(request, budget)
+            if n <= 0:
+                continue
+            while self.kv.allocate_slots(request, n) is None:
+                victim = self.waiting.victim([r for r in self.running if r not in scheduled])
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            scheduled.append(request)
+            num_new_tokens[request.request_id] = n
+            budget -= n
+
+        # 2. Waiting requests, in policy order, while there is room.  A request
+        # that does not fit blocks the ones behind it (no starvation of long
+        # prompts by short ones).
+        preempted_now = set(out.preempted_ids)
+        while budget > 0 and len(self.running) < self.config.max_num_seqs and len(self.waiting):
+            request = self.waiting.peek()
+            assert request is not None
+            if request.request_id in preempted_now:
+                break  # it just lost its blocks for lack of room; don't thrash
+            if request.request_id in self.kv.req_blocks:
+                # A forked n > 1 sample: it already holds its shared prompt blocks.
+                computed_blocks: list = []
+            else:
+                computed_blocks, num_cached = self.kv.get_computed_blocks(request)
+                request.num_computed_tokens = num_cached
+            n = self._num_tokens_to_run(request, budget)
+            if n <= 0 or self.kv.allocate_slots(request, n, computed_blocks) is None:
+                if request.request_id not in self.kv.req_blocks:
+                    request.num_computed_tokens = 0
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = request.num_computed_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(request)
+            num_new_tokens[request.request_id] = n
+            budget -= n
+
+        # 3. Emit the step and advance num_computed_tokens (the step is committed).
+        for request in scheduled:
+            n = num_new_tokens[request.request_id]
+            start = request.num_computed_tokens
+            end = start + n
+            sp = request.sampling_params
+            out.requests.append(
+                ScheduledRequest(
+                    request_id=request.request_id,
+                    token_ids=request.all_token_ids[start:end],
+                    start_pos=start,
+                    block_ids=self.kv.block_ids(request.request_id),
+                    sample=end == request.num_tokens,
+                    sampling_params=sp,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                    generator_key=(request.parent_id or request.request_id, request.sample_index),
+                    prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
+                )
+            )
+            request.num_computed_tokens = end
+            out.num_batched_tokens += n
+        out.finished_ids = self._finished_since_last_step
+        self._finished_since_last_step = []
+        return out
+
+    def _num_tokens_to_run(self, request: Request, budget: int) -> int:
+        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0:
+            n = min(n, threshold)
+        return n
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Preempt by recompute: free every block; the request starts over later."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_preempted(request)
+        out.preempted_ids.append(request.request_id)
+
+    # ---------------------------------------------------------------- update
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[Request]:
+        """Append sampled tokens, apply stop rules; return requests that changed."""
+        changed: list[Request] = []
+        now = time.time()
+        for sr in sched.requests:
+            request = self.requests.get(sr.request_id)
+            if request is None:
+                continue  # aborted while the step ran
+            plp = result.prompt_logprobs.get(sr.request_id)
+            if plp is not None:
+                self._record_prompt_logprobs(request, sr, plp)
+            sampled = result.sampled.get(sr.request_id)
+            if not sampled:
+                continue
+            if request.num_samples_to_fork > 1:
+                self._fork_samples(request)  # before a stop could free the shared blocks
+            for tok in sampled:
+                request.append_output_token(tok.token_id)
+                if tok.logprobs is not None:
+                    request.output_logprobs.append(tok.logprobs)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                status = self._check_stop(request, tok.token_id)
+                if status is not None:
+                    self.running.remove(request)
+                    self._finish(request, status)
+                    break
+            changed.append(request)
+        return changed
+
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, sr: ScheduledRequest, plp: list) -> None:
+        # plp[i] is the distribution at position sr.start_pos + i predicting the
+        # token at the next position; position 0 of the prompt has no logprob.
+        if not request.prompt_logprobs:
+            request.prompt_logprobs = [None]
+        need = request.num_prompt_tokens - len(request.prompt_logprobs)
+        request.prompt_logprobs.extend(plp[:need])
+
+    def _check_stop(self, request: Request, token_id: int) -> Optional[RequestStatus]:
+        sp = request.sampling_params
+        n_out = request.num_output_tokens
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and token_id in request.eos_token_ids:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in sp.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and n_out >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ------------------------------------------------------------------ n > 1
+    def _fork_samples(self, parent: Request) -> None:
+        """Once the prompt is computed, start samples 1..n-1 on the parent's blocks."""
+        n = parent.num_samples_to_fork
+        parent.num_samples_to_fork = 1
+        group_id = parent.parent_id or parent.request_id
+        for i in range(1, n):
+            child = Request(
+                request_id=f"{group_id}#{i}",
+                prompt_token_ids=parent.prompt_token_ids,
+                sampling_params=parent.sampling_params,
+                eos_token_ids=parent.eos_token_ids,
+                arrival_time=parent.arrival_time,
+                priority=parent.priority,
+                parent_id=group_id,
+                sample_index=i,
+                block_size=parent.block_size,
+                hash_extra_keys=parent.hash_extra_keys,
+            )
+            self.fork(parent, child)
+            self.new_forks.append(child)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Admit `child` (a further sample of `parent`'s prompt) sharing its blocks."""
+        child.num_computed_tokens = self.kv.fork(parent, child)
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = RequestStatus.WAITING
+        self.requests[child.request_id] = child
+        self.waiting.add_preempted(child)

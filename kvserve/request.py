@@ -1,0 +1,107 @@
+"""Request: the engine's per-sequence state.
+
+The one scheduling rule: `num_computed_tokens` catches up to `num_tokens`.
+Chunked prefill, prefix-cache hits and preemption by recompute are all just
+"how many tokens this request runs this step".
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kvserve.core.hashing import BlockHash, hash_block
+from kvserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Everything from here on is finished.
+    FINISHED_STOPPED = 10
+    FINISHED_LENGTH = 11
+    FINISHED_ABORTED = 12
+    FINISHED_ERROR = 13
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ERROR: "error",
+        }.get(self)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.time)
+    priority: int = 0  # lower value is served first (as in vLLM)
+    # For n > 1: the id of the user-facing request and this sample's index.
+    parent_id: Optional[str] = None
+    sample_index: int = 0
+    # How many samples this request still has to fork into when its prompt
+    # completes (n for a fresh n > 1 request, 1 after the fork).
+    num_samples_to_fork: int = 1
+    block_size: int = 16
+    hash_extra_keys: bytes = b""
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    # Chained hashes of every full block of all_token_ids, appended as blocks fill.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_cached_tokens: int = -1  # prompt tokens served from cache at first schedule
+    num_preemptions: int = 0
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    stop_reason: Optional[str | int] = None
+    # Per generated token: {token_id: logprob} of the top-k (plus the sampled one).
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # Per prompt position (None for the first): {token_id: logprob}.
+    prompt_logprobs: list[Optional[dict[int, float]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        self._extend_block_hashes()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        self._extend_block_hashes()
+
+    def _extend_block_hashes(self) -> None:
+        bs = self.block_size
+        while (len(self.block_hashes) + 1) * bs <= len(self.all_token_ids):
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(
+                hash_block(parent, self.all_token_ids[i * bs:(i + 1) * bs], self.hash_extra_keys)
+            )
