@@ -18,6 +18,9 @@ def shared_data_dir() -> Path:
     return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 
 
+TRACE_DATASETS = ("azure-conv", "azure-code", "mooncake", "burstgpt", "trace")
+DATASETS = ("random", "sharegpt") + TRACE_DATASETS
+
 # Default files per named dataset, relative to the shared data directory.
 DEFAULT_FILES: dict[str, str] = {
     "sharegpt": "prompts/sharegpt/ShareGPT_V3_filtered_500.json",

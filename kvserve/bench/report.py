@@ -92,8 +92,10 @@ def summary_rows(s: BenchSummary) -> list[tuple[str, str]]:
         rows.append((f"goodput ({targets})", f"{s.goodput:.3f} req/s"))
         rows.append(("SLO attainment", f"{(s.slo_attainment or 0.0) * 100:.1f} %"))
     if s.roofline_bound_s is not None:
-        frac = f"{s.roofline_fraction * 100:.2f} %" if s.roofline_fraction is not None else "n/a"
-        rows.append(("roofline lower bound / fraction reached", f"{s.roofline_bound_s:.3f} s / {frac}"))
+        from kvserve.bench.roofline import format_seconds
+
+        frac = f"{s.roofline_fraction * 100:.3g} %" if s.roofline_fraction is not None else "n/a"
+        rows.append(("roofline lower bound / fraction reached", f"{format_seconds(s.roofline_bound_s)} / {frac}"))
     if s.output_len_mismatches:
         rows.append(("output length != requested", f"{s.output_len_mismatches} requests"))
     for err, n in list(s.errors.items())[:5]:

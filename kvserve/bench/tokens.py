@@ -124,9 +124,16 @@ def word_token_pool(tokenizer: Any) -> np.ndarray:
     vocab: dict[str, int] = tokenizer.get_vocab()
     candidates = sorted(i for t, i in vocab.items() if _WORD_TOKEN.match(t) and i not in special)
     pool: list[int] = []
-    for i in candidates:
-        if list(tokenizer.encode(tokenizer.decode([i]), add_special_tokens=False)) == [i]:
-            pool.append(i)
+    if candidates:
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers
+        if backend is not None:
+            # Batched calls on the Rust tokenizer: several times faster than the Python wrapper.
+            texts = backend.decode_batch([[i] for i in candidates])
+            encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            texts = [tokenizer.decode([i]) for i in candidates]
+            encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        pool = [i for i, enc in zip(candidates, encoded) if list(enc) == [i]]
     if len(pool) < 100:
         # Unusual tokenizer (no marker-prefixed words): fall back to all non-special ids and let
         # TextRenderer's repair loop guarantee the length.

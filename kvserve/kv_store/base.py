@@ -194,9 +194,6 @@ class KVTier(ABC):
     def used_bytes(self) -> int | None:
         return None
 
-    def __len__(self) -> int:
-        return 0
-
     def describe(self) -> str:
         return f"{self.scheme}(codec={self.codec.identity})"
 

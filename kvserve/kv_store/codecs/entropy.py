@@ -134,11 +134,8 @@ def _geometric_table(theta_q: int) -> np.ndarray:
     constriction's fixed-point model derived from it matches bit for bit.
     """
     theta = theta_q / _THETA_ONE
-    powers = np.empty(129, dtype=np.float64)
-    p = 1.0
-    for k in range(129):
-        powers[k] = p
-        p *= theta
+    # cumprod multiplies sequentially: powers[k] = theta^k, same bits everywhere.
+    powers = np.cumprod(np.concatenate([[1.0], np.full(128, theta)]))
     table = powers[np.abs(_SYMBOLS)]
     # Floor keeps every symbol encodable (wrapped deltas can land anywhere).
     return np.maximum(table, 1e-9)
@@ -153,9 +150,16 @@ class AnsCoder(EntropyCoder):
         import constriction
 
         self._constriction = constriction
+        self._models: dict[int, object] = {}   # theta_q -> constriction model
 
     def _model(self, theta_q: int) -> object:
-        return self._constriction.stream.model.Categorical(_geometric_table(theta_q), perfect=False)
+        model = self._models.get(theta_q)
+        if model is None:
+            if len(self._models) >= 4096:   # bound the cache; models are cheap to rebuild
+                self._models.clear()
+            model = self._constriction.stream.model.Categorical(_geometric_table(theta_q), perfect=False)
+            self._models[theta_q] = model
+        return model
 
     def encode(self, streams: list[np.ndarray]) -> bytes:
         thetas = [_fit_theta_q(s) for s in streams]

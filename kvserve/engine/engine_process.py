@@ -1,0 +1,241 @@
+"""The engine process: `LLMEngine`'s step loop behind two pipes.
+
+Runs in a child started with multiprocessing's "spawn" method (see
+async_engine.py).  Between steps it takes every command the API process has
+sent (add, abort, shutdown); after each step it sends one `StepOutputs` with
+the per-request deltas of that step and a stats snapshot.  When idle it
+blocks on the input pipe, so an idle server uses no CPU.
+
+Invariants:
+  * the loop never dies of a request: a rejected add becomes an error delta
+    for that request, a failing step fails the requests in the engine and
+    the loop goes on;
+  * the process exits when told to (Shutdown) or when the API process is gone
+    (EOF on the input pipe, broken output pipe) - never on SIGINT/SIGTERM,
+    which belong to the API process so that it can drain in-flight requests.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional
+
+from kvserve.engine.engine_ipc import (
+    AbortRequests, AddRequest, EngineInfo, EngineStatsSnapshot, PositionLogprobs, Ready, RequestDelta,
+    SampleDelta, Shutdown, StartupFailed, StepOutputs, dumps, loads,
+)
+from kvserve.outputs import Logprob, RequestOutput
+
+logger = logging.getLogger("kvserve.engine_process")
+
+DEFAULT_ENGINE_FACTORY = "kvserve.engine.llm_engine:LLMEngine"
+
+# When the engine has work but nothing could be scheduled (and so nothing
+# changed), wait this long before trying again instead of spinning.
+_NO_PROGRESS_SLEEP_S = 0.001
+
+
+@dataclass
+class EngineProcessConfig:
+    """How to build the engine in the child: `factory(**engine_kwargs)`.
+
+    `engine_factory` is "module:attribute" so that tests can substitute an
+    engine with injected faults; it must produce an LLMEngine-like object.
+    """
+
+    engine_kwargs: dict[str, Any]
+    engine_factory: str = DEFAULT_ENGINE_FACTORY
+    log_level: int = logging.INFO
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"engine factory must be 'module:attribute', got {spec!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def run_engine_process(config: EngineProcessConfig, in_conn: Connection, out_conn: Connection) -> None:
+    """Child process entry point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
+    try:
+        engine = load_factory(config.engine_factory)(**config.engine_kwargs)
+    except BaseException as exc:  # noqa: BLE001 - report any startup failure to the parent
+        logger.exception("engine failed to start")
+        _send_quietly(out_conn, StartupFailed(f"{type(exc).__name__}: {exc}"))
+        return
+    core = engine.core
+    info = EngineInfo(model_dir=str(engine.model_dir), max_model_len=int(engine.max_model_len),
+                      vocab_size=int(core.arch.vocab_size), num_kv_blocks=int(core.kv_manager.num_blocks),
+                      block_size=int(core.cache_config.block_size), pid=os.getpid())
+    if not _send_quietly(out_conn, Ready(info)):
+        return
+    EngineLoop(engine, in_conn, out_conn).run()
+
+
+def _send_quietly(conn: Connection, msg: Any) -> bool:
+    try:
+        conn.send_bytes(dumps(msg))
+        return True
+    except (BrokenPipeError, EOFError, OSError):
+        return False
+
+
+def _entries(position: dict[int, Logprob]) -> PositionLogprobs:
+    # The output processor builds these dicts most-likely-first; keep that order.
+    return [(tid, lp.logprob, lp.rank, lp.decoded_token or "") for tid, lp in position.items()]
+
+
+class DeltaTracker:
+    """Turns cumulative `RequestOutput`s into deltas (what is new since the last send).
+
+    Relies on the output processor's invariant that a sample's visible text
+    and token ids only grow (stop-string candidates are held back, never
+    retracted), so a delta is always a suffix.
+    """
+
+    def __init__(self) -> None:
+        # request id -> sample index -> [tokens sent, chars sent, finish sent (0/1)]
+        self._sent: dict[str, dict[int, list[int]]] = {}
+        self._prompt_logprobs_sent: set[str] = set()
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+        self._prompt_logprobs_sent.discard(request_id)
+
+    def delta(self, out: RequestOutput) -> RequestDelta:
+        sent = self._sent.setdefault(out.request_id, {})
+        samples = []
+        for c in out.outputs:
+            state = sent.setdefault(c.index, [0, 0, 0])
+            num_tokens, num_chars, finish_sent = state
+            if finish_sent:
+                continue
+            new_ids = c.token_ids[num_tokens:]
+            if len(c.text) < num_chars:  # would break the invariant above; never expected
+                logger.error("request %s sample %d: text shrank from %d to %d chars", out.request_id,
+                             c.index, num_chars, len(c.text))
+            new_text = c.text[num_chars:]
+            if not new_ids and not new_text and c.finish_reason is None:
+                continue
+            logprobs = None
+            if c.logprobs is not None:
+                logprobs = [_entries(p) for p in c.logprobs[num_tokens:num_tokens + len(new_ids)]]
+            samples.append(SampleDelta(c.index, new_text, list(new_ids), logprobs, c.finish_reason, c.stop_reason))
+            state[0] = num_tokens + len(new_ids)
+            state[1] = max(num_chars, len(c.text))
+            state[2] = int(c.finish_reason is not None)
+        delta = RequestDelta(out.request_id, samples, out.finished, out.num_cached_tokens, error=out.error)
+        if out.prompt_logprobs is not None and out.request_id not in self._prompt_logprobs_sent:
+            self._prompt_logprobs_sent.add(out.request_id)
+            delta.prompt_logprobs = [None if p is None else _entries(p) for p in out.prompt_logprobs]
+        if out.finished:
+            self.forget(out.request_id)
+        return delta
+
+
+class EngineLoop:
+    def __init__(self, engine: Any, in_conn: Connection, out_conn: Connection) -> None:
+        self.engine = engine
+        self.in_conn = in_conn
+        self.out_conn = out_conn
+        self.tracker = DeltaTracker()
+        self.pending: list[RequestDelta] = []  # rejections to send with the next message
+        self.num_step_failures = 0
+        self._last_stats: Optional[EngineStatsSnapshot] = None
+
+    def run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            try:
+                commands = self._receive(block=not busy)
+            except (EOFError, OSError):
+                logger.info("API process is gone; engine exits")
+                return
+            if self._apply(commands):
+                logger.info("engine shut down")
+                return
+            deltas, self.pending = self.pending, []
+            if self.engine.has_unfinished_requests():
+                deltas.extend(self._step())
+            stats = self._stats()
+            if deltas or commands or stats != self._last_stats:
+                self._last_stats = stats
+                if not _send_quietly(self.out_conn, StepOutputs(deltas, stats)):
+                    logger.info("API process is gone; engine exits")
+                    return
+            elif busy:
+                time.sleep(_NO_PROGRESS_SLEEP_S)
+
+    def _receive(self, block: bool) -> list[Any]:
+        if block:
+            self.in_conn.poll(None)  # wakes on data or EOF (then recv raises EOFError)
+        commands: list[Any] = []
+        while self.in_conn.poll(0):
+            commands.extend(loads(self.in_conn.recv_bytes()))
+        return commands
+
+    def _apply(self, commands: list[Any]) -> bool:
+        """Apply commands in order; True when told to shut down."""
+        for cmd in commands:
+            if isinstance(cmd, AddRequest):
+                self._add(cmd)
+            elif isinstance(cmd, AbortRequests):
+                for rid in cmd.request_ids:
+                    try:
+                        self.engine.abort(rid)
+                    except Exception:  # noqa: BLE001 - an abort must not take the loop down
+                        logger.exception("abort of %s failed", rid)
+                    self.tracker.forget(rid)
+            elif isinstance(cmd, Shutdown):
+                return True
+            else:
+                logger.error("unknown command %r ignored", type(cmd).__name__)
+        return False
+
+    def _add(self, cmd: AddRequest) -> None:
+        prompt = {"prompt_token_ids": cmd.prompt_token_ids, "prompt": cmd.prompt_text}
+        try:
+            self.engine.add_request(prompt, cmd.params, request_id=cmd.request_id,
+                                    arrival_time=cmd.arrival_time, priority=cmd.priority)
+        except Exception as exc:  # noqa: BLE001 - refuse this request, keep serving
+            self.pending.append(RequestDelta(cmd.request_id, finished=True, error=str(exc), rejected=True))
+
+    def _step(self) -> list[RequestDelta]:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - see the module invariants
+            logger.exception("engine step raised; failing every request in the engine")
+            self.num_step_failures += 1
+            return self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+        return [self.tracker.delta(out) for out in outputs]
+
+    def _fail_all(self, message: str) -> list[RequestDelta]:
+        """Abort every request the engine holds (freeing its blocks) and report an error for each."""
+        deltas = []
+        for rid in list(self.engine.output_processor.states):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001
+                logger.exception("abort of %s failed after a step failure", rid)
+            self.tracker.forget(rid)
+            deltas.append(RequestDelta(rid, finished=True, error=message))
+        return deltas
+
+    def _stats(self) -> EngineStatsSnapshot:
+        core = self.engine.core
+        kv = core.kv_manager
+        return EngineStatsSnapshot(
+            num_running=core.scheduler.num_running, num_waiting=core.scheduler.num_waiting,
+            kv_cache_usage=kv.usage(), num_free_blocks=kv.num_free_blocks,
+            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
+            num_preemptions=core.scheduler.num_preemptions, num_steps=core.stats.num_steps,
+            num_step_failures=self.num_step_failures,
+        )

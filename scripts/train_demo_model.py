@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""Train kvserve's demo model from scratch on synthetic long-context tasks.
+
+The model is a small Llama (transformers' `LlamaForCausalLM`) trained on the
+tasks in `kvserve.eval.tasks` (key-value retrieval, multi-key and two-hop
+lookups, copying, small-number arithmetic; each in plain and chat format) with a
+curriculum from short to long contexts.  The tokenizer is a byte-level BPE with
+a small vocabulary, trained here on the same synthetic text.  The result is a
+standard Hugging Face directory (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json with a chat template, generation_config.json).
+
+    python scripts/train_demo_model.py --out kvserve/demo_model            # train (CPU, ~1 h)
+    python scripts/train_demo_model.py --eval-only --out kvserve/demo_model # accuracy table
+
+Data for step s is drawn from a seed derived from (--seed, s), so a run resumed
+from a checkpoint (--resume) sees the same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from kvserve.eval import tasks  # noqa: E402
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Pre-tokenizer: upper-case letters and digits are always single tokens (so a key or a
+# value tokenizes the same wherever it appears), words keep one optional leading space,
+# punctuation runs keep one trailing space (": " is one token).
+PRETOKEN_REGEX = r" ?[A-Z]?[a-z]+|[A-Z]|[0-9]|[^\sA-Za-z0-9]+ ?|\s+"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TASK_WEIGHTS = {"kv_retrieval": 0.35, "multi_kv": 0.15, "two_hop": 0.2, "copy": 0.15, "arithmetic": 0.15}
+EVAL_LENGTHS = (256, 512, 1024, 2048)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(out: Path, vocab_size: int, seed: int):
+    """Train the byte-level BPE on synthetic task text and save it (HF format) to `out`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKEN_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+
+    def corpus():
+        for i in range(400):
+            for task in tasks.TASK_NAMES:
+                s = tasks.make_sample(task, 16, f"tok/{seed}/{i}", 1)
+                yield tasks.plain_prompt(s) + s.qas[0].answer
+
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=4096,
+                                 chat_template=CHAT_TEMPLATE)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, save_jinja_files=False)  # chat template inside tokenizer_config.json
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # loadable by transformers 4.x too
+    cfg["add_bos_token"] = True
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return AutoTokenizer.from_pretrained(out)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Row:
+    ids: list[int]
+    targets: list[bool]  # targets[t]: token t is an answer token (the model must predict it)
+    task: str
+
+
+def queries_for(task: str, length: int, rng: random.Random) -> int:
+    """How many questions a training row of `length` tokens asks (eval rows ask one)."""
+    if task == "copy":
+        return 1
+    if task == "arithmetic":
+        return rng.randint(1, max(1, length // 32))
+    per = 256 if task == "multi_kv" else 128
+    return rng.randint(1, max(1, length // per))
+
+
+def make_row(tokenizer, task: str, fmt: str, length: int, seed: str, num_queries: int) -> Row:
+    """One training sequence of at most `length` tokens with its answer mask."""
+    add = fmt == "plain"
+
+    def measure(sample: tasks.TaskSample) -> int:
+        text, _, _ = tasks.render_training_text(sample, fmt, tokenizer)
+        return len(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+    sample = tasks.fit_lines(task, length, measure, seed, num_queries)
+    text, spans, add = tasks.render_training_text(sample, fmt, tokenizer)
+    enc = tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
+    targets = []
+    for (a, b) in enc["offset_mapping"]:
+        targets.append(b > a and any(s <= a and b <= e for s, e in spans))
+    return Row(list(enc["input_ids"]), targets, task)
+
+
+def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
+               task_weights: dict[str, float] = TASK_WEIGHTS):
+    """Rows for `step`: one length per step (no padding waste), mixed tasks and formats."""
+    rng = random.Random(f"batch/{seed}/{step}")
+    length = rng.choice([max_len // 4, max_len // 2, max_len, max_len]) if max_len >= 256 else max_len
+    length = max(64, length)
+    rows = []
+    names, weights = zip(*task_weights.items())
+    for r in range(max(1, batch_tokens // length)):
+        task = rng.choices(names, weights)[0]
+        fmt = rng.choice(tasks.FORMATS)
+        q = queries_for(task, length, rng)
+        try:
+            rows.append(make_row(tokenizer, task, fmt, length, f"train/{seed}/{step}/{r}", q))
+        except ValueError:  # too short for this task and query count; ask one question
+            rows.append(make_row(tokenizer, task, fmt, length, f"train/{seed}/{step}/{r}", 1))
+    return collate(rows, tokenizer.pad_token_id)
+
+
+def collate(rows: list[Row], pad_id: int):
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.ids)] = torch.tensor(r.targets)
+    return ids, mask, [r.task for r in rows]
+
+
+# --------------------------------------------------------------------------- model and loss
+
+
+def build_model(tokenizer, args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    cfg = LlamaConfig(
+        vocab_size=max(vocab, args.vocab_size), hidden_size=args.d_model,
+        intermediate_size=args.d_ff, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, head_dim=args.d_model // args.heads,
+        max_position_embeddings=4096, rope_theta=args.rope_theta, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.02,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Mean over rows of the mean cross-entropy on each row's answer tokens.
+
+    Position t predicts token t+1, so the hidden states at mask[:, 1:] positions are
+    projected (only those: the LM head is not applied to the rest).
+    """
+    hidden = model.model(input_ids=ids).last_hidden_state  # [B, T, d]
+    sel = mask[:, 1:]  # [B, T-1]
+    logits = model.lm_head(hidden[:, :-1][sel])  # [N, V]
+    target = ids[:, 1:][sel]
+    nll = F.cross_entropy(logits.float(), target, reduction="none")
+    row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sel)[sel]
+    per_row = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, row, nll)
+    counts = sel.sum(1).clamp(min=1)
+    correct = (logits.argmax(-1) == target).float()
+    return (per_row / counts).mean(), correct.mean().item()
+
+
+def lr_at(step: int, total: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, total - args.warmup)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def parse_stages(spec: str) -> list[tuple[int, int]]:
+    """'256:600,512:500' -> [(256, 600), (512, 500)]: (max context length, steps)."""
+    out = []
+    for part in spec.split(","):
+        length, steps = part.split(":")
+        out.append((int(length), int(steps)))
+    return out
+
+
+def stage_of(step: int, stages: list[tuple[int, int]]) -> int:
+    for length, steps in stages:
+        if step < steps:
+            return length
+        step -= steps
+    return stages[-1][0]
+
+
+# --------------------------------------------------------------------------- quick eval
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, tokenizer, task: str, fmt: str, length: int, n: int, seed: int,
+                            device: str) -> float:
+    """Exact match under teacher forcing: every answer token (and EOS) is the argmax.
+
+    This equals greedy-decoding exact match, at the cost of one forward pass.
+    """
+    model.eval()
+    ok = 0
+    for i in range(n):
+        inst = tasks.make_instance(task, length, f"heldout/{seed}/{i}", tokenizer, fmt)
+        prompt = inst.prompt_token_ids(tokenizer)
+        answer = tokenizer(inst.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer], device=device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        ok += int(logits.argmax(-1).tolist() == answer)
+    model.train()
+    return ok / n
+
+
+# --------------------------------------------------------------------------- training
+
+
+def save_checkpoint(path: Path, model, opt, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    tmp.replace(path)
+
+
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = args.device
+    out = Path(args.out)
+    tokenizer = build_tokenizer(out, args.vocab_size, args.seed)
+    print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
+    model = build_model(tokenizer, args).to(device)
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"model: {nparams / 1e6:.2f}M parameters, config {model.config.to_diff_dict()}", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    stages = parse_stages(args.stages)
+    weights = {k: float(v) for k, v in (kv.split("=") for kv in args.task_weights.split(","))}
+    total = sum(s for _, s in stages)
+    ckpt_dir = Path(args.ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if args.resume:
+        state = torch.load(args.resume, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        print(f"resumed from {args.resume} at step {start}", flush=True)
+    model.train()
+    t0, tokens, hist = time.time(), 0, []
+    for step in range(start, total):
+        max_len = stage_of(step, stages)
+        ids, mask, _ = make_batch(tokenizer, step, args.seed, max_len, args.batch_tokens, weights)
+        ids, mask = ids.to(device), mask.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args)
+        loss, acc = answer_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += ids.numel()
+        hist.append((loss.item(), acc))
+        if (step + 1) % args.log_every == 0:
+            el = time.time() - t0
+            ls, ac = (sum(x) / len(hist) for x in zip(*hist))
+            hist = []
+            print(f"step {step + 1}/{total} len {max_len}x{ids.shape} loss {ls:.4f} tok_acc {ac:.3f} "
+                  f"lr {lr_at(step, total, args):.2e} {tokens / el:.0f} tok/s {el / 60:.1f} min", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == total:
+            accs = {L: teacher_forced_accuracy(model, tokenizer, "kv_retrieval", "plain", L, args.eval_n,
+                                               args.seed + 1, device)
+                    for L in sorted({256, max_len})}
+            print(f"  eval step {step + 1}: kv_retrieval plain {accs}", flush=True)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == total:
+            save_checkpoint(ckpt_dir / "last.pt", model, opt, step + 1)
+    print(f"training done: {(time.time() - t0) / 60:.1f} min, {tokens} tokens", flush=True)
+    save_model(model, tokenizer, out)
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    model.config.torch_dtype = torch.float32
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, do_sample=False,
+                     max_new_tokens=64).save_pretrained(out)
+    print(f"saved model to {out}", flush=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(args) -> dict:
+    """Held-out exact-match accuracy with Hugging Face greedy generation, batched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.out)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(args.device).eval()
+    results: dict[str, float] = {}
+    lengths = [int(x) for x in args.eval_lengths.split(",")]
+    for task in args.eval_tasks.split(","):
+        for fmt in tasks.FORMATS:
+            for length in lengths:
+                n = args.eval_n_kv if task == "kv_retrieval" else args.eval_n
+                suite = tasks.generate_suite([task], [length], n, args.eval_seed, tok, [fmt])
+                t = time.time()
+                ok = sum(greedy_batch(model, tok, suite[i: i + args.eval_batch], args.device)
+                         for i in range(0, len(suite), args.eval_batch))
+                results[f"{task}/{fmt}/{length}"] = ok / len(suite)
+                print(f"{task:13s} {fmt:5s} {length:5d}: {ok}/{len(suite)} = {ok / len(suite):.3f} "
+                      f"({time.time() - t:.0f}s)", flush=True)
+    if args.eval_json:
+        Path(args.eval_json).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results, args.eval_tasks.split(","), lengths)
+    return results
+
+
+def greedy_batch(model, tok, batch: list[tasks.TaskInstance], device: str) -> int:
+    prompts = [inst.prompt_token_ids(tok) for inst in batch]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    max_new = max(len(tok(inst.answer, add_special_tokens=False)["input_ids"]) for inst in batch) + 2
+    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
+                         max_new_tokens=max_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return sum(tasks.score(inst, text) for inst, text in zip(batch, texts))
+
+
+def print_table(results: dict[str, float], task_names: list[str], lengths: list[int]) -> None:
+    print("\n| task | format | " + " | ".join(str(L) for L in lengths) + " |")
+    print("|---|---|" + "---|" * len(lengths))
+    for task in task_names:
+        for fmt in tasks.FORMATS:
+            cells = [results.get(f"{task}/{fmt}/{L}") for L in lengths]
+            print(f"| {task} | {fmt} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "kvserve" / "demo_model"), help="output model directory")
+    p.add_argument("--seed", type=int, default=0, help="seed for the tokenizer corpus, init and data")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary budget (model rows padded to 64)")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=704)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--stages", default="256:600,512:500,1024:400,2048:150",
+                   help="curriculum: comma-separated max_context_length:steps")
+    p.add_argument("--task-weights", default=",".join(f"{k}={v}" for k, v in TASK_WEIGHTS.items()),
+                   help="training mixture, task=weight,...")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=200, help="steps between quick held-out checks")
+    p.add_argument("--eval-n", type=int, default=50, help="instances per cell (quick checks, eval table)")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--ckpt-dir", default=str(REPO / "out" / "demo_model_ckpt"))
+    p.add_argument("--resume", default=None, help="checkpoint to resume training from")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --out with HF greedy generation")
+    p.add_argument("--eval-tasks", default=",".join(tasks.TASK_NAMES))
+    p.add_argument("--eval-lengths", default=",".join(map(str, EVAL_LENGTHS)))
+    p.add_argument("--eval-n-kv", type=int, default=200, help="instances per kv_retrieval cell")
+    p.add_argument("--eval-seed", type=int, default=1234)
+    p.add_argument("--eval-batch", type=int, default=25)
+    p.add_argument("--eval-json", default=None, help="write the accuracy table here as JSON")
+    args = p.parse_args(argv)
+    if args.eval_only:
+        evaluate(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
