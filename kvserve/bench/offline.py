@@ -8,7 +8,9 @@ short warm-up excluded):
   engine     kvserve.LLM(...).generate(...)
   hf-static  model.generate on static batches of 8 (left padding, greedy,
              min_new_tokens = max_new_tokens = output_len)
-  hf-cb      model.generate_batch (HF continuous batching), if this transformers has it
+  hf-cb      model.generate_batch (HF continuous batching), if this transformers has it; its
+             paged cache is sized for the workload and its per-step token budget is
+             --max-num-batched-tokens (default 2048)
 
 Reported: output tok/s, total (prompt + output) tok/s, engine/baseline ratios, and each system's
 fraction of the roofline lower bound for the workload on this machine (roofline.workload_bound).
@@ -234,7 +236,20 @@ def hf_cb_available(model: Any) -> bool:
     return callable(getattr(model, "generate_batch", None))
 
 
-def run_hf_cb(model: Any, reqs: Sequence[BenchRequest], output_len: int) -> SystemResult:
+def _cb_config(inputs: Sequence[Sequence[int]], new_tokens: int, max_batch_tokens: int) -> Any:
+    """Size HF's paged cache for the workload.  Left to itself it sizes the cache from "free
+    device memory", which on CPU allocates (and zeroes) gigabytes and makes a 3-request run take
+    a minute; the workload needs only enough pages for every request at once."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        return None
+    page = 256  # HF's default page (block) size in tokens
+    blocks = sum(-(-(len(x) + new_tokens) // page) for x in inputs) + len(inputs)
+    return ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=max_batch_tokens, page_size=page)
+
+
+def run_hf_cb(model: Any, reqs: Sequence[BenchRequest], output_len: int, max_batch_tokens: int = 2048) -> SystemResult:
     from transformers import GenerationConfig
 
     res = SystemResult("hf-cb", prompt_tokens=sum(r.prompt_len for r in reqs))
@@ -250,7 +265,11 @@ def run_hf_cb(model: Any, reqs: Sequence[BenchRequest], output_len: int) -> Syst
         return GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
     def run(inputs: list[list[int]], n: int) -> list[list[int]]:
-        out = model.generate_batch(inputs=inputs, generation_config=config(n), progress_bar=False)
+        kwargs: dict[str, Any] = {}
+        cb = _cb_config(inputs, n, max_batch_tokens)
+        if cb is not None:
+            kwargs["continuous_batching_config"] = cb
+        out = model.generate_batch(inputs=inputs, generation_config=config(n), progress_bar=False, **kwargs)
         # Results are keyed by request id; map back to input order through prompt_ids.
         by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
         for o in out.values():
@@ -356,7 +375,7 @@ def _run_systems(
             if name == "hf-static":
                 results.append(run_hf_static(model, reqs, args.output_len, args.hf_batch_size))
             else:
-                results.append(run_hf_cb(model, reqs, args.output_len))
+                results.append(run_hf_cb(model, reqs, args.output_len, args.max_num_batched_tokens or 2048))
         del model
     for r in results:
         _check_lengths(r, reqs)

@@ -116,12 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help="comma-separated codec specs")
     ap.add_argument("--entropy-compare", action="store_true",
                     help="compare entropy coders inside cachegen (overrides --codecs)")
+    ap.add_argument("--blocks-cache", type=Path, default=None,
+                    help="save the generated KV blocks here, or load them if the file exists")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (machine is shared)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    if args.source == "model":
+    if args.blocks_cache is not None and args.blocks_cache.exists():
+        blocks = torch.load(args.blocks_cache)
+        print(f"# {len(blocks)} blocks {list(blocks[0].shape)} {blocks[0].dtype} loaded from {args.blocks_cache}")
+    elif args.source == "model":
         t = time.perf_counter()
         blocks = model_kv_blocks(args.layers, args.seq_len, args.num_seqs, args.block_size, dtype)
         print(f"# {len(blocks)} blocks {list(blocks[0].shape)} {args.dtype} from a random-weight "
@@ -129,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         blocks = gaussian_blocks(64, (args.layers, 2, args.block_size, 2, 64), dtype)
         print(f"# {len(blocks)} i.i.d. N(0,1) blocks {list(blocks[0].shape)} {args.dtype}")
+    if args.blocks_cache is not None and not args.blocks_cache.exists():
+        torch.save(blocks, args.blocks_cache)
+    dtype = blocks[0].dtype
     specs = ([f"cachegen-{e}" for e in ENTROPY_COMPARE] if args.entropy_compare
              else [s for s in args.codecs.split(",") if s])
     rows = []

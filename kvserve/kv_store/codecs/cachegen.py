@@ -19,15 +19,18 @@ x: [L, 2, T, H, D] (float64 internally):
    smaller sum |symbol| (deltas help only where neighbouring tokens agree).
    Since |q| <= 127, symbols are stored modulo 256 in int8 and the decoder
    wraps back exactly.
-3. Entropy coding.  Symbols go to one stream per (layer, kv, head, anchor-or-
-   not), each with its own statistics, through an entropy coder
-   (codecs/entropy.py; the default was chosen by measurement, see README).
+3. Entropy coding.  Symbols go to one stream per (layer, kv, head) and
+   anchor-or-not, through an entropy coder (codecs/entropy.py; the default was
+   chosen by measurement, see README).  Anchor rows and other rows are coded
+   as two sections, since values and deltas have different statistics.
 
-Payload: u8 version | u8 mode[L*2] | i16 base[L*2] | u8 code[L*2*H*D] | coder bytes.
+Payload: u8 version | u8 mode[L*2] | i16 base[L*2] | u8 code[L*2*H*D]
+         | u32 n | anchor section (n bytes) | other section.
 """
 from __future__ import annotations
 
 import re
+import struct
 
 import numpy as np
 import torch
@@ -101,11 +104,6 @@ class CacheGenCodec(Codec):
         # [L, 2, H, D]; exact powers of 2^(1/8), identical on encode and decode.
         return np.exp2((base[:, :, None, None].astype(np.float64) + code) / 8.0)
 
-    def _stream_lengths(self, shape: tuple[int, ...]) -> list[int]:
-        L, _, T, H, D = shape
-        n_anchor = int(self._anchor_mask(T).sum())
-        return [n_anchor * D, (T - n_anchor) * D] * (L * 2 * H)
-
     # ------------------------------------------------------------ encode
 
     def encode(self, block: torch.Tensor) -> bytes:
@@ -137,14 +135,19 @@ class CacheGenCodec(Codec):
         sym = sym.transpose(0, 1, 3, 2, 4)                       # [L, 2, H, T, D]
         anchors = sym[:, :, :, is_anchor, :].reshape(L * 2 * H, -1)
         others = sym[:, :, :, ~is_anchor, :].reshape(L * 2 * H, -1)
-        streams = [s for pair in zip(anchors, others) for s in pair]
-        body = self.entropy.encode(streams)
+        # Anchor rows and the other rows are coded as two separate sections:
+        # their statistics differ (values vs deltas), and a byte-oriented coder
+        # like zstd keeps one table per section.
+        anchor_body = self.entropy.encode(list(anchors))
+        other_body = self.entropy.encode(list(others))
         return b"".join([
             bytes([_VERSION]),
             use_delta.astype(np.uint8).tobytes(),
             base.astype("<i2").tobytes(),
             code.tobytes(),
-            body,
+            struct.pack("<I", len(anchor_body)),
+            anchor_body,
+            other_body,
         ])
 
     # ------------------------------------------------------------ decode
@@ -153,7 +156,7 @@ class CacheGenCodec(Codec):
         if len(shape) != 5 or shape[1] != 2:
             raise CodecError(f"cachegen: bad shape {shape}")
         L, _, T, H, D = shape
-        side = 1 + 2 * L + 4 * L + 2 * L * H * D
+        side = 1 + 2 * L + 4 * L + 2 * L * H * D + 4
         mv = memoryview(data)
         if len(mv) < side or mv[0] != _VERSION:
             raise CodecError("cachegen: truncated payload or unknown version")
@@ -166,13 +169,19 @@ class CacheGenCodec(Codec):
         off += 2 * L * H * D
         if use_delta.max(initial=0) > 1:
             raise CodecError("cachegen: bad mode byte")
+        (anchor_len,) = struct.unpack_from("<I", mv, off)
+        off += 4
+        if off + anchor_len > len(mv):
+            raise CodecError("cachegen: truncated payload")
 
-        streams = self.entropy.decode(mv[off:], self._stream_lengths(shape))
         is_anchor = self._anchor_mask(T)
         n_anchor = int(is_anchor.sum())
+        n_streams = L * 2 * H
+        anchors = self.entropy.decode(mv[off:off + anchor_len], [n_anchor * D] * n_streams)
+        others = self.entropy.decode(mv[off + anchor_len:], [(T - n_anchor) * D] * n_streams)
         sym = np.empty((L, 2, H, T, D), dtype=np.int8)
-        sym[:, :, :, is_anchor, :] = np.stack(streams[0::2]).reshape(L, 2, H, n_anchor, D)
-        sym[:, :, :, ~is_anchor, :] = np.stack(streams[1::2]).reshape(L, 2, H, T - n_anchor, D)
+        sym[:, :, :, is_anchor, :] = np.stack(anchors).reshape(L, 2, H, n_anchor, D)
+        sym[:, :, :, ~is_anchor, :] = np.stack(others).reshape(L, 2, H, T - n_anchor, D)
         sym = sym.transpose(0, 1, 3, 2, 4).astype(np.int16)      # [L, 2, T, H, D]
 
         # Undo deltas: q[t] = wrap(s[t] + s[anchor(t)]) for non-anchor tokens of delta-coded (l, kv).

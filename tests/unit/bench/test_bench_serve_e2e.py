@@ -43,8 +43,11 @@ def test_random_sweep_writes_json_and_pngs(cli, fake_server, tmp_path: Path, cap
             assert len(r["itl_ms"]) == r["output_tokens"] - 1
             # the fake server waits 20 ms before the first token and 5 ms between tokens
             assert r["ttft_ms"] >= state.prefill_delay_s * 1e3 * 0.95
-            assert min(r["itl_ms"]) >= state.token_delay_s * 1e3 * 0.5
-            assert r["e2el_ms"] >= r["ttft_ms"]
+            assert r["ttft_ms"] + sum(r["itl_ms"]) <= r["e2el_ms"] + 1e-6
+        # One gap can shrink when the client's event loop reads two chunks late, but the average
+        # cannot fall below the server's pacing.
+        gaps = [g for r in run["requests"] for g in r["itl_ms"]]
+        assert sum(gaps) / len(gaps) >= state.token_delay_s * 1e3 * 0.9
     # The requests carried token ids, max_tokens and ignore_eos, with lengths as recorded.
     by_len = sorted(len(b["prompt"]) for b in state.bodies[:12])
     assert by_len == sorted(r["prompt_len"] for r in doc["runs"][0]["requests"])

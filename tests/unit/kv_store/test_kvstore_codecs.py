@@ -149,7 +149,7 @@ def test_cachegen_anchor_deltas_exploit_token_locality() -> None:
     assert set(iid_payload[1:1 + 2 * L]) == {0}
     # Same quantization without deltas (a1: every token is an anchor) costs far more.
     no_delta = get_codec("cachegen-b888-a1").encode(smooth)
-    assert len(smooth_payload) < 0.6 * len(no_delta)
+    assert len(smooth_payload) < 0.7 * len(no_delta)
     y = codec.decode(smooth_payload, torch.float32, SHAPE)
     assert torch.allclose(y, smooth, atol=float(_cachegen_bound(smooth.double(), (8, 8, 8)).max()) + 1e-6)
 

@@ -1,0 +1,231 @@
+"""What every generation endpoint shares: admission, collecting results, SSE, disconnects.
+
+`ServerContext` holds the live objects one server needs (engine handle,
+tokenizer, limits, metrics); endpoints get it from `app.state.ctx`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from kvserve.engine.engine_ipc import AddRequest, EngineInfo, PositionLogprobs, RequestDelta, SampleDelta
+from kvserve.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from kvserve.metrics import ServerMetrics
+from kvserve.sampling_params import SamplingParams
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+RETRY_AFTER_S = 1
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ServerContext:
+    engine: AsyncEngine
+    info: EngineInfo
+    tokenizer: Any  # HF tokenizer, or None for a model without one (token-id prompts only)
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    max_queue_len: Optional[int] = None  # None: unbounded
+    api_key: Optional[str] = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def resolve_model(self, requested: Optional[str]) -> str:
+        if requested is None:
+            return self.model_name
+        if requested not in self.served_model_names:
+            raise OpenAIError(404, f"The model '{requested}' does not exist.", param="model",
+                              code="model_not_found")
+        return requested
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, id_prefix: str,
+               arrival_time: float) -> RequestStream:
+        """Admit one API call's prompts (each becomes one engine request) or raise 503/400."""
+        if not self.engine.is_healthy():
+            raise OpenAIError(503, f"The engine is not available: {self.engine.dead_reason or 'shutting down'}.",
+                              code="engine_unavailable")
+        if self.max_queue_len is not None:
+            if len(prompts) > self.max_queue_len:
+                raise bad_request(f"The request has {len(prompts)} prompts but the server queues at most "
+                                  f"{self.max_queue_len}; send fewer prompts per request.", "prompt")
+            if self.engine.num_queued + len(prompts) > self.max_queue_len:
+                raise OpenAIError(503, f"The server is at capacity ({self.engine.num_queued} requests waiting); "
+                                       "retry later.", code="queue_full",
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
+        ids = [id_prefix] if len(prompts) == 1 else [f"{id_prefix}-{i}" for i in range(len(prompts))]
+        try:
+            return self.engine.add_requests([AddRequest(rid, ids_, params, arrival_time=arrival_time)
+                                             for rid, ids_ in zip(ids, prompts)])
+        except EngineDeadError as exc:
+            raise OpenAIError(503, f"The engine is not available: {exc}.", code="engine_unavailable") from None
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """Strictly validate a JSON body (parse errors included) into `model`, or raise a 400."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class SampleResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[PositionLogprobs]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[str | int] = None
+
+    def add(self, d: SampleDelta) -> None:
+        self.text += d.text
+        self.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
+
+
+@dataclass
+class RequestResult:
+    samples: dict[int, SampleResult] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+
+    def add(self, d: RequestDelta) -> None:
+        for s in d.samples:
+            self.samples.setdefault(s.index, SampleResult()).add(s)
+        self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
+
+    def sample(self, index: int) -> SampleResult:
+        return self.samples.setdefault(index, SampleResult())
+
+
+def raise_for_delta(delta: RequestDelta) -> None:
+    """A delta carrying an error becomes the matching OpenAI error."""
+    if delta.error is None:
+        return
+    if delta.rejected:
+        raise bad_request(delta.error)
+    raise OpenAIError(500, f"The request failed in the engine: {delta.error}", code="engine_error")
+
+
+def error_from_exception(exc: BaseException) -> OpenAIError:
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, f"The engine is not available: {exc}.", code="engine_unavailable")
+    return OpenAIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
+
+
+async def collect(stream: RequestStream) -> dict[str, RequestResult]:
+    """Wait for every request of `stream` to finish; raise the first error."""
+    results = {rid: RequestResult() for rid in stream.request_ids}
+    try:
+        async for batch in stream:
+            for delta in batch:
+                raise_for_delta(delta)
+                results[delta.request_id].add(delta)
+    except EngineDeadError as exc:
+        raise error_from_exception(exc) from None
+    return results
+
+
+def merge_deltas(batch: list[RequestDelta]) -> list[RequestDelta]:
+    """Fold consecutive deltas of the same request into one (a slow client catches up in one chunk)."""
+    merged: dict[str, RequestDelta] = {}
+    for d in batch:
+        cur = merged.get(d.request_id)
+        if cur is None:
+            merged[d.request_id] = RequestDelta(d.request_id, [SampleDelta(s.index, s.text, list(s.token_ids),
+                                                                           None if s.logprobs is None else list(s.logprobs),
+                                                                           s.finish_reason, s.stop_reason)
+                                                               for s in d.samples],
+                                                d.finished, d.num_cached_tokens, d.prompt_logprobs, d.error, d.rejected)
+            continue
+        by_index = {s.index: s for s in cur.samples}
+        for s in d.samples:
+            t = by_index.get(s.index)
+            if t is None:
+                t = SampleDelta(s.index, "", [], None if s.logprobs is None else [])
+                cur.samples.append(t)
+                by_index[s.index] = t
+            t.text += s.text
+            t.token_ids.extend(s.token_ids)
+            if s.logprobs is not None:
+                t.logprobs = (t.logprobs or []) + s.logprobs
+            if s.finish_reason is not None:
+                t.finish_reason, t.stop_reason = s.finish_reason, s.stop_reason
+        cur.finished = cur.finished or d.finished
+        cur.num_cached_tokens = max(cur.num_cached_tokens, d.num_cached_tokens)
+        cur.prompt_logprobs = cur.prompt_logprobs or d.prompt_logprobs
+        cur.error = cur.error or d.error
+        cur.rejected = cur.rejected or d.rejected
+    return list(merged.values())
+
+
+# ------------------------------------------------------------------------------- SSE
+def sse_event(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(exc: BaseException) -> bytes:
+    return sse_event(error_from_exception(exc).body())
+
+
+# ------------------------------------------------------------------------ disconnects
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[T]:
+    """Run `work`; if the client disconnects first, cancel it and return None.
+
+    Call after the body has been read: from then on `receive()` only reports
+    the disconnect.  Cancelling `work` runs its `finally` blocks, which abort
+    its engine requests.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.cancelled() and task.done():
+        return task.result()
+    try:
+        await task  # let its cleanup run before the response is dropped
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
+async def stream_with_abort(engine: AsyncEngine, stream: RequestStream,
+                            chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Forward `chunks`; however the response ends (done, disconnect, error), abort what is unfinished."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        if not stream.finished:
+            engine.abort(stream.unfinished_ids)

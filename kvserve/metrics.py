@@ -1,0 +1,134 @@
+"""Prometheus metrics for the server, under vLLM's names so vLLM dashboards work unchanged.
+
+Request timings are measured in the API process (what a client sees, from
+arrival to each token reaching the server); engine gauges and counters come
+from the snapshot the engine sends with every step.  Each `ServerMetrics`
+owns its registry, so several servers can live in one process (tests).
+
+Names (one per metric; where vLLM renamed a metric, both names are exported
+because dashboards in use query either):
+  vllm:num_requests_running / vllm:num_requests_waiting          gauges
+  vllm:kv_cache_usage_perc (and older vllm:gpu_cache_usage_perc)  gauge, fraction in [0, 1] as in vLLM
+  vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total  counters, in tokens
+  vllm:num_preemptions_total                                      counter
+  vllm:prompt_tokens_total / vllm:generation_tokens_total         counters
+  vllm:request_success_total{finished_reason}                     counter (stop|length|abort|error)
+  vllm:time_to_first_token_seconds                                histogram
+  vllm:inter_token_latency_seconds (and older vllm:time_per_output_token_seconds)  histogram
+  vllm:e2e_request_latency_seconds                                histogram
+  vllm:request_prompt_tokens / vllm:request_generation_tokens     histograms
+  kvserve:prefix_cache_hit_rate, kvserve:engine_step_failures_total, kvserve:num_requests_queued_api
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvserve.engine.engine_ipc import EngineStatsSnapshot
+
+# Bucket edges as in vLLM, so histogram_quantile panels line up.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """Implements `EngineObserver` (kvserve.engine.async_engine) and renders /metrics."""
+
+    def __init__(self, model_name: str, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the engine's running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting in the engine's queue.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage: fraction of blocks in use (1 = full).")
+        self.kv_usage_old = gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (older vLLM name).")
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.prefix_hit_rate = gauge("kvserve:prefix_cache_hit_rate",
+                                     "Prefix-cache hits / queries since start, in tokens.")
+        self.preemptions = counter("vllm:num_preemptions", "Requests preempted (KV blocks reclaimed).")
+        self.step_failures = counter("kvserve:engine_step_failures",
+                                     "Engine steps that raised; their requests were failed.")
+        self.api_queued = gauge("kvserve:num_requests_queued_api",
+                                "Requests accepted by the API that have not produced a token yet.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of requests that produced a token.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
+        success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                          ["model_name", "finished_reason"], registry=r)
+        self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self._success_family = success
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between successive tokens of a sequence.",
+                             ITL_BUCKETS)
+        self.itl_old = histogram("vllm:time_per_output_token_seconds",
+                                 "Time between successive tokens (older vLLM name).", ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Request latency from arrival to finish.",
+                             E2E_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
+                                               TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens",
+                                                   "Generated tokens per request.", TOKEN_COUNT_BUCKETS)
+        # Engine counters arrive as cumulative totals; these are the totals already counted.
+        self._seen = EngineStatsSnapshot()
+
+    # ---------------------------------------------------------- EngineObserver
+    def on_first_token(self, ttft_s: float, num_prompt_tokens: int) -> None:
+        self.ttft.observe(ttft_s)
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def on_tokens(self, num_tokens: int, inter_token_s: Optional[float]) -> None:
+        self.generation_tokens.inc(num_tokens)
+        if inter_token_s is not None:
+            self.itl.observe(inter_token_s)
+            self.itl_old.observe(inter_token_s)
+
+    def on_finished(self, reason: str, e2e_s: float, num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        counter = self.success.get(reason)
+        if counter is None:
+            counter = self.success[reason] = self._success_family.labels(self.model_name, reason)
+        counter.inc()
+        self.e2e.observe(e2e_s)
+        self.request_prompt_tokens.observe(num_prompt_tokens)
+        self.request_generation_tokens.observe(num_generation_tokens)
+
+    def on_engine_stats(self, stats: EngineStatsSnapshot) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_usage_old.set(stats.kv_cache_usage)
+        seen = self._seen
+        # max(0, ...): a restarted engine would start its totals from zero again.
+        self.prefix_queries.inc(max(0, stats.prefix_cache_queries - seen.prefix_cache_queries))
+        self.prefix_hits.inc(max(0, stats.prefix_cache_hits - seen.prefix_cache_hits))
+        self.preemptions.inc(max(0, stats.num_preemptions - seen.num_preemptions))
+        self.step_failures.inc(max(0, stats.num_step_failures - seen.num_step_failures))
+        if stats.prefix_cache_queries:
+            self.prefix_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
+        self._seen = stats
+
+    # ------------------------------------------------------------------ render
+    def render(self, num_queued_api: int = 0) -> bytes:
+        self.api_queued.set(num_queued_api)
+        return generate_latest(self.registry)
