@@ -76,7 +76,6 @@ class RedisTier(KVTier):
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
         )
         self._backoff_initial = backoff_initial_s
         self._backoff_max = backoff_max_s

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvserve.engine.async_engine import EngineDeadError, RequestStream
-from kvserve.engine.engine_ipc import PositionLogprobs, RequestDelta
+from kvserve.engine.engine_ipc import PositionLogprobs
 from kvserve.entrypoints.openai.errors import OpenAIError
 from kvserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder
 from kvserve.entrypoints.openai.prompts import Prompt, check_prompt_fits, completion_prompts
@@ -20,7 +20,7 @@ from kvserve.entrypoints.openai.protocol import CompletionRequest, CompletionRes
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_completion
 from kvserve.entrypoints.openai.serving import (
     SSE_DONE, SSE_HEADERS, RequestResult, ServerContext, collect, merge_deltas, parse_body, raise_for_delta,
-    sse_error, sse_event, stream_with_abort, unless_disconnected,
+    sse_error, sse_event, stream_with_abort, unless_disconnected, usage_dict,
 )
 
 
@@ -108,10 +108,8 @@ class _CompletionView:
                 choices.append({"index": pi * self.req.n + si, "text": text, "logprobs": logprobs,
                                 "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason})
         choices.sort(key=lambda c: c["index"])
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens,
-                 "prompt_tokens_details": {"cached_tokens": cached}}
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage_dict(prompt_tokens, completion_tokens, cached))
 
     # -------------------------------------------------------------- stream
     async def sse(self) -> AsyncIterator[bytes]:
@@ -155,7 +153,7 @@ class _CompletionView:
                                          "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}],
                         }
                         if include_usage:
-                            chunk["usage"] = (_usage(prompt_tokens, completion_tokens, sum(cached.values()))
+                            chunk["usage"] = (usage_dict(prompt_tokens, completion_tokens, sum(cached.values()))
                                               if continuous_usage else None)
                         out.append(sse_event(chunk))
                 if out:
@@ -166,10 +164,6 @@ class _CompletionView:
             return
         if include_usage:
             yield sse_event({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                             "choices": [], "usage": _usage(prompt_tokens, completion_tokens, sum(cached.values()))})
+                             "choices": [], "usage": usage_dict(prompt_tokens, completion_tokens, sum(cached.values()))})
         yield SSE_DONE
 
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}

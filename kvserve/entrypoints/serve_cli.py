@@ -1,0 +1,214 @@
+"""`kvserve serve [MODEL_DIR]`: the OpenAI-compatible HTTP server.
+
+Process layout: this (API) process runs uvicorn + FastAPI; the engine runs in a
+child process (kvserve.engine.async_engine).  Shutdown on SIGTERM or Ctrl-C:
+uvicorn stops accepting connections and waits for in-flight requests to
+finish (--drain-timeout bounds the wait), then the engine process is stopped
+and the command exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger("kvserve.serve")
+
+DEMO_MODEL_NAME = "kvserve-demo"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """'4GiB' -> 4 * 2**30, '1.5GB' -> 1_500_000_000, '1048576' -> 1048576 (bytes)."""
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use bytes or a number with a unit (KiB, MiB, GiB, TiB, or KB, MB, GB, TB)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
+                    "/v1/models, /tokenize, /detokenize, /health and Prometheus /metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", default=None,
+                   help="local Hugging Face model directory (config.json, *.safetensors, tokenizer files); "
+                        "default: the built-in demo model, if installed")
+    net = p.add_argument_group("HTTP")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    net.add_argument("--port", type=_port, default=8000, help="port to bind (0: any free port)")
+    net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="model name(s) clients use in the 'model' field; the first is reported in responses "
+                          "(default: MODEL_DIR as given, or 'kvserve-demo' for the demo model)")
+    net.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on every route except /health and /metrics "
+                          "(default: $KVSERVE_API_KEY; none means no authentication)")
+    net.add_argument("--max-queue-len", type=_positive_int, default=None,
+                     help="most requests that may wait for their first token; beyond it requests get 503 with "
+                          "Retry-After (default: unbounded)")
+    net.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                     help="on SIGTERM, wait at most this long for in-flight requests (default: until they finish)")
+    net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="log level of the server and the engine")
+    net.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                     help="log one line per HTTP request")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: MODEL_DIR)")
+    eng.add_argument("--device", default="cpu", help="torch device for the model and KV cache (cpu, cuda, cuda:1)")
+    eng.add_argument("--dtype", default="float32",
+                     choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half"],
+                     help="weight and KV-cache dtype")
+    eng.add_argument("--max-model-len", type=_positive_int, default=None,
+                     help="context length (prompt + completion) per request (default: the model's own limit)")
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=128,
+                     help="most requests running in one batch")
+    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                     help="most tokens (prefill chunks + decodes) computed in one engine step")
+    eng.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
+                     help="memory for the KV cache of all layers, in bytes or with a unit: 4GiB, 512MiB, 2GB "
+                          "(default: 2GiB, capped at what max-num-seqs full-length requests can use)")
+    eng.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="reuse the KV cache of shared prompt prefixes across requests")
+    eng.add_argument("--seed", type=int, default=0, help="seed for requests that do not set their own")
+    p.set_defaults(func=run_serve)
+
+
+GETTING_STARTED = """\
+kvserve serve: no MODEL_DIR given, and the built-in demo model is not installed
+(expected at {demo}).
+
+To get started, serve a local Hugging Face model directory (config.json,
+*.safetensors and tokenizer files; nothing is downloaded at run time):
+
+    kvserve serve /path/to/model
+
+for example a small Llama-family model fetched beforehand:
+
+    huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir ./SmolLM2-135M-Instruct
+    kvserve serve ./SmolLM2-135M-Instruct
+
+or build the demo model (a CPU training run) with
+
+    python scripts/train_demo_model.py --out kvserve/demo_model
+
+Then query it with any OpenAI client, e.g.
+
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{{"prompt": "Hello", "max_tokens": 16}}'
+
+See `kvserve serve --help` for every option.
+"""
+
+
+def _resolve_model(arg: Optional[str]) -> tuple[Optional[Path], str]:
+    """(model dir or None, default served name)."""
+    from kvserve.engine.llm_engine import DEFAULT_MODEL_DIR
+
+    if arg is None:
+        if (DEFAULT_MODEL_DIR / "config.json").is_file():
+            return DEFAULT_MODEL_DIR, DEMO_MODEL_NAME
+        return None, ""
+    return Path(arg), arg
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import DEFAULT_MODEL_DIR
+
+    model_dir, default_name = _resolve_model(args.model)
+    if model_dir is None:
+        sys.stderr.write(GETTING_STARTED.format(demo=DEFAULT_MODEL_DIR))
+        return 2
+    if not (model_dir / "config.json").is_file():
+        sys.stderr.write(f"kvserve serve: {model_dir} is not a model directory (no config.json there)\n")
+        return 2
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool next to the engine
+    return asyncio.run(_serve(args, model_dir, args.served_model_name or [default_name], level))
+
+
+async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], log_level: int) -> int:
+    import uvicorn
+
+    from kvserve.engine.async_engine import AsyncEngine, EngineStartupError
+    from kvserve.engine.engine_process import EngineProcessConfig
+    from kvserve.entrypoints.openai.server import build_app
+    from kvserve.entrypoints.openai.serving import ServerContext
+    from kvserve.metrics import ServerMetrics
+
+    engine_kwargs = dict(
+        model=str(model_dir), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
+    )
+    metrics = ServerMetrics(names[0])
+    engine = AsyncEngine(EngineProcessConfig(engine_kwargs, log_level=log_level), observer=metrics)
+    tokenizer_task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, args.tokenizer or str(model_dir)))
+    try:
+        try:
+            info = await engine.start()
+        except EngineStartupError as exc:
+            sys.stderr.write(f"kvserve serve: the engine could not start: {exc}\n")
+            return 1
+        tokenizer = await tokenizer_task
+        ctx = ServerContext(engine=engine, info=info, tokenizer=tokenizer, served_model_names=names,
+                            metrics=metrics, max_queue_len=args.max_queue_len, api_key=args.api_key or None)
+        logger.info("serving %s from %s: max_model_len=%d, KV cache %d blocks x %d tokens, engine pid %d",
+                    names, info.model_dir, info.max_model_len, info.num_kv_blocks, info.block_size, info.pid)
+        config = uvicorn.Config(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level,
+                                access_log=args.access_log, timeout_graceful_shutdown=args.drain_timeout,
+                                lifespan="off")
+        server = uvicorn.Server(config)
+        # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found
+        # installed; make that a no-op so we get to stop the engine and exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        await server.serve()
+        return 0 if server.started else 1
+    finally:
+        tokenizer_task.cancel()
+        await engine.shutdown()
+
+
+def _load_tokenizer(path: str) -> Any:
+    from kvserve.engine.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        logger.warning("%s has no tokenizer: only token-id prompts work and responses carry no text", path)
+        return None
