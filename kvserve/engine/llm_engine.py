@@ -24,6 +24,8 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 
 def resolve_model_dir(model: Optional[str]) -> str:
     if model:
+        if not Path(model).is_dir():
+            raise FileNotFoundError(f"{model}: model directory does not exist")
         return str(model)
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         return str(DEFAULT_MODEL_DIR)

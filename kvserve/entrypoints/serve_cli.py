@@ -61,18 +61,17 @@ def register(subparsers: Any) -> None:
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
                     "/v1/models, /tokenize, /detokenize, /health and Prometheus /metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", default=None,
                    help="local Hugging Face model directory (config.json, *.safetensors, tokenizer files); "
                         "default: the built-in demo model, if installed")
     net = p.add_argument_group("HTTP")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    net.add_argument("--port", type=_port, default=8000, help="port to bind (0: any free port)")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces (default: %(default)s)")
+    net.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
     net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="model name(s) clients use in the 'model' field; the first is reported in responses "
                           "(default: MODEL_DIR as given, or 'kvserve-demo' for the demo model)")
-    net.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+    net.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every route except /health and /metrics "
                           "(default: $KVSERVE_API_KEY; none means no authentication)")
     net.add_argument("--max-queue-len", type=_positive_int, default=None,
@@ -81,28 +80,28 @@ def register(subparsers: Any) -> None:
     net.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
                      help="on SIGTERM, wait at most this long for in-flight requests (default: until they finish)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                     help="log level of the server and the engine")
+                     help="log level of the server and the engine (default: %(default)s)")
     net.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                     help="log one line per HTTP request")
+                     help="log one line per HTTP request (default: on)")
     eng = p.add_argument_group("engine")
     eng.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: MODEL_DIR)")
-    eng.add_argument("--device", default="cpu", help="torch device for the model and KV cache (cpu, cuda, cuda:1)")
+    eng.add_argument("--device", default="cpu", help="torch device for the model and the KV cache: cpu, cuda, cuda:1 (default: %(default)s)")
     eng.add_argument("--dtype", default="float32",
                      choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half"],
-                     help="weight and KV-cache dtype")
+                     help="dtype of the weights and the KV cache (default: %(default)s)")
     eng.add_argument("--max-model-len", type=_positive_int, default=None,
                      help="context length (prompt + completion) per request (default: the model's own limit)")
     eng.add_argument("--max-num-seqs", type=_positive_int, default=128,
-                     help="most requests running in one batch")
+                     help="most requests running in one batch (default: %(default)s)")
     eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
-                     help="most tokens (prefill chunks + decodes) computed in one engine step")
+                     help="most tokens (prefill chunks + decodes) computed in one engine step (default: %(default)s)")
     eng.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
                      help="memory for the KV cache of all layers, in bytes or with a unit: 4GiB, 512MiB, 2GB "
                           "(default: 2GiB, capped at what max-num-seqs full-length requests can use)")
-    eng.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
+    eng.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                     help="reuse the KV cache of shared prompt prefixes across requests")
-    eng.add_argument("--seed", type=int, default=0, help="seed for requests that do not set their own")
+                     help="reuse the KV cache of shared prompt prefixes across requests (default: on)")
+    eng.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for requests without their own seed (default: %(default)s)")
     p.set_defaults(func=run_serve)
 
 
@@ -186,7 +185,8 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
             return 1
         tokenizer = await tokenizer_task
         ctx = ServerContext(engine=engine, info=info, tokenizer=tokenizer, served_model_names=names,
-                            metrics=metrics, max_queue_len=args.max_queue_len, api_key=args.api_key or None)
+                            metrics=metrics, max_queue_len=args.max_queue_len,
+                            api_key=args.api_key or os.environ.get("KVSERVE_API_KEY") or None)
         logger.info("serving %s from %s: max_model_len=%d, KV cache %d blocks x %d tokens, engine pid %d",
                     names, info.model_dir, info.max_model_len, info.num_kv_blocks, info.block_size, info.pid)
         config = uvicorn.Config(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level,

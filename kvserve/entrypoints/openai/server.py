@@ -15,7 +15,6 @@ from typing import Any, Callable, Coroutine
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvserve import __version__
 from kvserve.entrypoints.openai.chat import create_chat_completion
 from kvserve.entrypoints.openai.completions import create_completion
 from kvserve.entrypoints.openai.errors import OpenAIError, bad_request, install_error_handlers
@@ -26,6 +25,15 @@ from kvserve.entrypoints.openai.protocol import (
 )
 from kvserve.entrypoints.openai.serving import ServerContext, parse_body
 from kvserve.metrics import PROMETHEUS_CONTENT_TYPE
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvserve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def api_key_dependency(expected: str) -> Callable[[Request], Coroutine[Any, Any, None]]:
@@ -45,7 +53,7 @@ def api_key_dependency(expected: str) -> Callable[[Request], Coroutine[Any, Any,
 
 
 def build_app(ctx: ServerContext) -> FastAPI:
-    app = FastAPI(title="kvserve OpenAI-compatible API", version=__version__)
+    app = FastAPI(title="kvserve OpenAI-compatible API", version=_version())
     app.state.ctx = ctx
     install_error_handlers(app)
     api = APIRouter(dependencies=[Depends(api_key_dependency(ctx.api_key))] if ctx.api_key else [])
@@ -95,7 +103,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
 
     @app.get("/version")
     async def version() -> JSONResponse:
-        return JSONResponse({"version": __version__})
+        return JSONResponse({"version": _version()})
 
     return app
 

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The one test command (README and .ci/run both call it): install, start the
+# services tests need, run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+if [ -f scripts/start_redis.sh ]; then
+  bash scripts/start_redis.sh 6379 || echo "warning: redis could not be started; Redis tests will skip"
+fi
+python -m pytest -q "$@"
