@@ -91,7 +91,7 @@ def build_reference_model(out_dir: str | Path, seed: int = 0, config_overrides: 
     cfg.pop("architectures", None)
     cfg.pop("model_type", None)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32).eval()
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
     tok_dir = shared_data_dir() / "tokenizers" / "gpt2"
@@ -143,6 +143,12 @@ def parse_bytes(text: str | None) -> int | None:
 # ----------------------------------------------------------------------------- systems
 
 
+def _ids(r: BenchRequest) -> list[int]:
+    """Offline prompts are always token ids."""
+    assert isinstance(r.prompt, list)
+    return r.prompt
+
+
 def _timed(result: SystemResult, fn: Callable[[], list[list[int]]]) -> SystemResult:
     t0 = time.perf_counter()
     result.outputs = fn()
@@ -162,8 +168,8 @@ def run_engine(model_dir: Path, reqs: Sequence[BenchRequest], output_len: int, k
         llm = LLM(model=str(model_dir), **knobs)
         params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
         warm = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
-        llm.generate([{"prompt_token_ids": list(reqs[0].prompt)[:8]}], warm, use_tqdm=False)
-        prompts = [{"prompt_token_ids": list(r.prompt)} for r in reqs]
+        llm.generate([{"prompt_token_ids": _ids(reqs[0])[:8]}], warm, use_tqdm=False)
+        prompts = [{"prompt_token_ids": _ids(r)} for r in reqs]
         outs: list[Any] = []
 
         def go() -> list[list[int]]:
@@ -219,13 +225,13 @@ def run_hf_static(model: Any, reqs: Sequence[BenchRequest], output_len: int, bat
     def go() -> list[list[int]]:
         outs: list[list[int]] = []
         for i in range(0, len(reqs), batch_size):
-            outs.extend(batch([list(r.prompt) for r in reqs[i : i + batch_size]], gen))
+            outs.extend(batch([_ids(r) for r in reqs[i : i + batch_size]], gen))
         return outs
 
     try:
         warm = GenerationConfig(max_new_tokens=2, min_new_tokens=2, do_sample=False,
                                 eos_token_id=model.config.eos_token_id, pad_token_id=pad)
-        batch([list(reqs[0].prompt)[:8], list(reqs[-1].prompt)[:4]], warm)
+        batch([_ids(reqs[0])[:8], _ids(reqs[-1])[:4]], warm)
         _timed(res, go)
     except Exception as exc:  # noqa: BLE001
         res.status, res.detail = "failed", f"{type(exc).__name__}: {exc}"
@@ -280,8 +286,8 @@ def run_hf_cb(model: Any, reqs: Sequence[BenchRequest], output_len: int, max_bat
         import logging
 
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
-        run([list(reqs[0].prompt)[:8], list(reqs[-1].prompt)[:4]], 2)
-        _timed(res, lambda: run([list(r.prompt) for r in reqs], output_len))
+        run([_ids(reqs[0])[:8], _ids(reqs[-1])[:4]], 2)
+        _timed(res, lambda: run([_ids(r) for r in reqs], output_len))
     except Exception as exc:  # noqa: BLE001
         res.status, res.detail = "failed", f"{type(exc).__name__}: {exc}"
     return res

@@ -64,7 +64,7 @@ def plot_rate_sweep(summaries: Sequence[BenchSummary], path: str | Path) -> Path
     pts = sorted((s for s in summaries if s.request_rate is not None), key=lambda s: s.request_rate or 0.0)
     finite = [s for s in pts if np.isfinite(s.request_rate or np.inf)]
     # An infinite rate has no x position; put it one step past the largest finite rate.
-    xs = [s.request_rate for s in finite]
+    xs: list[float] = [float(s.request_rate) for s in finite if s.request_rate is not None]
     if len(finite) < len(pts):
         xs.append((max(xs) * 1.5) if xs else 1.0)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from kvserve.bench.errors import BenchInputError, at
 
@@ -50,7 +50,7 @@ def _check_file(path: Path) -> None:
         raise BenchInputError(f"{path}: not a regular file")
 
 
-def _int_field(path: Path, line: int, name: str, raw: object, minimum: int = 0) -> int:
+def _int_field(path: Path, line: int, name: str, raw: Any, minimum: int = 0) -> int:
     # bool is an int subclass; a JSON `true` is not a token count.
     if isinstance(raw, bool):
         raise BenchInputError(f"{at(path, line)}: column {name!r} must be an integer, got {raw!r}")
@@ -67,11 +67,11 @@ def _int_field(path: Path, line: int, name: str, raw: object, minimum: int = 0) 
     return value
 
 
-def _float_field(path: Path, line: int, name: str, raw: object) -> float:
+def _float_field(path: Path, line: int, name: str, raw: Any) -> float:
     if isinstance(raw, bool):
         raise BenchInputError(f"{at(path, line)}: column {name!r} must be a number, got {raw!r}")
     try:
-        value = float(raw.strip()) if isinstance(raw, str) else float(raw)  # type: ignore[arg-type]
+        value = float(raw.strip()) if isinstance(raw, str) else float(raw)
     except (TypeError, ValueError):
         raise BenchInputError(f"{at(path, line)}: column {name!r} must be a number, got {raw!r}") from None
     if value != value or value in (float("inf"), float("-inf")):

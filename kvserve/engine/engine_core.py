@@ -44,6 +44,10 @@ class EngineCore:
                  max_model_len: Optional[int] = None) -> None:
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
+        if self.device.type == "cpu":
+            from kvserve.utils.cpu_alloc import tune_malloc
+
+            tune_malloc()
         torch.manual_seed(seed)
         from kvserve.models.model_config import parse_model_config
 

@@ -5,6 +5,11 @@ child process (kvserve.engine.async_engine).  Shutdown on SIGTERM or Ctrl-C:
 uvicorn stops accepting connections and waits for in-flight requests to
 finish (--drain-timeout bounds the wait), then the engine process is stopped
 and the command exits 0.
+
+Environment: KVSERVE_API_KEY (default for --api-key); KVSERVE_ENGINE_FACTORY,
+"module:attribute" of a callable taking LLMEngine's keyword arguments and
+returning an LLMEngine-like engine (default kvserve.engine.llm_engine:LLMEngine;
+the e2e tests use it to inject engine faults).
 """
 from __future__ import annotations
 
@@ -163,7 +168,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
     import uvicorn
 
     from kvserve.engine.async_engine import AsyncEngine, EngineStartupError
-    from kvserve.engine.engine_process import EngineProcessConfig
+    from kvserve.engine.engine_process import DEFAULT_ENGINE_FACTORY, EngineProcessConfig
     from kvserve.entrypoints.openai.server import build_app
     from kvserve.entrypoints.openai.serving import ServerContext
     from kvserve.metrics import ServerMetrics
@@ -175,7 +180,9 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
     )
     metrics = ServerMetrics(names[0])
-    engine = AsyncEngine(EngineProcessConfig(engine_kwargs, log_level=log_level), observer=metrics)
+    factory = os.environ.get("KVSERVE_ENGINE_FACTORY") or DEFAULT_ENGINE_FACTORY
+    engine = AsyncEngine(EngineProcessConfig(engine_kwargs, engine_factory=factory, log_level=log_level),
+                         observer=metrics)
     tokenizer_task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, args.tokenizer or str(model_dir)))
     try:
         try:

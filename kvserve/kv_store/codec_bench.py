@@ -2,6 +2,7 @@
 
     python -m kvserve.kv_store.codec_bench                      # model KV, default codec list
     python -m kvserve.kv_store.codec_bench --entropy-compare    # cachegen with each entropy coder
+    python -m kvserve.kv_store.codec_bench --entropy-stage 876  # the entropy coders alone
     python -m kvserve.kv_store.codec_bench --source gaussian    # i.i.d. N(0,1) blocks
 
 KV source `model` (default): a random-weight model built with transformers from
@@ -20,9 +21,12 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvserve.kv_store.codecs import Codec, get_codec
+from kvserve.kv_store.codecs.cachegen import CacheGenCodec
+from kvserve.kv_store.codecs.entropy import get_entropy_coder
 
 DATA = Path("/work/shared/data")
 DEFAULT_CODECS = [
@@ -39,11 +43,11 @@ def model_kv_blocks(
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(DATA / "tokenizers/gpt2/tokenizer.json"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(DATA / "tokenizers/gpt2/tokenizer.json"))  # type: ignore[no-untyped-call]
     cfg = AutoConfig.from_pretrained(str(config))
     cfg.num_hidden_layers = num_layers
     cfg.vocab_size = len(tok)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     prompts = json.loads((DATA / "prompts/sharegpt/ShareGPT_V3_filtered_500.json").read_text())
     text = "\n\n".join(p["conversations"][0]["value"] for p in prompts)
     ids = tok(text, return_tensors="pt").input_ids[0]
@@ -96,6 +100,46 @@ def measure(codec: Codec, blocks: list[torch.Tensor]) -> dict[str, float | str]:
     }
 
 
+def _entropy_bits(stream: np.ndarray) -> float:
+    """Order-0 empirical entropy of one stream, in bits (an ideal per-stream model)."""
+    if len(stream) == 0:
+        return 0.0
+    counts = np.bincount(stream.astype(np.int16) + 128, minlength=256)
+    p = counts[counts > 0] / len(stream)
+    return float(-(p * np.log2(p)).sum() * len(stream))
+
+
+def measure_entropy_stage(blocks: list[torch.Tensor], bits: str, coders: list[str],
+                          repeats: int = 3) -> list[dict[str, float | str]]:
+    """Time only the entropy coders on cachegen's symbol streams (best of `repeats`)."""
+    codec = get_codec(f"cachegen-b{bits}")
+    assert isinstance(codec, CacheGenCodec)
+    sections: list[list[np.ndarray]] = []
+    for b in blocks:
+        _, anchors, others = codec.symbols(b)
+        sections += [anchors, others]
+    n_sym = sum(len(x) for sec in sections for x in sec)
+    ideal = sum(_entropy_bits(x) for sec in sections for x in sec)
+    rows: list[dict[str, float | str]] = [{
+        "coder": "ideal order-0 per stream", "bits_per_symbol": ideal / n_sym, "vs_ideal": 1.0,
+        "encode_Msym_s": float("nan"), "decode_Msym_s": float("nan")}]
+    for name in coders:
+        coder = get_entropy_coder(name)
+        enc_t = dec_t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            bodies = [coder.encode(sec) for sec in sections]
+            t1 = time.perf_counter()
+            for body, sec in zip(bodies, sections):
+                coder.decode(body, [len(x) for x in sec])
+            t2 = time.perf_counter()
+            enc_t, dec_t = min(enc_t, t1 - t0), min(dec_t, t2 - t1)
+        nbits = 8 * sum(len(body) for body in bodies)
+        rows.append({"coder": name, "bits_per_symbol": nbits / n_sym, "vs_ideal": nbits / ideal,
+                     "encode_Msym_s": n_sym / enc_t / 1e6, "decode_Msym_s": n_sym / dec_t / 1e6})
+    return rows
+
+
 def print_table(rows: list[dict[str, float | str]]) -> None:
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
@@ -103,6 +147,15 @@ def print_table(rows: list[dict[str, float | str]]) -> None:
     for r in rows:
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()]
         print("| " + " | ".join(cells) + " |")
+
+
+def _coder_available(name: str) -> bool:
+    try:
+        get_entropy_coder(name)
+        return True
+    except ValueError:
+        print(f"# skipping entropy coder {name}: not installed")
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help="comma-separated codec specs")
     ap.add_argument("--entropy-compare", action="store_true",
                     help="compare entropy coders inside cachegen (overrides --codecs)")
+    ap.add_argument("--entropy-stage", metavar="BITS", default=None,
+                    help="time only the entropy coders on cachegen-bBITS symbols (e.g. 876)")
     ap.add_argument("--blocks-cache", type=Path, default=None,
                     help="save the generated KV blocks here, or load them if the file exists")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (machine is shared)")
@@ -137,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.blocks_cache is not None and not args.blocks_cache.exists():
         torch.save(blocks, args.blocks_cache)
     dtype = blocks[0].dtype
+    if args.entropy_stage:
+        coders = [c for c in ENTROPY_COMPARE if _coder_available(c)]
+        print(f"# entropy stage only, cachegen-b{args.entropy_stage} symbols, best of 3")
+        print_table(measure_entropy_stage(blocks, args.entropy_stage, coders))
+        return 0
     specs = ([f"cachegen-{e}" for e in ENTROPY_COMPARE] if args.entropy_compare
              else [s for s in args.codecs.split(",") if s])
     rows = []

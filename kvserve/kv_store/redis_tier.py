@@ -72,7 +72,7 @@ class RedisTier(KVTier):
         # No client-side retries: a failure should cost one round trip, after
         # which our own back-off takes over.  Connecting is lazy (first command).
         self._client = redis.Redis(
-            **parse_url(url),
+            **parse_url(url),  # type: ignore[no-untyped-call]
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
@@ -164,11 +164,15 @@ class RedisTier(KVTier):
         for i in range(0, len(keys), _BATCH):
             batch = keys[i:i + _BATCH]
             rkeys = [self.redis_key(k) for k in batch]
-            values = self._call("MGET", lambda rkeys=rkeys: self._client.mget(rkeys))
+
+            def run(rkeys: list[bytes] = rkeys) -> list[bytes | None]:
+                return list(self._client.mget(rkeys))  # type: ignore[arg-type]
+
+            values = self._call("MGET", run)
             if isinstance(values, _Unavailable):
                 out.extend([None] * len(batch))
                 continue
-            for k, rk, v in zip(batch, rkeys, values):  # type: ignore[arg-type]
+            for k, rk, v in zip(batch, rkeys, values):
                 out.append(None if v is None else self._unpack(k, rk, v))
         return out
 

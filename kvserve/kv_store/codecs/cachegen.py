@@ -91,22 +91,37 @@ class CacheGenCodec(Codec):
         """Largest |q| per layer: 2^(b_l - 1) - 1, b_l by which third l falls in."""
         third = (np.arange(num_layers) * 3) // num_layers
         bits = np.asarray(self.layer_bits)[third]
-        return (2 ** (bits - 1) - 1).astype(np.float64)
+        levels: np.ndarray = (2 ** (bits - 1) - 1).astype(np.float64)
+        return levels
 
     def _anchor_mask(self, T: int) -> np.ndarray:
-        return (np.arange(T) % self.anchor_interval) == 0
+        mask: np.ndarray = (np.arange(T) % self.anchor_interval) == 0
+        return mask
 
     def _anchor_index(self, T: int) -> np.ndarray:
         return (np.arange(T) // self.anchor_interval) * self.anchor_interval
 
     @staticmethod
     def _steps(base: np.ndarray, code: np.ndarray) -> np.ndarray:
-        # [L, 2, H, D]; exact powers of 2^(1/8), identical on encode and decode.
-        return np.exp2((base[:, :, None, None].astype(np.float64) + code) / 8.0)
+        # [L, 2, H, D].  A libm may round exp2 differently on another machine;
+        # that only rescales q by ~1e-16, it cannot change which q was stored.
+        steps: np.ndarray = np.exp2((base[:, :, None, None].astype(np.float64) + code) / 8.0)
+        return steps
 
     # ------------------------------------------------------------ encode
 
     def encode(self, block: torch.Tensor) -> bytes:
+        side, anchors, others = self.symbols(block)
+        # Anchor rows and the other rows are coded as two separate sections:
+        # their statistics differ (values vs deltas), and a byte-oriented coder
+        # like zstd keeps one table per section.
+        anchor_body = self.entropy.encode(anchors)
+        other_body = self.entropy.encode(others)
+        return b"".join([side, struct.pack("<I", len(anchor_body)), anchor_body, other_body])
+
+    def symbols(self, block: torch.Tensor) -> tuple[bytes, list[np.ndarray], list[np.ndarray]]:
+        """Stages 1-2: (side info bytes, anchor-row streams, other-row streams),
+        one int8 stream per (layer, kv, head).  Public for the entropy benchmark."""
         check_block_layout(block)
         # (via float32: torch's direct bf16 -> float64 cast is slow on CPU; both exact)
         x = block.detach().cpu().float().numpy().astype(np.float64)   # [L, 2, T, H, D]
@@ -135,20 +150,13 @@ class CacheGenCodec(Codec):
         sym = sym.transpose(0, 1, 3, 2, 4)                       # [L, 2, H, T, D]
         anchors = sym[:, :, :, is_anchor, :].reshape(L * 2 * H, -1)
         others = sym[:, :, :, ~is_anchor, :].reshape(L * 2 * H, -1)
-        # Anchor rows and the other rows are coded as two separate sections:
-        # their statistics differ (values vs deltas), and a byte-oriented coder
-        # like zstd keeps one table per section.
-        anchor_body = self.entropy.encode(list(anchors))
-        other_body = self.entropy.encode(list(others))
-        return b"".join([
+        side = b"".join([
             bytes([_VERSION]),
             use_delta.astype(np.uint8).tobytes(),
             base.astype("<i2").tobytes(),
             code.tobytes(),
-            struct.pack("<I", len(anchor_body)),
-            anchor_body,
-            other_body,
         ])
+        return side, list(anchors), list(others)
 
     # ------------------------------------------------------------ decode
 

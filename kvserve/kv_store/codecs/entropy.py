@@ -71,10 +71,10 @@ class ZstdCoder(_ConcatCoder):
         self._d = zstandard.ZstdDecompressor()
 
     def _compress(self, raw: bytes) -> bytes:
-        return self._c.compress(raw)
+        return bytes(self._c.compress(raw))
 
     def _decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        return self._d.decompress(data, max_output_size=size)
+        return bytes(self._d.decompress(data, max_output_size=size))
 
 
 class Lz4Coder(_ConcatCoder):
@@ -86,10 +86,10 @@ class Lz4Coder(_ConcatCoder):
         self._lz4 = lz4.frame
 
     def _compress(self, raw: bytes) -> bytes:
-        return self._lz4.compress(raw)
+        return bytes(self._lz4.compress(raw))
 
     def _decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        return self._lz4.decompress(bytes(data))
+        return bytes(self._lz4.decompress(bytes(data)))
 
 
 class BrotliCoder(_ConcatCoder):
@@ -101,10 +101,10 @@ class BrotliCoder(_ConcatCoder):
         self._quality = quality
 
     def _compress(self, raw: bytes) -> bytes:
-        return self._brotli.compress(raw, quality=self._quality)
+        return bytes(self._brotli.compress(raw, quality=self._quality))
 
     def _decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        return self._brotli.decompress(bytes(data))
+        return bytes(self._brotli.decompress(bytes(data)))
 
 
 # ---------------------------------------------------------------- ANS (constriction)
@@ -168,7 +168,7 @@ class AnsCoder(EntropyCoder):
         for s, tq in zip(reversed(streams), reversed(thetas)):
             if len(s):
                 coder.encode_reverse(s.astype(np.int32) + 128, self._model(tq))
-        words = coder.get_compressed().astype("<u4", copy=False)
+        words = np.asarray(coder.get_compressed()).astype("<u4", copy=False)
         return np.asarray(thetas, dtype="<u2").tobytes() + words.tobytes()
 
     def decode(self, data: bytes | memoryview, lengths: list[int]) -> list[np.ndarray]:

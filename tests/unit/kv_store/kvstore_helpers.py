@@ -1,7 +1,4 @@
-"""Helpers for kv_store tests (imported by conftest.py and the test modules).
-
-A uniquely named module, not conftest, so `import` cannot pick up another
-directory's conftest."""
+"""Helpers for kv_store tests (imported by conftest.py and the test modules)."""
 from __future__ import annotations
 
 import hashlib

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvstore_helpers import key, make_block, make_ns
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 from kvserve.kv_store import CpuTier, KVNamespace, get_codec
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvstore_helpers import key, make_block, make_ns
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 from kvserve.kv_store import KVNamespace, model_fingerprint
 from kvserve.kv_store.file_format import (

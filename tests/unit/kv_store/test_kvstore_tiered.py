@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvstore_helpers import key, make_block, make_ns, redis_url_or_skip
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns, redis_url_or_skip
 
 from kvserve.kv_store import (
     CpuTier,
@@ -192,3 +192,38 @@ def test_three_tier_chain_with_redis(tmp_path: Path) -> None:
     finally:
         store.clear()
         store.close()
+
+
+def test_concurrent_use_keeps_bounds_and_data_intact(tmp_path: Path) -> None:
+    import threading
+
+    ns = make_ns()
+    store = two_tiers(ns, tmp_path, cpu_blocks=4, write_policy="demote")
+    disk = store.tiers[1]
+    assert isinstance(disk, DiskTier)
+    blocks = {i: make_block(ns, i) for i in range(24)}
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            for r in range(3):
+                for i in range(offset, 24, 3):
+                    store.put(key(i), blocks[i])
+                    got = store.get(key((i + r) % 24))
+                    if got is not None:
+                        assert torch.equal(got, blocks[(i + r) % 24])
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    cpu = store.tiers[0]
+    assert cpu.used_bytes is not None and cpu.used_bytes <= 4 * ns.block_nbytes
+    assert disk.used_bytes == sum(p.stat().st_size for p in (tmp_path / "disk").rglob("*.kvb"))
+    for i in range(24):   # every block is somewhere (disk is large enough for all)
+        got = store.get(key(i))
+        assert got is not None and torch.equal(got, blocks[i])

@@ -1,0 +1,45 @@
+"""Keep freed activation memory in the process heap on CPU.
+
+PyTorch's CPU allocator has no cache: every large intermediate (a
+[2048, 1536] float32 activation is 12 MiB) is malloc'd and freed each layer.
+glibc serves blocks above its mmap threshold with fresh mmap()s, so each one
+is page-faulted and zeroed by the kernel on first touch, and munmap()ed on
+free; on a 2-core machine that costs seconds per prefill step.  Raising the
+mmap and trim thresholds makes glibc reuse heap memory instead, which is what
+vLLM's CPU backend gets by preloading tcmalloc.  The heap then holds at most
+the peak working set, which the engine needs anyway.
+
+Opt out with KVSERVE_NO_MALLOC_TUNING=1.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def tune_malloc(threshold_bytes: int = 1 << 30) -> bool:
+    """Apply once per process; returns whether glibc accepted the settings."""
+    global _done
+    if _done or os.environ.get("KVSERVE_NO_MALLOC_TUNING"):
+        return _done
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold_bytes)
+        )
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    _done = ok
+    logger.debug("glibc malloc thresholds raised: %s", ok)
+    return ok
