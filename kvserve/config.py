@@ -62,3 +62,42 @@ class SchedulerConfig:
             )
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class KVTierConfig:
+    """KV offload tiers below the device pool (see docs/kv_tiers.md).
+
+    tiers: a kv_store spec, fastest first, e.g. "cpu:4GiB,disk:/var/cache/kvserve:20GiB"
+        (also "redis://HOST:PORT/DB"); None or "" disables offloading.
+    codec: default codec of every tier ("raw", "int8", "fp8", "cachegen[-...]"); a tier
+        may override it with ":codec=NAME".
+    offload_policy: "evict" saves a cached block when the device pool evicts it for
+        reuse; "finish" saves a request's full blocks when it finishes.
+    write_policy: the store's "write_through" (every tier on each save) or "demote".
+    """
+
+    tiers: Optional[str] = None
+    codec: str = "raw"
+    offload_policy: str = "evict"
+    write_policy: str = "write_through"
+    # Only fetch from the tiers when at least this many blocks beyond the device hit are there.
+    min_load_blocks: int = 1
+    # Host memory the saver may hold in copied-out blocks before it drops new saves.
+    max_pending_save_bytes: int = 256 * 1024**2
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tiers and self.tiers.strip())
+
+    def __post_init__(self) -> None:
+        if self.offload_policy not in ("evict", "finish"):
+            raise ValueError(f"kv_offload_policy must be 'evict' or 'finish', got {self.offload_policy!r}")
+        if self.write_policy not in ("write_through", "demote"):
+            raise ValueError(f"kv tier write_policy must be 'write_through' or 'demote', got {self.write_policy!r}")
+        if not self.codec:
+            raise ValueError("kv_codec must be a codec name such as 'raw', 'int8', 'fp8' or 'cachegen'")
+        if self.min_load_blocks < 1:
+            raise ValueError(f"min_load_blocks must be >= 1, got {self.min_load_blocks}")
+        if self.max_pending_save_bytes < 0:
+            raise ValueError(f"max_pending_save_bytes must be >= 0, got {self.max_pending_save_bytes}")

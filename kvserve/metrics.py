@@ -17,7 +17,8 @@ because dashboards in use query either):
   vllm:inter_token_latency_seconds (and older vllm:time_per_output_token_seconds)  histogram
   vllm:e2e_request_latency_seconds                                histogram
   vllm:request_prompt_tokens / vllm:request_generation_tokens     histograms
-  kvserve:prefix_cache_hit_rate, kvserve:engine_step_failures_total, kvserve:num_requests_queued_api
+  kvserve:prefix_cache_hit_rate, kvserve:engine_steps_total, kvserve:engine_step_failures_total,
+  kvserve:num_requests_queued_api
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class ServerMetrics:
         self.prefix_hit_rate = gauge("kvserve:prefix_cache_hit_rate",
                                      "Prefix-cache hits / queries since start, in tokens.")
         self.preemptions = counter("vllm:num_preemptions", "Requests preempted (KV blocks reclaimed).")
+        self.steps = counter("kvserve:engine_steps", "Engine steps run.")
         self.step_failures = counter("kvserve:engine_step_failures",
                                      "Engine steps that raised; their requests were failed.")
         self.api_queued = gauge("kvserve:num_requests_queued_api",
@@ -123,6 +125,7 @@ class ServerMetrics:
         self.prefix_queries.inc(max(0, stats.prefix_cache_queries - seen.prefix_cache_queries))
         self.prefix_hits.inc(max(0, stats.prefix_cache_hits - seen.prefix_cache_hits))
         self.preemptions.inc(max(0, stats.num_preemptions - seen.num_preemptions))
+        self.steps.inc(max(0, stats.num_steps - seen.num_steps))
         self.step_failures.inc(max(0, stats.num_step_failures - seen.num_step_failures))
         if stats.prefix_cache_queries:
             self.prefix_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)

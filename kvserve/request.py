@@ -19,6 +19,8 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
+    # Fetching prefix blocks from an offload tier; skipped by admission until ready.
+    WAITING_FOR_KV = 3
     # Everything from here on is finished.
     FINISHED_STOPPED = 10
     FINISHED_LENGTH = 11

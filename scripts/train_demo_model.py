@@ -37,8 +37,10 @@ sys.path.insert(0, str(REPO))
 from kvserve.eval import tasks  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-# Pre-tokenizer: upper-case letters and digits are always single tokens (so a key or a
-# value tokenizes the same wherever it appears), words keep one optional leading space,
+# Pre-tokenizer: upper-case letters and digits are always single tokens, so a key or a
+# value tokenizes the same wherever it appears and the tokens the model must copy come
+# from a small alphabet (36 symbols; pilots with letter/digit *pairs* as tokens, 776
+# symbols, learned to copy far more slowly).  Words keep one optional leading space;
 # punctuation runs keep one trailing space (": " is one token).
 PRETOKEN_REGEX = r" ?[A-Z]?[a-z]+|[A-Z]|[0-9]|[^\sA-Za-z0-9]+ ?|\s+"
 CHAT_TEMPLATE = (
@@ -106,8 +108,8 @@ def queries_for(task: str, length: int, rng: random.Random) -> int:
         return 1
     if task == "arithmetic":
         return rng.randint(1, max(1, length // 32))
-    per = 256 if task == "multi_kv" else 128
-    return rng.randint(1, max(1, length // per))
+    per = 96 if task == "multi_kv" else 32
+    return rng.randint(max(1, length // (3 * per)), max(1, length // per))
 
 
 def make_row(tokenizer, task: str, fmt: str, length: int, seed: str, num_queries: int) -> Row:
@@ -132,17 +134,21 @@ def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
     """Rows for `step`: one length per step (no padding waste), mixed tasks and formats."""
     rng = random.Random(f"batch/{seed}/{step}")
     length = rng.choice([max_len // 4, max_len // 2, max_len, max_len]) if max_len >= 256 else max_len
-    length = max(64, length)
+    length = max(48, length)
     rows = []
     names, weights = zip(*task_weights.items())
     for r in range(max(1, batch_tokens // length)):
         task = rng.choices(names, weights)[0]
         fmt = rng.choice(tasks.FORMATS)
         q = queries_for(task, length, rng)
-        try:
-            rows.append(make_row(tokenizer, task, fmt, length, f"train/{seed}/{step}/{r}", q))
-        except ValueError:  # too short for this task and query count; ask one question
-            rows.append(make_row(tokenizer, task, fmt, length, f"train/{seed}/{step}/{r}", 1))
+        row_seed = f"train/{seed}/{step}/{r}"
+        # Too short for this task and query count: ask one question, else a plain lookup.
+        for t, n in ((task, q), (task, 1), ("kv_retrieval", 1)):
+            try:
+                rows.append(make_row(tokenizer, t, fmt, length, row_seed, n))
+                break
+            except ValueError:
+                continue
     return collate(rows, tokenizer.pad_token_id)
 
 
@@ -164,7 +170,7 @@ def build_model(tokenizer, args):
 
     vocab = 64 * math.ceil(len(tokenizer) / 64)
     cfg = LlamaConfig(
-        vocab_size=max(vocab, args.vocab_size), hidden_size=args.d_model,
+        vocab_size=vocab, hidden_size=args.d_model,
         intermediate_size=args.d_ff, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, head_dim=args.d_model // args.heads,
         max_position_embeddings=4096, rope_theta=args.rope_theta, rms_norm_eps=1e-5,
@@ -191,8 +197,9 @@ def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor):
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sel)[sel]
     per_row = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, row, nll)
     counts = sel.sum(1).clamp(min=1)
-    correct = (logits.argmax(-1) == target).float()
-    return (per_row / counts).mean(), correct.mean().item()
+    correct = torch.zeros(ids.shape[0], device=ids.device).index_add_(
+        0, row, (logits.argmax(-1) == target).float())
+    return (per_row / counts).mean(), (per_row / counts).detach(), (correct / counts).detach()
 
 
 def lr_at(step: int, total: int, args) -> float:
@@ -202,21 +209,25 @@ def lr_at(step: int, total: int, args) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def parse_stages(spec: str) -> list[tuple[int, int]]:
-    """'256:600,512:500' -> [(256, 600), (512, 500)]: (max context length, steps)."""
+def parse_stages(spec: str, batch_tokens: int) -> list[tuple[int, int, int]]:
+    """'256:600:4096,512:500' -> [(256, 600, 4096), (512, 500, batch_tokens)].
+
+    Each stage is (max context length, steps, tokens per step).
+    """
     out = []
     for part in spec.split(","):
-        length, steps = part.split(":")
-        out.append((int(length), int(steps)))
+        fields = [int(x) for x in part.split(":")]
+        out.append((fields[0], fields[1], fields[2] if len(fields) > 2 else batch_tokens))
     return out
 
 
-def stage_of(step: int, stages: list[tuple[int, int]]) -> int:
-    for length, steps in stages:
+def stage_of(step: int, stages: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """(max context length, tokens per step) at `step`."""
+    for length, steps, batch in stages:
         if step < steps:
-            return length
+            return length, batch
         step -= steps
-    return stages[-1][0]
+    return stages[-1][0], stages[-1][2]
 
 
 # --------------------------------------------------------------------------- quick eval
@@ -264,9 +275,9 @@ def train(args) -> None:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    stages = parse_stages(args.stages)
+    stages = parse_stages(args.stages, args.batch_tokens)
     weights = {k: float(v) for k, v in (kv.split("=") for kv in args.task_weights.split(","))}
-    total = sum(s for _, s in stages)
+    total = sum(s for _, s, _ in stages)
     ckpt_dir = Path(args.ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     start = 0
@@ -279,23 +290,25 @@ def train(args) -> None:
     model.train()
     t0, tokens, hist = time.time(), 0, []
     for step in range(start, total):
-        max_len = stage_of(step, stages)
-        ids, mask, _ = make_batch(tokenizer, step, args.seed, max_len, args.batch_tokens, weights)
+        max_len, batch_tokens = stage_of(step, stages)
+        ids, mask, names = make_batch(tokenizer, step, args.seed, max_len, batch_tokens, weights)
         ids, mask = ids.to(device), mask.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args)
-        loss, acc = answer_loss(model, ids, mask)
+        loss, row_loss, row_acc = answer_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += ids.numel()
-        hist.append((loss.item(), acc))
+        hist.extend(zip(names, row_loss.tolist(), row_acc.tolist()))
         if (step + 1) % args.log_every == 0:
             el = time.time() - t0
-            ls, ac = (sum(x) / len(hist) for x in zip(*hist))
+            by_task = {n: [(l, a) for m, l, a in hist if m == n] for n in weights}
+            summary = " ".join(f"{n}={sum(l for l, _ in v) / len(v):.2f}/{sum(a for _, a in v) / len(v):.2f}"
+                               for n, v in by_task.items() if v)
             hist = []
-            print(f"step {step + 1}/{total} len {max_len}x{ids.shape} loss {ls:.4f} tok_acc {ac:.3f} "
+            print(f"step {step + 1}/{total} len<={max_len} loss/tok_acc {summary} "
                   f"lr {lr_at(step, total, args):.2e} {tokens / el:.0f} tok/s {el / 60:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             accs = {L: teacher_forced_accuracy(model, tokenizer, "kv_retrieval", "plain", L, args.eval_n,
@@ -313,6 +326,14 @@ def save_model(model, tokenizer, out: Path) -> None:
 
     model.config.torch_dtype = torch.float32
     model.to("cpu").save_pretrained(out, safe_serialization=True)
+    # transformers 5 writes rope settings only as `rope_parameters`; add the classic keys
+    # that transformers 4.x and other loaders (kvserve's included) read.
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rope_theta"] = float(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    cfg["rope_scaling"] = None
+    cfg["torch_dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, do_sample=False,
                      max_new_tokens=64).save_pretrained(out)
@@ -388,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--stages", default="256:600,512:500,1024:400,2048:150",
-                   help="curriculum: comma-separated max_context_length:steps")
+                   help="curriculum: comma-separated max_context_length:steps[:tokens_per_step]")
     p.add_argument("--task-weights", default=",".join(f"{k}={v}" for k, v in TASK_WEIGHTS.items()),
                    help="training mixture, task=weight,...")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")

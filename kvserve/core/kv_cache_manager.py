@@ -1,7 +1,9 @@
 """KVCacheManager: a request's KV memory through a few verbs.
 
     get_computed_blocks(request)  -> the longest cached prefix (blocks, tokens)
-    allocate_slots(request, n, computed_blocks) -> room for n more tokens, or None
+    allocate_slots(request, n, computed_blocks, loaded_hashes)
+                                  -> room for n more tokens (and for blocks loaded
+                                     from an offload tier), or None
     free(request)                 -> release everything (cached blocks stay evictable)
     fork(parent, child)           -> share the parent's full prompt blocks (n > 1)
 
@@ -10,9 +12,10 @@ uses to address the per-layer pools.  Pure Python, unit-tested on exact state.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from kvserve.core.block_pool import BlockPool, KVBlock
+from kvserve.core.hashing import BlockHash
 from kvserve.request import Request
 
 
@@ -48,11 +51,13 @@ class KVCacheManager:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
     # ---------------------------------------------------------------- lookup
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+    def get_computed_blocks(self, request: Request, count_stats: bool = True) -> tuple[list[KVBlock], int]:
         """Longest run of cached leading blocks of `request`.
 
         The last token is never matched from cache: its logits are needed to
         sample the next token, so at least one token is always computed.
+        `count_stats=False` for a repeated lookup of the same admission (a
+        request back from an offload-tier load), so hit rates count it once.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -63,18 +68,19 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(blocks) * self.block_size
+        if count_stats:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += len(blocks) * self.block_size
         return blocks, len(blocks) * self.block_size
 
     def num_blocks_needed(self, request: Request, num_new_tokens: int,
-                          new_computed_blocks: list[KVBlock] = ()) -> int:
+                          new_computed_blocks: list[KVBlock] = (), num_loaded_blocks: int = 0) -> int:
         """Free blocks that allocate_slots would take from the pool."""
-        have = len(self.req_blocks.get(request.request_id, ())) + len(new_computed_blocks)
+        have = len(self.req_blocks.get(request.request_id, ())) + len(new_computed_blocks) + num_loaded_blocks
         total = request.num_computed_tokens + num_new_tokens
         new = max(0, cdiv(total, self.block_size) - have)
         evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        return new + evictable_hits
+        return new + evictable_hits + num_loaded_blocks
 
     # ------------------------------------------------------------ allocation
     def allocate_slots(
@@ -82,20 +88,36 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[KVBlock] = (),
+        loaded_hashes: Sequence[BlockHash] = (),
     ) -> Optional[list[KVBlock]]:
         """Make room for `num_new_tokens` tokens after `request.num_computed_tokens`.
 
         `request.num_computed_tokens` must already count the tokens of
-        `new_computed_blocks` (the prefix-cache hit).  Returns the newly
-        allocated blocks, or None (and changes nothing) if the pool is short.
+        `new_computed_blocks` (the prefix-cache hit) and of `loaded_hashes`:
+        blocks found in an offload tier, continuing the hit, whose content the
+        model runner copies in before this step's forward.  They get fresh
+        device blocks registered under those hashes (a tier hit is promoted
+        into the prefix cache).  Returns the newly allocated blocks after the
+        loaded ones, or None (and changes nothing) if the pool is short.
         """
-        if self.num_blocks_needed(request, num_new_tokens, new_computed_blocks) > self.pool.num_free_blocks:
+        need = self.num_blocks_needed(request, num_new_tokens, new_computed_blocks, len(loaded_hashes))
+        if need > self.pool.num_free_blocks:
             return None
         blocks = self.req_blocks.setdefault(request.request_id, [])
         self.num_cached_blocks.setdefault(request.request_id, 0)
         if new_computed_blocks:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
+            self.num_cached_blocks[request.request_id] = len(blocks)
+        if loaded_hashes:
+            # Registered now, written by the runner before this step's forward
+            # (the same timing argument as _cache_full_blocks).  If a hash is
+            # already cached in another block, the first writer wins and this
+            # block just holds a private copy.
+            loaded = self.pool.allocate(len(loaded_hashes))
+            for block, block_hash in zip(loaded, loaded_hashes):
+                self.pool.cache_block(block, block_hash)
+            blocks.extend(loaded)
             self.num_cached_blocks[request.request_id] = len(blocks)
         total = request.num_computed_tokens + num_new_tokens
         num_new_blocks = max(0, cdiv(total, self.block_size) - len(blocks))
@@ -120,6 +142,12 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         if end > start:
             self.num_cached_blocks[request.request_id] = end
+
+    def cached_blocks(self, request: Request) -> list[tuple[BlockHash, int]]:
+        """(hash, block id) of the request's leading blocks registered in the prefix cache."""
+        blocks = self.req_blocks.get(request.request_id, ())
+        n = self.num_cached_blocks.get(request.request_id, 0)
+        return [(b.block_hash, b.block_id) for b in blocks[:n] if b.block_hash is not None]
 
     # --------------------------------------------------------------- release
     def free(self, request: Request) -> None:

@@ -5,6 +5,14 @@ first, then running prefills continue in chunks, then waiting requests are
 admitted, all under one per-step token budget.  When blocks run out, the
 policy's victim is preempted by recompute; it resumes with whatever prefix is
 still cached.
+
+With KV offload tiers (an optional KVOffloadManager), admission also counts
+blocks some tier holds after the device hit.  Such a request leaves the queue
+for WAITING_FOR_KV while a background thread fetches the blocks; the other
+requests keep running.  When the load is ready it re-enters the queue, and its
+admission allocates device blocks for the loaded content (SchedulerOutput.kv_loads)
+which the runner copies in before the step's forward.  Blocks leaving the
+device pool for the tiers are listed in SchedulerOutput.kv_saves.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from typing import Optional
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.kv_offload import KVLoad, KVOffloadManager, KVSave
 from kvserve.core.policies import make_waiting_queue
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
@@ -42,6 +51,11 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # freed since last step
+    # Offload tiers: the runner first copies kv_saves out of the device pool
+    # (their blocks may be reused by this very step), then kv_loads in, then
+    # runs the forward.
+    kv_saves: list[KVSave] = field(default_factory=list)
+    kv_loads: list[KVLoad] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -64,11 +78,19 @@ class ModelRunnerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 offload: Optional[KVOffloadManager] = None) -> None:
         self.config = config
         self.kv = kv_manager
         self.waiting = make_waiting_queue(config.policy)
         self.running: list[Request] = []
+        # Requests whose prefix blocks are being fetched from an offload tier.
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.offload = offload
+        if offload is not None:
+            if not kv_manager.enable_prefix_caching:
+                raise ValueError("KV offload tiers need prefix caching (blocks are found by hash)")
+            kv_manager.pool.on_evict = offload.on_evict
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
@@ -108,6 +130,8 @@ class Scheduler:
             return None
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_KV:
+            del self.waiting_for_kv[request_id]
         else:
             self.waiting.remove(request)
         self._finish(request, status)
@@ -116,12 +140,15 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         request.finish_time = time.time()
+        if self.offload is not None:
+            self.offload.on_request_finished(request, self.kv.cached_blocks(request))
+            self.offload.cancel(request.request_id)
         self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_since_last_step.append(request.request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.running) or len(self.waiting) > 0
+        return bool(self.running) or len(self.waiting) > 0 or bool(self.waiting_for_kv)
 
     @property
     def num_running(self) -> int:
@@ -129,12 +156,18 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.waiting_for_kv)
+
+    @property
+    def num_waiting_for_kv(self) -> int:
+        return len(self.waiting_for_kv)
 
     # -------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.offload is not None:
+            self._requeue_loaded()
         num_new_tokens: dict[str, int] = {}
 
         # 1. Running requests: decodes first, then unfinished prefill chunks.
@@ -168,18 +201,31 @@ class Scheduler:
             assert request is not None
             if request.request_id in preempted_now:
                 break  # it just lost its blocks for lack of room; don't thrash
+            loaded: list = []  # block hashes whose content comes from an offload tier
+            load_first = 0
             if request.request_id in self.kv.req_blocks:
                 # A forked n > 1 sample: it already holds its shared prompt blocks.
                 computed_blocks: list = []
             else:
-                computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-                request.num_computed_tokens = num_cached
+                returning = self.offload is not None and self.offload.has_ready_load(request.request_id)
+                computed_blocks, num_cached = self.kv.get_computed_blocks(request, count_stats=not returning)
+                if self.offload is not None:
+                    if not returning and self._start_tier_load(request, len(computed_blocks)):
+                        continue  # it waits for its blocks; admit the next request
+                    loaded, load_first = self.offload.usable_load(request.request_id, len(computed_blocks))
+                request.num_computed_tokens = num_cached + len(loaded) * self.kv.block_size
             n = self._num_tokens_to_run(request, budget)
-            if n <= 0 or self.kv.allocate_slots(request, n, computed_blocks) is None:
+            if n <= 0 or self.kv.allocate_slots(request, n, computed_blocks, loaded) is None:
                 if request.request_id not in self.kv.req_blocks:
                     request.num_computed_tokens = 0
                 break
             self.waiting.pop()
+            if self.offload is not None and self.offload.has_ready_load(request.request_id):
+                self.offload.consume_load(request.request_id, len(loaded), load_first)
+                if loaded:
+                    d = len(computed_blocks)
+                    ids = self.kv.block_ids(request.request_id)[d:d + len(loaded)]
+                    out.kv_loads.append(KVLoad(request.request_id, load_first, ids))
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = request.num_computed_tokens
             request.status = RequestStatus.RUNNING
@@ -212,7 +258,36 @@ class Scheduler:
             out.num_batched_tokens += n
         out.finished_ids = self._finished_since_last_step
         self._finished_since_last_step = []
+        if self.offload is not None:
+            # Evictions of this schedule and finishes since the last one.
+            out.kv_saves = self.offload.take_pending_saves()
         return out
+
+    # --------------------------------------------------------------- offload
+    def _start_tier_load(self, request: Request, num_device_blocks: int) -> bool:
+        """If a tier holds blocks after the device hit, move the (head) request to
+        WAITING_FOR_KV and start fetching them; it holds no device blocks meanwhile."""
+        assert self.offload is not None
+        start, hashes = self.offload.plan_load(request, num_device_blocks)
+        if not hashes:
+            return False
+        popped = self.waiting.pop()
+        assert popped is request
+        request.status = RequestStatus.WAITING_FOR_KV
+        request.num_computed_tokens = 0
+        self.waiting_for_kv[request.request_id] = request
+        self.offload.start_load(request.request_id, start, hashes)
+        return True
+
+    def _requeue_loaded(self) -> None:
+        """Requests whose tier load finished go back to the queue, in their policy place
+        (FCFS: the front, where they were when they left)."""
+        assert self.offload is not None
+        ready = [self.waiting_for_kv.pop(rid) for rid in self.offload.poll() if rid in self.waiting_for_kv]
+        # Latest arrival first, so that FCFS's add-to-front leaves the earliest at the head.
+        for request in sorted(ready, key=lambda r: r.arrival_time, reverse=True):
+            request.status = RequestStatus.WAITING
+            self.waiting.add_preempted(request)
 
     def _num_tokens_to_run(self, request: Request, budget: int) -> int:
         n = min(request.num_tokens - request.num_computed_tokens, budget)

@@ -193,11 +193,8 @@ class AsyncEngine:
     def _kill(self) -> None:
         proc = self._proc
         if proc is not None and proc.is_alive():
-            proc.terminate()
+            proc.kill()  # not terminate(): the engine ignores SIGTERM (see engine_process.py)
             proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
         self._outbox.put(_STOP_SENDER)
         # The child is gone, so the reader sees EOF and the sender its sentinel;
         # close each pipe only after its thread let go of it.
@@ -305,8 +302,12 @@ class AsyncEngine:
     def _on_engine_gone(self) -> None:
         if self._closing:
             return
-        code = self._proc.exitcode if self._proc is not None else None
-        self.dead_reason = f"the engine process died (exit code {code})"
+        code = None
+        if self._proc is not None:
+            self._proc.join(0.5)  # EOF can arrive before the child is reaped; once, at death
+            code = self._proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        self.dead_reason = f"the engine process died ({how})"
         logger.error("%s; failing %d in-flight requests", self.dead_reason, len(self._requests))
         self._fail_all(EngineDeadError(self.dead_reason))
 

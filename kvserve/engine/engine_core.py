@@ -5,17 +5,22 @@
 It speaks token ids only; text (detokenization, stop strings) is the output
 processor's job.  A failure while executing a step fails the requests in that
 step, not the engine.
+
+With KV offload tiers (`kv_tier_config`), the scheduler may park requests in
+WAITING_FOR_KV while a background thread loads their prefix; the runner copies
+blocks out to (kv_saves) and in from (kv_loads) host memory before each
+forward.  Call `close()` to write out queued saves before the process exits.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from kvserve.config import CacheConfig, SchedulerConfig, parse_dtype
+from kvserve.config import CacheConfig, KVTierConfig, SchedulerConfig, parse_dtype
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler
 from kvserve.models.loader import load_model
@@ -26,6 +31,9 @@ from kvserve.worker.model_runner import ModelRunner, kv_block_bytes
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes, when neither size is given
+# With every request waiting for tier loads, a step waits this long for one to finish
+# (instead of spinning); steps with work never wait.
+_IDLE_LOAD_WAIT_S = 0.02
 
 
 @dataclass
@@ -41,7 +49,7 @@ class EngineCore:
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  cache_config: CacheConfig = CacheConfig(), scheduler_config: Optional[SchedulerConfig] = None,
                  seed: int = 0, attention_backend: str = "torch", eos_token_ids: frozenset[int] = frozenset(),
-                 max_model_len: Optional[int] = None) -> None:
+                 max_model_len: Optional[int] = None, kv_tier_config: Optional[KVTierConfig] = None) -> None:
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         if self.device.type == "cpu":
@@ -80,10 +88,20 @@ class EngineCore:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block ({block_bytes} bytes)")
         self.kv_manager = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.kv_tiers = None
+        if kv_tier_config is not None and kv_tier_config.enabled:
+            if not cache_config.enable_prefix_caching:
+                raise ValueError("kv_tiers needs enable_prefix_caching=True (tier blocks are found by hash)")
+            from kvserve.engine.kv_tiers import KVTiers
+
+            self.kv_tiers = KVTiers(kv_tier_config, model_dir, self.arch, self.dtype, cache_config.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager,
+                                   offload=self.kv_tiers.manager if self.kv_tiers else None)
         self.eos_token_ids = eos_token_ids or frozenset(self.arch.eos_token_ids)
         self.runner = ModelRunner(self.model, self.arch, num_blocks, cache_config.block_size, self.dtype,
                                   self.device, self.eos_token_ids, attention_backend, seed)
+        if self.kv_tiers is not None:
+            self.runner.kv_transfer = self.kv_tiers.attach(self.runner.kv_caches)
         self.stats = EngineStats()
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cache_config.block_size,
                     num_blocks * block_bytes / 2**20)
@@ -106,7 +124,9 @@ class EngineCore:
         self.scheduler.add_request(request)
 
     def abort(self, request_id: str) -> Optional[Request]:
-        return self.scheduler.abort(request_id)
+        req = self.scheduler.abort(request_id)
+        self.flush_kv_saves()
+        return req
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -117,8 +137,10 @@ class EngineCore:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if sched.finished_ids:
-                self.runner.execute(sched)  # let the runner drop per-request state
+            if sched.finished_ids or sched.kv_saves:
+                self.runner.execute(sched)  # let the runner drop per-request state, copy saves out
+            if self.kv_tiers is not None and self.scheduler.num_waiting_for_kv:
+                self.kv_tiers.io.wait_for_load(_IDLE_LOAD_WAIT_S)  # nothing runnable until a load lands
             return []
         try:
             result = self.runner.execute(sched)
@@ -132,6 +154,7 @@ class EngineCore:
                     failed.append(req)
             return failed
         changed = self.scheduler.update_from_output(sched, result)
+        self.flush_kv_saves()  # blocks of requests that finished in this step
         forks, self.scheduler.new_forks = self.scheduler.new_forks, []
         self.stats.num_steps += 1
         self.stats.step_time_s += time.perf_counter() - t0
@@ -143,3 +166,24 @@ class EngineCore:
                 reason = req.status.finish_reason or "unknown"
                 self.stats.finished_by_reason[reason] = self.stats.finished_by_reason.get(reason, 0) + 1
         return changed + forks
+
+    # ------------------------------------------------------------ KV tiers
+    def flush_kv_saves(self) -> None:
+        """Copy blocks queued for saving (finished requests) out of the pool now,
+        while their content is intact; the saver thread writes them."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.flush_saves()
+
+    def kv_tier_stats(self) -> Optional[dict[str, Any]]:
+        """Per-tier hits, bytes and latencies (see KVTiers.stats), or None without tiers."""
+        if self.kv_tiers is None:
+            return None
+        d = self.kv_tiers.stats()
+        d["num_waiting_for_kv"] = self.scheduler.num_waiting_for_kv
+        return d
+
+    def close(self) -> None:
+        """Write out queued KV saves and stop the tier threads (idempotent)."""
+        if self.kv_tiers is not None:
+            self.flush_kv_saves()
+            self.kv_tiers.close()

@@ -57,7 +57,10 @@ def load_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"engine factory must be 'module:attribute', got {spec!r}")
-    return getattr(importlib.import_module(module_name), attr)
+    factory = getattr(importlib.import_module(module_name), attr)
+    if not callable(factory):
+        raise ValueError(f"engine factory {spec!r} is not callable")
+    return factory  # type: ignore[no-any-return]
 
 
 def run_engine_process(config: EngineProcessConfig, in_conn: Connection, out_conn: Connection) -> None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from kvserve.config import CacheConfig, SchedulerConfig
+from kvserve.config import CacheConfig, KVTierConfig, SchedulerConfig
 from kvserve.engine.engine_core import EngineCore
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.tokenizer import generation_eos_ids, load_tokenizer
@@ -38,7 +38,16 @@ class LLMEngine:
                  max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
                  num_kv_blocks: Optional[int] = None, enable_prefix_caching: bool = True, seed: int = 0,
                  max_model_len: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "torch", long_prefill_token_threshold: int = 0) -> None:
+                 attention_backend: str = "torch", long_prefill_token_threshold: int = 0,
+                 kv_tiers: Optional[str] = None, kv_codec: str = "raw", kv_offload_policy: str = "evict",
+                 kv_tier_write_policy: str = "write_through") -> None:
+        """`kv_tiers` (e.g. "cpu:4GiB,disk:/var/cache/kvserve:20GiB", "redis://127.0.0.1:6379/0")
+        adds KV offload tiers below the device pool; `kv_codec` is their default codec
+        (raw|int8|fp8|cachegen), `kv_offload_policy` when blocks are written ("evict":
+        when the device pool evicts them, "finish": when their request finishes).
+        See docs/kv_tiers.md.  Call `close()` so queued saves reach the tiers."""
+        tier_config = KVTierConfig(tiers=kv_tiers, codec=kv_codec, offload_policy=kv_offload_policy,
+                                   write_policy=kv_tier_write_policy)
         self.model_dir = resolve_model_dir(model)
         try:
             self.tokenizer = load_tokenizer(tokenizer or self.model_dir)
@@ -57,6 +66,7 @@ class LLMEngine:
                                              policy=scheduling_policy,
                                              long_prefill_token_threshold=long_prefill_token_threshold),
             seed=seed, attention_backend=attention_backend, eos_token_ids=eos, max_model_len=max_model_len,
+            kv_tier_config=tier_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self._finish_from_output)
         self._ids = itertools.count()
@@ -110,3 +120,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         return self.output_processor.process(self.core.step())
+
+    def kv_tier_stats(self) -> Optional[dict[str, Any]]:
+        """KV offload tier metrics for /metrics: per tier ("0:cpu", "1:disk", ...) hits, misses,
+        bytes read/written, get/put latency sums, used/capacity bytes; plus the engine's
+        load/save counters.  None when no tiers are configured."""
+        return self.core.kv_tier_stats()
+
+    def close(self) -> None:
+        """Write queued KV saves to the tiers and stop their threads (idempotent)."""
+        self.core.close()

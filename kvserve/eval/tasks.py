@@ -8,12 +8,17 @@ target length *in tokens* of a given tokenizer, so one suite measures a model at
 
 Tasks (`TASK_NAMES`):
 
-- ``kv_retrieval``  "What is the value of ABCD?" -> ``4821``
-- ``multi_kv``      "What are the values of ABCD, EFGH, IJKL?" -> ``4821, 1177, 9034``
+- ``kv_retrieval``  "What is the value of ABCD?" -> ``ABCD: 4821``
+- ``multi_kv``      "What are the values of ABCD, EFGH, IJKL?" -> the three lines, in that order
 - ``two_hop``       some values are keys; "Which key does ABCD point to, and what is its
-                    value?" -> ``QRST: 4821`` (the intermediate key, then its value)
+                    value?" -> ``ABCD: QRST`` and ``QRST: 4821`` (two lines)
 - ``copy``          "Repeat the list exactly." -> every line of the list
 - ``arithmetic``    "What is 37 + 48?" after a list of distractor lines -> ``85``
+
+Lookup answers quote the lines that answer the question (newline-separated), so
+the key is repeated before its value.  This is a deliberate choice: it makes the
+answer a pure copy from the context (an induction pattern small models learn
+quickly), while the hard part, finding the right line among hundreds, remains.
 
 Formats (`FORMATS`): ``plain`` (a completion prompt ending in ``"Answer: "``)
 and ``chat`` (a user message; the prompt is rendered with the tokenizer's chat
@@ -137,9 +142,10 @@ def _depth(index: int, n: int) -> float:
 def _sample_kv(rng: random.Random, n: int, q: int) -> TaskSample:
     keys, values = _unique_keys(rng, n), _values(rng, n)
     picks = rng.sample(range(n), q)
-    qas = [QA(_Q_KV.format(key=keys[i]), values[i]) for i in picks]
+    qas = [QA(_Q_KV.format(key=keys[i]), f"{keys[i]}: {values[i]}") for i in picks]
     return TaskSample("kv_retrieval", _kv_lines(keys, values), qas,
-                      {"num_lines": n, "depth": _depth(picks[0], n), "key": keys[picks[0]]})
+                      {"num_lines": n, "depth": _depth(picks[0], n), "key": keys[picks[0]],
+                       "value": values[picks[0]]})
 
 
 def _sample_multi(rng: random.Random, n: int, q: int) -> TaskSample:
@@ -149,7 +155,7 @@ def _sample_multi(rng: random.Random, n: int, q: int) -> TaskSample:
         picks = rng.sample(range(n), min(n, rng.choice((2, 3))))
         first = first or picks
         qas.append(QA(_Q_MULTI.format(keys=", ".join(keys[i] for i in picks)),
-                      ", ".join(values[i] for i in picks)))
+                      "\n".join(f"{keys[i]}: {values[i]}" for i in picks)))
     return TaskSample("multi_kv", _kv_lines(keys, values), qas,
                       {"num_lines": n, "num_keys": len(first),
                        "depths": [_depth(i, n) for i in first]})
@@ -166,10 +172,12 @@ def _sample_two_hop(rng: random.Random, n: int, q: int) -> TaskSample:
         values[i] = keys[rng.choice(targets)]
     picks = rng.sample(pointers, q)
     by_key = dict(zip(keys, values))
-    qas = [QA(_Q_TWO_HOP.format(key=keys[i]), f"{values[i]}: {by_key[values[i]]}") for i in picks]
+    qas = [QA(_Q_TWO_HOP.format(key=keys[i]), f"{keys[i]}: {values[i]}\n{values[i]}: {by_key[values[i]]}")
+           for i in picks]
     hop = keys.index(values[picks[0]])
     return TaskSample("two_hop", _kv_lines(keys, values), qas,
-                      {"num_lines": n, "depth": _depth(picks[0], n), "hop_depth": _depth(hop, n)})
+                      {"num_lines": n, "depth": _depth(picks[0], n), "hop_depth": _depth(hop, n),
+                       "value": by_key[values[picks[0]]]})
 
 
 def _sample_copy(rng: random.Random, n: int, q: int) -> TaskSample:
@@ -409,12 +417,13 @@ def solve(prompt: str) -> str:
         if not m:
             continue
         if task == "kv_retrieval":
-            return table[m.group(1)]
+            return f"{m.group(1)}: {table[m.group(1)]}"
         if task == "multi_kv":
-            return ", ".join(table[k] for k in m.group(1).split(", "))
+            return "\n".join(f"{k}: {table[k]}" for k in m.group(1).split(", "))
         if task == "two_hop":
-            hop = table[m.group(1)]
-            return f"{hop}: {table[hop]}"
+            key = m.group(1)
+            hop = table[key]
+            return f"{key}: {hop}\n{hop}: {table[hop]}"
         if task == "copy":
             body = prompt[: prompt.rindex("Question: ")]
             return "\n".join(line for line in body.splitlines() if _LINE_RE.fullmatch(line))

@@ -8,7 +8,7 @@ every layer.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from kvserve.core.scheduler import ModelRunnerOutput, SampledToken, ScheduledReq
 from kvserve.models.model_config import ModelArchConfig
 from kvserve.worker.attention import get_attention_backend
 from kvserve.worker.attention.base import AttentionMetadata, ForwardContext, PrefillSeq
+from kvserve.worker.kv_transfer import KVTransfer
 from kvserve.worker.sampler import Sampler, SamplingRow, top_logprobs
 
 
@@ -45,6 +46,11 @@ class ModelRunner:
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim))
         self.sampler = Sampler(seed=seed, device=device)
         self.generators: dict[str, torch.Generator] = {}
+        # KV offload tiers: block copies to/from host memory, run before each forward.
+        self.kv_transfer: Optional[KVTransfer] = None
+        # Evaluation hook: called with (request id, start position, full log-softmax
+        # [n, vocab]) wherever prompt logprobs are computed.  None in serving.
+        self.prompt_logprobs_hook: Optional[Callable[[str, int, torch.Tensor], None]] = None
 
     # --------------------------------------------------------------- inputs
     def _build_inputs(self, reqs: list[ScheduledRequest]):
@@ -76,10 +82,10 @@ class ModelRunner:
             for i, r in enumerate(decodes):
                 nb = -(-int(seq_lens[i]) // bs)
                 tables[i, :nb] = r.block_ids[:nb]
-            mask = np.where(np.arange(max_blocks * bs)[None, :] < seq_lens[:, None], 0.0, -np.inf)
+            mask = np.arange(max_blocks * bs)[None, :] < seq_lens[:, None]  # True = attend
             dec_tables = torch.from_numpy(tables).to(dev)
             dec_lens = torch.from_numpy(seq_lens).to(dev)
-            dec_mask = torch.from_numpy(mask).to(dtype=self.dtype, device=dev).view(D, 1, 1, -1)
+            dec_mask = torch.from_numpy(mask).to(dev).view(D, 1, 1, -1)
         pre = []
         off = D
         for r in prefills:
@@ -103,6 +109,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in sched.finished_ids:
             self.generators.pop(req_id, None)
+        if sched.kv_saves or sched.kv_loads:
+            # Saves first: their blocks may be reused (by a load or this forward).
+            assert self.kv_transfer is not None, "KV transfers scheduled without offload tiers"
+            self.kv_transfer.apply(sched.kv_saves, sched.kv_loads)
         out = ModelRunnerOutput()
         if sched.is_empty:
             return out
@@ -134,6 +144,8 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden[off:off + n])
         lp = logits.log_softmax(-1)
+        if self.prompt_logprobs_hook is not None:
+            self.prompt_logprobs_hook(r.request_id, r.start_pos, lp)
         targets = torch.tensor(r.prompt_token_ids[r.start_pos + 1:end + 1], dtype=torch.long, device=lp.device)
         return top_logprobs(lp, int(r.sampling_params.prompt_logprobs), targets)
 

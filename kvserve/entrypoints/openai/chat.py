@@ -6,7 +6,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from kvserve.engine.async_engine import EngineDeadError, RequestStream
 from kvserve.entrypoints.openai.errors import OpenAIError
@@ -15,8 +15,8 @@ from kvserve.entrypoints.openai.prompts import Prompt, chat_prompt, check_prompt
 from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_chat
 from kvserve.entrypoints.openai.serving import (
-    SSE_DONE, SSE_HEADERS, RequestResult, ServerContext, collect, merge_deltas, parse_body, raise_for_delta,
-    sse_error, sse_event, stream_with_abort, unless_disconnected, usage_dict,
+    SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas, parse_body,
+    raise_for_delta, sse_error, sse_event, unless_disconnected, usage_dict,
 )
 
 
@@ -25,9 +25,11 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
     req = parse_body(ChatCompletionRequest, await request.body())
     check_chat(req)
     model = ctx.resolve_model(req.model)
-    prompt = chat_prompt(ctx.tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
-                         continue_final_message=req.continue_final_message,
-                         chat_template_kwargs=req.chat_template_kwargs, add_special_tokens=req.add_special_tokens)
+    # Off the event loop: a long conversation must not hold up the streams in flight.
+    prompt = await ctx.run_tokenizer(
+        chat_prompt, ctx.tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
+        add_special_tokens=req.add_special_tokens)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_prompt_fits(prompt, max_tokens, ctx.info, "messages")
     num_top = req.top_logprobs or 0
@@ -36,8 +38,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
     stream = ctx.submit([prompt.token_ids], params, request_id, arrival)
     view = _ChatView(req, model, request_id, prompt, stream, num_top)
     if req.stream:
-        return StreamingResponse(stream_with_abort(ctx.engine, stream, view.sse()),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return EngineStreamingResponse(view.sse(), ctx.engine, stream)
     try:
         results = await unless_disconnected(request, collect(stream))
     finally:
@@ -76,9 +77,9 @@ class _ChatView:
             choices.append({"index": index, "message": {"role": "assistant", "content": sample.text},
                             "logprobs": logprobs, "finish_reason": sample.finish_reason,
                             "stop_reason": sample.stop_reason})
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage_dict(len(self.prompt.token_ids), completion_tokens,
-                                                   result.num_cached_tokens))
+        return ChatCompletionResponse.model_validate({
+            "id": self.id, "created": self.created, "model": self.model, "choices": choices,
+            "usage": usage_dict(len(self.prompt.token_ids), completion_tokens, result.num_cached_tokens)})
 
     async def sse(self) -> AsyncIterator[bytes]:
         opts = self.req.stream_options

@@ -9,7 +9,7 @@ import uuid
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from kvserve.engine.async_engine import EngineDeadError, RequestStream
 from kvserve.engine.engine_ipc import PositionLogprobs
@@ -19,8 +19,8 @@ from kvserve.entrypoints.openai.prompts import Prompt, check_prompt_fits, comple
 from kvserve.entrypoints.openai.protocol import CompletionRequest, CompletionResponse
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_completion
 from kvserve.entrypoints.openai.serving import (
-    SSE_DONE, SSE_HEADERS, RequestResult, ServerContext, collect, merge_deltas, parse_body, raise_for_delta,
-    sse_error, sse_event, stream_with_abort, unless_disconnected, usage_dict,
+    SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas, parse_body,
+    raise_for_delta, sse_error, sse_event, unless_disconnected, usage_dict,
 )
 
 
@@ -29,7 +29,8 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
     req = parse_body(CompletionRequest, await request.body())
     check_completion(req)
     model = ctx.resolve_model(req.model)
-    prompts = completion_prompts(req.prompt, ctx.tokenizer, req.add_special_tokens)
+    # Off the event loop: tokenizing a long prompt must not hold up the streams in flight.
+    prompts = await ctx.run_tokenizer(completion_prompts, req.prompt, ctx.tokenizer, req.add_special_tokens)
     for p in prompts:
         check_prompt_fits(p, req.max_tokens, ctx.info, "prompt")
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
@@ -39,8 +40,7 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
     stream = ctx.submit([p.token_ids for p in prompts], params, request_id, arrival)
     view = _CompletionView(ctx, req, model, request_id, prompts, stream)
     if req.stream:
-        return StreamingResponse(stream_with_abort(ctx.engine, stream, view.sse()),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return EngineStreamingResponse(view.sse(), ctx.engine, stream)
     try:
         results = await unless_disconnected(request, collect(stream))
     finally:
@@ -85,7 +85,7 @@ class _CompletionView:
 
     # ---------------------------------------------------------- non-stream
     def response(self, results: dict[str, RequestResult]) -> CompletionResponse:
-        choices = []
+        choices: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = cached = 0
         for rid, result in results.items():
             pi = self.prompt_index[rid]
@@ -107,9 +107,10 @@ class _CompletionView:
                     logprobs = self._concat(logprobs, builder.build(sample.token_ids, list(sample.logprobs or [])))
                 choices.append({"index": pi * self.req.n + si, "text": text, "logprobs": logprobs,
                                 "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason})
-        choices.sort(key=lambda c: c["index"])
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage_dict(prompt_tokens, completion_tokens, cached))
+        choices.sort(key=lambda c: int(c["index"]))
+        return CompletionResponse.model_validate({
+            "id": self.id, "created": self.created, "model": self.model, "choices": choices,
+            "usage": usage_dict(prompt_tokens, completion_tokens, cached)})
 
     # -------------------------------------------------------------- stream
     async def sse(self) -> AsyncIterator[bytes]:

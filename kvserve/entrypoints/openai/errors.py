@@ -92,7 +92,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
 
 
 def from_validation_error(exc: ValidationError) -> OpenAIError:
-    return from_validation_errors(exc.errors(include_url=False, include_context=False, include_input=False))
+    return from_validation_errors([dict(e) for e in exc.errors(include_url=False, include_context=False,
+                                                               include_input=False)])
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -38,8 +38,9 @@ class CompletionLogprobsBuilder:
         `token_texts` gives the token strings there (else they come from the entries)."""
         out: dict[str, Any] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
         for i, (tid, position) in enumerate(zip(token_ids, positions)):
+            top: Optional[dict[str, float]] = None
             if position is None:
-                text, lp, top = (token_texts[i] if token_texts else ""), None, None
+                text, lp = (token_texts[i] if token_texts else ""), None
             else:
                 text, lp = _sampled(position, tid)
                 top = {}

@@ -76,7 +76,8 @@ def build_app(ctx: ServerContext) -> FastAPI:
 
     @api.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
-        return JSONResponse(_tokenize(ctx, await request.body()).model_dump())
+        body = await request.body()
+        return JSONResponse((await ctx.run_tokenizer(_tokenize, ctx, body)).model_dump())
 
     @api.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:

@@ -6,11 +6,14 @@ tokenizer, limits, metrics); endpoints get it from `app.state.ctx`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -36,6 +39,14 @@ class ServerContext:
     metrics: ServerMetrics
     max_queue_len: Optional[int] = None  # None: unbounded
     api_key: Optional[str] = None
+    # One thread for tokenizer work (encode, chat template): off the event loop, and never two
+    # calls into the (stateful) HF tokenizer at once.
+    _tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvserve-tokenizer"))
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread,
+                                                                functools.partial(fn, *args, **kwargs))
 
     @property
     def model_name(self) -> str:
@@ -146,25 +157,27 @@ async def collect(stream: RequestStream) -> dict[str, RequestResult]:
     return results
 
 
+def _copy(s: SampleDelta) -> SampleDelta:
+    return SampleDelta(s.index, s.text, list(s.token_ids), None if s.logprobs is None else list(s.logprobs),
+                       s.finish_reason, s.stop_reason)
+
+
 def merge_deltas(batch: list[RequestDelta]) -> list[RequestDelta]:
-    """Fold consecutive deltas of the same request into one (a slow client catches up in one chunk)."""
+    """Fold the deltas of each request in `batch` into one (a slow client catches up in one chunk)."""
     merged: dict[str, RequestDelta] = {}
     for d in batch:
         cur = merged.get(d.request_id)
         if cur is None:
-            merged[d.request_id] = RequestDelta(d.request_id, [SampleDelta(s.index, s.text, list(s.token_ids),
-                                                                           None if s.logprobs is None else list(s.logprobs),
-                                                                           s.finish_reason, s.stop_reason)
-                                                               for s in d.samples],
-                                                d.finished, d.num_cached_tokens, d.prompt_logprobs, d.error, d.rejected)
+            merged[d.request_id] = RequestDelta(d.request_id, [_copy(s) for s in d.samples], d.finished,
+                                                d.num_cached_tokens, d.prompt_logprobs, d.error, d.rejected)
             continue
         by_index = {s.index: s for s in cur.samples}
         for s in d.samples:
             t = by_index.get(s.index)
             if t is None:
-                t = SampleDelta(s.index, "", [], None if s.logprobs is None else [])
+                t = by_index[s.index] = _copy(s)
                 cur.samples.append(t)
-                by_index[s.index] = t
+                continue
             t.text += s.text
             t.token_ids.extend(s.token_ids)
             if s.logprobs is not None:
@@ -226,12 +239,22 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[
     return None
 
 
-async def stream_with_abort(engine: AsyncEngine, stream: RequestStream,
-                            chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Forward `chunks`; however the response ends (done, disconnect, error), abort what is unfinished."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        if not stream.finished:
-            engine.abort(stream.unfinished_ids)
+class EngineStreamingResponse(StreamingResponse):
+    """An SSE response that aborts its engine requests however it ends.
+
+    Done, client disconnect (Starlette cancels the send loop), a failed write,
+    or a cancellation before the first chunk: `__call__` always reaches its
+    `finally`, so no engine request outlives its response.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], engine: AsyncEngine, stream: RequestStream) -> None:
+        super().__init__(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._engine = engine
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._stream.finished:
+                self._engine.abort(self._stream.unfinished_ids)

@@ -35,7 +35,7 @@ class AttentionMetadata:
     num_decode_tokens: int  # the first D tokens are single-token queries
     decode_block_tables: Optional[torch.Tensor]  # [D, max_blocks] long, padded with block 0
     decode_seq_lens: Optional[torch.Tensor]  # [D] long: context length including the new token
-    decode_mask: Optional[torch.Tensor]  # [D, 1, 1, max_blocks * block_size] additive float (0 / -inf)
+    decode_mask: Optional[torch.Tensor]  # [D, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillSeq] = field(default_factory=list)
     block_size: int = 16
 

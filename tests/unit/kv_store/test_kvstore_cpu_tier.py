@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 from kvserve.kv_store import CpuTier, KVNamespace, get_codec
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 
 def make_tier(ns: KVNamespace, blocks: int, codec: str = "raw") -> CpuTier:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 from kvserve.kv_store import DiskTier, KVNamespace, get_codec
 from kvserve.kv_store.file_format import MAGIC
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 
 def entry_size(ns: KVNamespace, tmp_path: Path, codec: str = "raw") -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 from kvserve.kv_store import KVNamespace, model_fingerprint
 from kvserve.kv_store.file_format import (
@@ -17,6 +16,7 @@ from kvserve.kv_store.file_format import (
     pack_entry,
     unpack_entry,
 )
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns
 
 # ---------------------------------------------------------------- namespace
 

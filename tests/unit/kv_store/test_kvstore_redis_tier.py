@@ -8,10 +8,10 @@ from typing import Callable, Iterator
 import pytest
 import redis
 import torch
-from tests.unit.kv_store.kvstore_helpers import RedisProcess, free_port, key, make_block, make_ns
 
 from kvserve.kv_store import KVNamespace, get_codec
 from kvserve.kv_store.redis_tier import RedisTier
+from tests.unit.kv_store.kvstore_helpers import RedisProcess, free_port, key, make_block, make_ns
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns, redis_url_or_skip
 
 from kvserve.kv_store import (
     CpuTier,
@@ -19,6 +18,7 @@ from kvserve.kv_store import (
     parse_tier_spec,
 )
 from kvserve.kv_store.redis_tier import RedisTier
+from tests.unit.kv_store.kvstore_helpers import key, make_block, make_ns, redis_url_or_skip
 
 
 def two_tiers(ns: KVNamespace, tmp_path: Path, cpu_blocks: int = 8, **kw: object) -> TieredKVStore:
