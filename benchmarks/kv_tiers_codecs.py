@@ -25,14 +25,14 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kv_tiers_common import SMOL135_SHAPE, build_llama
 
 BLOCK = 16
 
 
-def serve(engine: Any, ids: list[int], rid: str, prompt_logprobs: Optional[int] = None) -> Any:
+def serve(engine: Any, ids: list[int], rid: str, prompt_logprobs: int | None = None) -> Any:
     from kvserve import SamplingParams
 
     sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=prompt_logprobs)

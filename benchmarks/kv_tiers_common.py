@@ -12,9 +12,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -29,7 +30,7 @@ SMALL_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                    num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=True, max_position_embeddings=4096)
 
 
-def build_llama(out_dir: Path, shape: dict[str, Any], seed: int = 0, std: Optional[float] = None) -> Path:
+def build_llama(out_dir: Path, shape: dict[str, Any], seed: int = 0, std: float | None = None) -> Path:
     """A random-weight LlamaForCausalLM of `shape` in out_dir (kept if already there)."""
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").is_file():
@@ -106,7 +107,7 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def tier_summary(stats: Optional[dict[str, Any]]) -> dict[str, Any]:
+def tier_summary(stats: dict[str, Any] | None) -> dict[str, Any]:
     """Compact per-tier hits/bytes/latency from LLMEngine.kv_tier_stats()."""
     if not stats:
         return {}
@@ -118,14 +119,15 @@ def tier_summary(stats: Optional[dict[str, Any]]) -> dict[str, Any]:
                      "ms_per_put": round(1000 * t["put_latency_s"] / max(1, t["puts"]), 3),
                      "corrupt": t["corrupt"], "errors": t["errors"]}
     o = stats["offload"]
-    out["engine"] = {k: o[k] for k in ("loads_started", "blocks_used", "blocks_on_device", "blocks_truncated", "blocks_discarded",
-                                       "saves_queued", "saves_skipped", "saves_dropped")}
+    keys = ("loads_started", "blocks_used", "blocks_on_device", "blocks_truncated", "blocks_discarded",
+            "saves_queued", "saves_skipped", "saves_dropped")
+    out["engine"] = {k: o[k] for k in keys}
     io = stats["io"]
     out["engine"]["ms_per_load"] = round(1000 * io["load_wall_s"] / max(1, io["loads"]), 2)
     return out
 
 
-def dump(path: Optional[str], payload: Any) -> None:
+def dump(path: str | None, payload: Any) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=1, default=str))
         print(f"wrote {path}")

@@ -30,8 +30,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from kv_tiers_common import (SMALL_SHAPE, ReplayRequest, build_llama, dump, median, percentile, replay,
-                             tier_summary)
+from kv_tiers_common import (
+    SMALL_SHAPE,
+    ReplayRequest,
+    build_llama,
+    dump,
+    median,
+    percentile,
+    replay,
+    tier_summary,
+)
 
 TRACE = "/work/shared/data/traces/mooncake/conversation_trace.jsonl"
 
@@ -103,9 +111,9 @@ def run_system(name: str, model: Path, reqs: list[ReplayRequest], args: argparse
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=TRACE)
-    ap.add_argument("--conversations", type=int, default=20)
+    ap.add_argument("--conversations", type=int, default=15)
     ap.add_argument("--scale", type=int, default=16, help="512-token hash blocks become 512/SCALE tokens")
-    ap.add_argument("--max-input", type=int, default=1024)
+    ap.add_argument("--max-input", type=int, default=768)
     ap.add_argument("--max-output", type=int, default=32)
     ap.add_argument("--time-scale", type=float, default=8.0, help="divide trace timestamps by this")
     ap.add_argument("--block-size", type=int, default=16)
@@ -115,7 +123,7 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--systems", default="device,cpu,cpu+disk")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", default="/tmp/kvserve-bench/multiturn-model")

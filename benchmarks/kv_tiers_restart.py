@@ -120,13 +120,14 @@ def main() -> None:
                 print(f"  [{i}] {phase:9s} TTFT {r['ttft_s']:.3f}s cached {r['cached_tokens']}/{r['prompt_len']}",
                       flush=True)
         for i in range(1, args.repeats + 1):
-            a, b = [r for r in runs if r["phase"] == "disk"][i - 1], [r for r in runs if r["phase"] == "recompute"][i - 1]
+            a = [r for r in runs if r["phase"] == "disk"][i - 1]
+            b = [r for r in runs if r["phase"] == "recompute"][i - 1]
             if args.codec == "raw" and a["tokens"] != b["tokens"]:
                 print(f"  note: repeat {i}: tokens differ from recompute: {a['tokens']} vs {b['tokens']}")
     disk_ttft = median([r["ttft_s"] for r in runs if r["phase"] == "disk"])
     rec_ttft = median([r["ttft_s"] for r in runs if r["phase"] == "recompute"])
     print()
-    print(f"| context | codec | recompute TTFT (median) | disk-tier TTFT after restart (median) | speedup |")
+    print("| context | codec | recompute TTFT (median) | disk-tier TTFT after restart (median) | speedup |")
     print("|---|---|---|---|---|")
     print(f"| {args.context_len} + {args.question_len} tokens | {args.codec} | {rec_ttft:.3f} s | {disk_ttft:.3f} s "
           f"| {rec_ttft / disk_ttft:.1f}x |")

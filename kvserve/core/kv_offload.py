@@ -34,8 +34,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 from kvserve.core.hashing import BlockHash
 from kvserve.request import Request, RequestStatus
@@ -48,7 +49,7 @@ class OffloadPolicy(str, enum.Enum):
     FINISH = "finish"  # a request's full blocks are saved when it finishes
 
     @classmethod
-    def parse(cls, value: "str | OffloadPolicy") -> "OffloadPolicy":
+    def parse(cls, value: str | OffloadPolicy) -> OffloadPolicy:
         try:
             return cls(value)
         except ValueError:
@@ -129,7 +130,7 @@ class OffloadStats:
 
 
 class KVOffloadManager:
-    def __init__(self, client: KVTierClient, block_size: int, policy: "OffloadPolicy | str" = OffloadPolicy.EVICT,
+    def __init__(self, client: KVTierClient, block_size: int, policy: OffloadPolicy | str = OffloadPolicy.EVICT,
                  known_capacity: int = 65536, min_load_blocks: int = 1) -> None:
         if min_load_blocks < 1:
             raise ValueError(f"min_load_blocks must be >= 1, got {min_load_blocks}")

@@ -48,7 +48,7 @@ class EngineStats:
 class EngineCore:
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  cache_config: CacheConfig = CacheConfig(), scheduler_config: Optional[SchedulerConfig] = None,
-                 seed: int = 0, attention_backend: str = "torch", eos_token_ids: frozenset[int] = frozenset(),
+                 seed: int = 0, attention_backend: str = "auto", eos_token_ids: frozenset[int] = frozenset(),
                  max_model_len: Optional[int] = None, kv_tier_config: Optional[KVTierConfig] = None) -> None:
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)

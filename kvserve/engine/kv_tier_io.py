@@ -22,8 +22,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -65,8 +66,8 @@ class KVTierIO:
         self._dropped: list[BlockHash] = []
         self._pending_save_bytes = 0
         self._saves_queued = 0                            # save batches queued, not finished
-        self._loads: "queue.Queue[Any]" = queue.Queue()
-        self._saves: "queue.Queue[Any]" = queue.Queue()
+        self._loads: queue.Queue[Any] = queue.Queue()
+        self._saves: queue.Queue[Any] = queue.Queue()
         self._closed = False
         self._threads = [
             threading.Thread(target=self._load_loop, name="kv-tier-loader", daemon=True),
@@ -79,7 +80,7 @@ class KVTierIO:
     def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
         try:
             return int(self.store.longest_prefix(block_hashes))
-        except Exception:  # noqa: BLE001 - the tiers must never fail a request
+        except Exception:
             logger.exception("KV tier lookup failed; treating it as a miss")
             with self._cond:
                 self.stats.errors += 1
@@ -133,7 +134,7 @@ class KVTierIO:
         self._saves.put((items, nbytes))
 
     # ---------------------------------------------------------------- control
-    def drain(self, timeout: Optional[float] = None) -> bool:
+    def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued load and save has finished; True if it did."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._inflight and self._saves_queued == 0, timeout)
@@ -152,7 +153,7 @@ class KVTierIO:
             t.join(timeout)
         try:
             self.store.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("closing the KV store failed")
 
     # ---------------------------------------------------------------- threads
@@ -186,7 +187,7 @@ class KVTierIO:
                 return []  # cancelled
             try:
                 got = self.store.get_many(hashes[i:i + LOAD_CHUNK_BLOCKS])
-            except Exception:  # noqa: BLE001 - a failing tier is a miss
+            except Exception:
                 logger.exception("KV tier load failed; treating it as a miss")
                 with self._cond:
                     self.stats.errors += 1
@@ -208,7 +209,7 @@ class KVTierIO:
             for i in range(0, len(items), SAVE_CHUNK_BLOCKS):
                 try:
                     self.store.put_many(items[i:i + SAVE_CHUNK_BLOCKS])
-                except Exception:  # noqa: BLE001 - a failing tier drops the save
+                except Exception:
                     logger.exception("KV tier save failed; dropping %d blocks", len(items))
                     ok = False
                     break

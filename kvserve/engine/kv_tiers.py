@@ -11,7 +11,8 @@ and `stats()` for /metrics.  EngineCore owns one of these when tiers are configu
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -38,7 +38,7 @@ class LLMEngine:
                  max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
                  num_kv_blocks: Optional[int] = None, enable_prefix_caching: bool = True, seed: int = 0,
                  max_model_len: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "torch", long_prefill_token_threshold: int = 0,
+                 attention_backend: str = "auto", long_prefill_token_threshold: int = 0,
                  kv_tiers: Optional[str] = None, kv_codec: str = "raw", kv_offload_policy: str = "evict",
                  kv_tier_write_policy: str = "write_through") -> None:
         """`kv_tiers` (e.g. "cpu:4GiB,disk:/var/cache/kvserve:20GiB", "redis://127.0.0.1:6379/0")

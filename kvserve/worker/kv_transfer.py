@@ -11,7 +11,8 @@ background thread; this module only copies.  No policy decisions.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 

@@ -15,7 +15,7 @@ import torch
 
 from kvserve.core.scheduler import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.models.model_config import ModelArchConfig
-from kvserve.worker.attention import get_attention_backend
+from kvserve.worker.attention import get_attention_backend, resolve_backend_name
 from kvserve.worker.attention.base import AttentionMetadata, ForwardContext, PrefillSeq
 from kvserve.worker.kv_transfer import KVTransfer
 from kvserve.worker.sampler import Sampler, SamplingRow, top_logprobs
@@ -29,7 +29,7 @@ def kv_block_bytes(cfg: ModelArchConfig, block_size: int, dtype: torch.dtype) ->
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: frozenset[int],
-                 attention_backend: str = "torch", seed: int = 0) -> None:
+                 attention_backend: str = "auto", seed: int = 0) -> None:
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
@@ -42,7 +42,7 @@ class ModelRunner:
             torch.zeros((2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype=dtype, device=device)
             for _ in range(cfg.num_layers)
         ]
-        backend_cls = get_attention_backend(attention_backend)
+        backend_cls = get_attention_backend(resolve_backend_name(attention_backend, device.type, dtype))
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim))
         self.sampler = Sampler(seed=seed, device=device)
         self.generators: dict[str, torch.Generator] = {}

@@ -24,6 +24,7 @@ CONFIGS = {
     "chunked": {"max_num_batched_tokens": 37},
     "preemption": {"num_kv_blocks": 24, "max_num_batched_tokens": 64},
     "reference-attention": {"attention_backend": "reference"},
+    "torch-attention": {"attention_backend": "torch"},
 }
 
 

@@ -1,7 +1,7 @@
 """A dict-backed KVTierClient whose loads finish only when a test says so."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvserve.core.hashing import BlockHash
 from kvserve.core.kv_offload import TierEvents
