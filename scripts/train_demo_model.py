@@ -48,7 +48,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-TASK_WEIGHTS = {"kv_retrieval": 0.35, "multi_kv": 0.15, "two_hop": 0.2, "copy": 0.15, "arithmetic": 0.15}
+TASK_WEIGHTS = {"kv_retrieval": 0.4, "multi_kv": 0.1, "two_hop": 0.15, "copy": 0.2, "arithmetic": 0.15}
 EVAL_LENGTHS = (256, 512, 1024, 2048)
 
 
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--stages", default="256:600,512:500,1024:400,2048:150",
+    p.add_argument("--stages", default="128:1000:2048,256:900:4096,512:450:8192,1024:220:8192,2048:100:12288",
                    help="curriculum: comma-separated max_context_length:steps[:tokens_per_step]")
     p.add_argument("--task-weights", default=",".join(f"{k}={v}" for k, v in TASK_WEIGHTS.items()),
                    help="training mixture, task=weight,...")
@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=200, help="steps between quick held-out checks")
-    p.add_argument("--eval-n", type=int, default=50, help="instances per cell (quick checks, eval table)")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between quick held-out checks")
+    p.add_argument("--eval-n", type=int, default=30, help="instances per cell (quick checks; eval table except kv)")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--ckpt-dir", default=str(REPO / "out" / "demo_model_ckpt"))
     p.add_argument("--resume", default=None, help="checkpoint to resume training from")

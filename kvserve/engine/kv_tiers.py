@@ -82,7 +82,7 @@ class KVTiers:
         tiers: dict[str, Any] = {}
         for level, (name, ts) in enumerate(self.store.tier_stats().items()):
             tier = self.store.tiers[level]
-            d = dict(ts.snapshot())
+            d: dict[str, Any] = dict(ts.snapshot())
             d["used_bytes"] = tier.used_bytes
             d["capacity_bytes"] = tier.capacity_bytes
             d["codec"] = tier.codec.identity

@@ -348,6 +348,8 @@ def fit_lines(task: str, budget: int, measure, seed: int | str, num_queries: int
 def make_instance(task: str, context_length: int, seed: int | str, tokenizer: Any,
                   fmt: str = "plain", uid: str | None = None) -> TaskInstance:
     """One evaluation instance of `task` filled to `context_length` tokens."""
+    if task not in _SAMPLERS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASK_NAMES}")
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
     tok = _Tok(tokenizer)

@@ -63,7 +63,8 @@ def test_hw_probe_then_roofline(cli, tmp_path: Path, capsys) -> None:  # type: i
               "--no-cache"])
     assert rc == 0
     doc = json.loads(out.read_text())
-    assert doc["matmul_flops"] > 1e8 and doc["mem_bandwidth"] > 1e8 and doc["mem_bytes"] > 1e8
+    # Units check only (FLOP/s and B/s, not G-units): a loaded CI machine can measure very low.
+    assert doc["matmul_flops"] > 1e6 and doc["mem_bandwidth"] > 1e6 and doc["mem_bytes"] > 1e8
     assert "GFLOP/s" in capsys.readouterr().out
     assert cli(["roofline", "--config", "qwen2.5-0.5b", "--hw", str(out), "--dtype", "fp32"]) == 0
     assert "cpu-local" in capsys.readouterr().out  # the probe names itself

@@ -81,7 +81,7 @@ def test_evict_policy_queues_each_evicted_hash_once():
 
 
 def test_finish_policy_saves_registered_blocks_at_finish_only():
-    m, c = make("finish")
+    m, _ = make("finish")
     r = req("a", 9)
     m.on_evict(b"x" * 32, 3)
     assert m.pending_saves == []  # evictions are not saved under "finish"

@@ -86,7 +86,7 @@ def test_device_hit_plus_tier_hit_and_truncated_load_recomputes_the_rest():
 
 
 def test_evicted_blocks_are_listed_for_saving_in_the_step_that_reuses_them():
-    s, c = make(num_blocks=4)
+    s, _ = make(num_blocks=4)
     a = req("a", 9, max_tokens=1)  # blocks 0,1 full + 1 partial -> 3 blocks
     s.add_request(a)
     step(s)  # a finishes after one token
@@ -102,7 +102,7 @@ def test_evicted_blocks_are_listed_for_saving_in_the_step_that_reuses_them():
 
 
 def test_finish_policy_lists_the_finished_requests_full_blocks():
-    s, c = make(policy="finish")
+    s, _ = make(policy="finish")
     a = req("a", 10, max_tokens=1)
     s.add_request(a)
     out = step(s)
