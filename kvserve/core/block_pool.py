@@ -49,6 +49,18 @@ class FreeBlockQueue:
         block.in_free_queue = True
         self.num_free += 1
 
+    def appendleft(self, block: KVBlock) -> None:
+        """Put a block at the head: the next one to be reused."""
+        assert not block.in_free_queue, f"block {block.block_id} already free"
+        block.prev_free, block.next_free = None, self._head
+        if self._head is None:
+            self._tail = block
+        else:
+            self._head.prev_free = block
+        self._head = block
+        block.in_free_queue = True
+        self.num_free += 1
+
     def popleft(self) -> KVBlock:
         block = self._head
         if block is None:
@@ -132,21 +144,9 @@ class BlockPool:
             if block.ref_cnt == 0:
                 if block.block_hash is None or not self.enable_caching:
                     # Uncached content is worthless: reuse it before cached blocks.
-                    self._push_front(block)
+                    self.free_queue.appendleft(block)
                 else:
                     self.free_queue.append(block)
-
-    def _push_front(self, block: KVBlock) -> None:
-        q = self.free_queue
-        assert not block.in_free_queue
-        block.prev_free, block.next_free = None, q._head
-        if q._head is None:
-            q._tail = block
-        else:
-            q._head.prev_free = block
-        q._head = block
-        block.in_free_queue = True
-        q.num_free += 1
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
         """Register a full block under its hash (first writer wins)."""
