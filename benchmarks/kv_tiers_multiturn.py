@@ -3,8 +3,10 @@
 
 Workload (scaled down to run on a small CPU box):
   * conversations = requests grouped by their first two Mooncake hash ids (hash id 0 is a prefix
-    every request shares); the first --conversations groups with >= 2 turns, by first appearance,
-    with all their turns, in trace order;
+    every request shares); of the conversations with >= 2 turns (2,259 in the hour-long trace),
+    every k-th by first appearance so that --conversations of them are kept (session sampling:
+    arrivals stay spread over the hour), with all their turns, in trace order
+    (--select first: the first --conversations instead, which all start at trace time ~0);
   * one 512-token Mooncake hash block becomes 512/--scale tokens (default 32), so equal hash-id
     prefixes are equal token prefixes (kvserve.bench.datasets.trace_requests); input lengths are
     divided by --scale and capped at --max-input, outputs divided by --scale and capped at --max-output;
@@ -53,7 +55,9 @@ def conversation_workload(args: argparse.Namespace) -> list[ReplayRequest]:
     for r in read_mooncake(args.trace):
         if len(r.hash_ids) >= 2:
             convs[tuple(r.hash_ids[:2])].append(r)
-    chosen = [g for g in convs.values() if len(g) >= 2][: args.conversations]
+    multi = [g for g in convs.values() if len(g) >= 2]
+    step = max(1, len(multi) // args.conversations) if args.select == "every" else 1
+    chosen = multi[::step][: args.conversations]
     recs = sorted((r for g in chosen for r in g), key=lambda r: (r.timestamp_s, r.line))
     t_first = recs[0].timestamp_s or 0.0
     scaled = [TraceRecord(((r.timestamp_s or 0.0) - t_first) / args.time_scale,
@@ -111,11 +115,12 @@ def run_system(name: str, model: Path, reqs: list[ReplayRequest], args: argparse
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=TRACE)
-    ap.add_argument("--conversations", type=int, default=15)
+    ap.add_argument("--conversations", type=int, default=20)
+    ap.add_argument("--select", default="every", choices=["every", "first"], help="which conversations")
     ap.add_argument("--scale", type=int, default=16, help="512-token hash blocks become 512/SCALE tokens")
     ap.add_argument("--max-input", type=int, default=768)
     ap.add_argument("--max-output", type=int, default=32)
-    ap.add_argument("--time-scale", type=float, default=8.0, help="divide trace timestamps by this")
+    ap.add_argument("--time-scale", type=float, default=18.0, help="divide trace timestamps by this")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--pool-frac", type=float, default=0.10, help="device pool / working set")
     ap.add_argument("--cpu-frac", type=float, default=0.25, help="cpu tier / working set in cpu+disk")

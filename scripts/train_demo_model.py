@@ -48,7 +48,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-TASK_WEIGHTS = {"kv_retrieval": 0.4, "multi_kv": 0.1, "two_hop": 0.15, "copy": 0.2, "arithmetic": 0.15}
+TASK_WEIGHTS = {"kv_retrieval": 0.35, "multi_kv": 0.1, "two_hop": 0.15, "copy": 0.3, "arithmetic": 0.1}
 EVAL_LENGTHS = (256, 512, 1024, 2048)
 
 
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--stages", default="128:1000:2048,256:900:4096,512:450:8192,1024:220:8192,2048:100:12288",
+    p.add_argument("--stages", default="64:500:2048,128:500:2048,256:800:4096,512:400:8192,1024:200:8192,2048:100:12288",
                    help="curriculum: comma-separated max_context_length:steps[:tokens_per_step]")
     p.add_argument("--task-weights", default=",".join(f"{k}={v}" for k, v in TASK_WEIGHTS.items()),
                    help="training mixture, task=weight,...")

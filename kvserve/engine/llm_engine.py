@@ -119,7 +119,9 @@ class LLMEngine:
         return self.core.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        return self.output_processor.process(self.core.step())
+        outputs = self.output_processor.process(self.core.step())
+        self.core.flush_kv_saves()  # requests finished by stop strings just now
+        return outputs
 
     def kv_tier_stats(self) -> Optional[dict[str, Any]]:
         """KV offload tier metrics for /metrics: per tier ("0:cpu", "1:disk", ...) hits, misses,
