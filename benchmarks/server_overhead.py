@@ -196,7 +196,12 @@ def main() -> int:
     ap.add_argument("--ttft-runs", type=int, default=10)
     ap.add_argument("--ttft-prompt-len", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--offline-omp-wait-policy", choices=["default", "passive"], default="default",
+                    help="OpenMP wait policy of the offline engine (the server's engine process uses passive "
+                         "unless OMP_WAIT_POLICY is set); 'passive' compares like with like")
     args = ap.parse_args()
+    if args.offline_omp_wait_policy == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch is imported (then also the server's)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model_dir = args.model_dir or build_model(args.cache_dir / "smollm2-135m-random", args.tokenizer_dir)

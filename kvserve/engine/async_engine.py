@@ -18,14 +18,16 @@ turns False.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Iterator, Optional, Protocol
 
 from kvserve.engine.engine_ipc import (
     AbortRequests, AddRequest, EngineInfo, EngineStatsSnapshot, Ready, RequestDelta, Shutdown, StartupFailed,
@@ -37,6 +39,19 @@ logger = logging.getLogger(__name__)
 
 _STOP_SENDER = object()  # outbox sentinel: the sender thread exits after sending what precedes it
 _STARTUP_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def _environ_defaults(defaults: dict[str, str]) -> Iterator[None]:
+    """Set the variables of `defaults` that are unset, for the duration of the block."""
+    added = [k for k in defaults if k not in os.environ]
+    for k in added:
+        os.environ[k] = defaults[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 class EngineDeadError(RuntimeError):
@@ -142,7 +157,8 @@ class AsyncEngine:
         out_r, out_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=run_engine_process, args=(self.config, in_r, out_w),
                                  name="kvserve-engine", daemon=True)
-        self._proc.start()
+        with _environ_defaults(self.config.env_defaults):  # the spawned interpreter inherits os.environ
+            self._proc.start()
         # Keep only our ends: the child's death must close the last writer of out_r (EOF).
         in_r.close()
         out_w.close()

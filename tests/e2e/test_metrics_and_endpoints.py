@@ -85,3 +85,12 @@ def test_tokenize_detokenize_roundtrip(server) -> None:  # type: ignore[no-untyp
     assert tok["token_strs"] is None
     detok = httpx.post(server.base_url + "/detokenize", json={"model": "tiny", "tokens": tok["tokens"]}).json()
     assert detok == {"prompt": "Hello world"}
+
+
+def test_engine_runs_in_its_own_process_with_passive_openmp(server) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    pid = server.engine_pid()
+    assert pid != server.proc.pid
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"OMP_WAIT_POLICY=PASSIVE" in environ
