@@ -78,6 +78,23 @@ def working_set_blocks(reqs: list[ReplayRequest], block_size: int) -> int:
     return len(seen)
 
 
+def ideal_hit_rate(reqs: list[ReplayRequest], block_size: int) -> float:
+    """Prefix hit rate of an unbounded cache (every block seen before, never the last token)."""
+    from kvserve.core.hashing import hash_block_tokens
+
+    seen: set[bytes] = set()
+    hit = 0
+    for r in sorted(reqs, key=lambda r: r.arrival_s):
+        hashes = hash_block_tokens(r.prompt_token_ids, block_size)
+        usable = hashes[: (len(r.prompt_token_ids) - 1) // block_size]
+        n = 0
+        while n < len(usable) and usable[n] in seen:
+            n += 1
+        hit += n * block_size
+        seen.update(hashes)
+    return hit / sum(len(r.prompt_token_ids) for r in reqs)
+
+
 def run_system(name: str, model: Path, reqs: list[ReplayRequest], args: argparse.Namespace, pool_blocks: int,
                ws_bytes: int, tmp: Path) -> dict:
     from kvserve.engine.llm_engine import LLMEngine
@@ -151,7 +168,8 @@ def main() -> None:
           f"{sum(len(r.prompt_token_ids) for r in reqs)} prompt tokens, {sum(r.max_tokens for r in reqs)} output "
           f"tokens, arrivals over {span:.0f} s")
     print(f"working set {ws} blocks of {args.block_size} ({ws_bytes / 2**20:.0f} MiB fp32); device pool {pool} "
-          f"blocks ({100 * pool / ws:.1f}%); largest request {largest} blocks")
+          f"blocks ({100 * pool / ws:.1f}%); largest request {largest} blocks; "
+          f"ideal prefix hit rate (unbounded cache) {100 * ideal_hit_rate(reqs, args.block_size):.1f}%")
     systems = args.systems.split(",")
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kv-tiers-mt-") as tmp:

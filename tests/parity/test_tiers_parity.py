@@ -101,8 +101,10 @@ def test_corrupt_disk_entries_are_recomputed_with_identical_outputs(model, basel
             f.write_bytes(bytes(data))
         else:
             f.write_bytes(bytes(data[: len(data) // 3]))  # truncated
-    outs, st = run_once(model, prompts, f"disk:{tmp_path}:64MiB")
-    assert outs == baseline[0]
+    # One request per document: with the "finish" policy, nothing this run writes can be read back
+    # by another request of the same run, so every lookup sees only the damaged entries.
+    outs, st = run_once(model, prompts[::4], f"disk:{tmp_path}:64MiB")
+    assert outs == baseline[0][::4]
     disk = st["tiers"]["0:disk"]
     assert disk["corrupt"] > 0 and disk["hits"] == 0
     # The lookups promised blocks the loads could not deliver: those hits were truncated.
