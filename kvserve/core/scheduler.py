@@ -206,6 +206,11 @@ class Scheduler:
             if request.request_id in self.kv.req_blocks:
                 # A forked n > 1 sample: it already holds its shared prompt blocks.
                 computed_blocks: list = []
+            elif request.sampling_params.prompt_logprobs is not None:
+                # Prompt logprobs need the logits of every prompt position, so such a
+                # request never reads cached KV (device or tier); vLLM does the same.
+                computed_blocks = []
+                request.num_computed_tokens = 0
             else:
                 returning = self.offload is not None and self.offload.has_ready_load(request.request_id)
                 computed_blocks, num_cached = self.kv.get_computed_blocks(request, count_stats=not returning)
@@ -344,10 +349,17 @@ class Scheduler:
     def _record_prompt_logprobs(request: Request, sr: ScheduledRequest, plp: list) -> None:
         # plp[i] is the distribution at position sr.start_pos + i predicting the
         # token at the next position; position 0 of the prompt has no logprob.
+        # A request preempted mid-prefill recomputes positions it already recorded;
+        # those are skipped, so entry p always describes prompt position p.
         if not request.prompt_logprobs:
             request.prompt_logprobs = [None]
-        need = request.num_prompt_tokens - len(request.prompt_logprobs)
-        request.prompt_logprobs.extend(plp[:need])
+        for i, entry in enumerate(plp):
+            target = sr.start_pos + i + 1  # the prompt position this entry scores
+            if target >= request.num_prompt_tokens:
+                break
+            if target == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(entry)
+            assert target <= len(request.prompt_logprobs), "prompt logprobs must be computed in order"
 
     def _check_stop(self, request: Request, token_id: int) -> Optional[RequestStatus]:
         sp = request.sampling_params

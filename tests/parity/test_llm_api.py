@@ -140,3 +140,36 @@ def test_half_precision_dtypes_follow_hf_within_the_tie_rule(tmp_path, dtype):
         assert ok, (toks, o.token_ids)
         exact += pos == -1
     assert exact >= 2
+
+
+def _assert_same_prompt_logprobs(a, b) -> None:
+    """Same positions, same token sets, logprobs equal within batching noise."""
+    assert len(a.prompt_logprobs) == len(b.prompt_logprobs)
+    for da, db in zip(a.prompt_logprobs, b.prompt_logprobs):
+        assert (da is None) == (db is None)
+        if da is not None:
+            assert da.keys() == db.keys()
+            assert all(abs(da[t].logprob - db[t].logprob) < 1e-3 for t in da)
+
+
+def test_prompt_logprobs_are_complete_after_a_prefix_hit_and_a_mid_prefill_preemption(tmp_path):
+    """Prompt logprobs need every position's logits: a cached prefix is not read for them, and
+    positions recomputed after a preemption are not recorded twice."""
+    model = build_tiny_model("llama-tied", tmp_path / "m")
+    prompt = {"prompt_token_ids": [(7 * i) % 500 + 3 for i in range(61)]}
+    sp = SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=2, ignore_eos=True)
+    llm = LLM(str(model), block_size=8, num_kv_blocks=64)
+    first = llm.generate([prompt], sp, use_tqdm=False)[0]
+    again = llm.generate([prompt], sp, use_tqdm=False)[0]  # its prefix blocks are cached now
+    assert len(first.prompt_logprobs) == 61 and first.prompt_logprobs[0] is None
+    assert again.num_cached_tokens == 0
+    _assert_same_prompt_logprobs(again, first)
+    # 12-token prefill chunks and a pool too small for three 73-token requests at once:
+    # some are preempted part-way through their prefill and recomputed.
+    tight = LLM(str(model), block_size=8, num_kv_blocks=20, max_num_batched_tokens=12, max_num_seqs=3,
+                enable_prefix_caching=False)
+    outs = tight.generate([prompt] * 3, sp, use_tqdm=False)
+    assert tight.engine.core.scheduler.num_preemptions > 0
+    for out in outs:
+        _assert_same_prompt_logprobs(out, first)
+        assert out.outputs[0].token_ids == first.outputs[0].token_ids
