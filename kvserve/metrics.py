@@ -19,12 +19,32 @@ because dashboards in use query either):
   vllm:request_prompt_tokens / vllm:request_generation_tokens     histograms
   kvserve:prefix_cache_hit_rate, kvserve:engine_steps_total, kvserve:engine_step_failures_total,
   kvserve:num_requests_queued_api
+
+With KV offload tiers (`--kv-tiers`), per tier, labelled tier="<level>:<scheme>" ("0:cpu", "1:disk"):
+  kvserve:kv_tier_lookups_total / _hits_total / _misses_total     counters, in blocks (a corrupt
+                                                                  entry or unreachable backend is a miss)
+  kvserve:kv_tier_puts_total / _dropped_puts_total                counters, in blocks
+  kvserve:kv_tier_read_bytes_total / _written_bytes_total         counters, stored (encoded) bytes
+  kvserve:kv_tier_evictions_total / _corrupt_total / _errors_total counters
+  kvserve:kv_tier_get_seconds / kvserve:kv_tier_put_seconds        summaries: _sum is the time spent in
+                                                                  the tier's reads / writes, _count the blocks
+  kvserve:kv_tier_used_bytes / kvserve:kv_tier_capacity_bytes      gauges (no capacity for Redis)
+and for the engine's offload as a whole:
+  kvserve:kv_offload_load_seconds                                 summary: submit -> blocks ready, per load
+  kvserve:kv_offload_blocks_loaded_total / _blocks_used_total     counters: fetched from the tiers / placed
+                                                                  into the device pool
+  kvserve:kv_offload_blocks_saved_total / _saves_dropped_total    counters: written / refused (back-pressure)
+  kvserve:kv_offload_errors_total                                 counter: tier I/O exceptions
+  kvserve:num_requests_waiting_for_kv                             gauge: requests waiting for a tier load
+These come straight from the engine's cumulative counters (LLMEngine.kv_tier_stats()).
 """
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvserve.engine.engine_ipc import EngineStatsSnapshot
@@ -94,6 +114,8 @@ class ServerMetrics:
                                                    "Generated tokens per request.", TOKEN_COUNT_BUCKETS)
         # Engine counters arrive as cumulative totals; these are the totals already counted.
         self._seen = EngineStatsSnapshot()
+        self.kv_tiers = KVTierCollector(model_name)
+        r.register(self.kv_tiers)
 
     # ---------------------------------------------------------- EngineObserver
     def on_first_token(self, ttft_s: float, num_prompt_tokens: int) -> None:
@@ -129,9 +151,89 @@ class ServerMetrics:
         self.step_failures.inc(max(0, stats.num_step_failures - seen.num_step_failures))
         if stats.prefix_cache_queries:
             self.prefix_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
+        self.kv_tiers.stats = stats.kv_tiers
         self._seen = stats
 
     # ------------------------------------------------------------------ render
     def render(self, num_queued_api: int = 0) -> bytes:
         self.api_queued.set(num_queued_api)
         return generate_latest(self.registry)
+
+
+# (metric name, TierStats field, help) of the per-tier counters.
+_TIER_COUNTERS = (
+    ("kvserve:kv_tier_lookups", "gets", "Blocks requested from the KV tier (hits + misses)."),
+    ("kvserve:kv_tier_hits", "hits", "Blocks found in the KV tier."),
+    ("kvserve:kv_tier_misses", "misses", "Blocks not found in the KV tier (corrupt and unreachable included)."),
+    ("kvserve:kv_tier_puts", "puts", "Blocks offered to the KV tier for writing."),
+    ("kvserve:kv_tier_dropped_puts", "dropped_puts", "Blocks the KV tier did not store (too large, full, down)."),
+    ("kvserve:kv_tier_read_bytes", "bytes_read", "Stored (encoded) bytes read from the KV tier."),
+    ("kvserve:kv_tier_written_bytes", "bytes_written", "Stored (encoded) bytes written to the KV tier."),
+    ("kvserve:kv_tier_evictions", "evictions", "Entries the KV tier removed to respect its size bound."),
+    ("kvserve:kv_tier_corrupt", "corrupt", "Entries found corrupt (checksum, truncation, namespace) and dropped."),
+    ("kvserve:kv_tier_errors", "errors", "I/O or connection errors of the KV tier."),
+)
+# (metric name, `io` or `offload` section, field, help) of the engine-wide offload counters.
+_OFFLOAD_COUNTERS = (
+    ("kvserve:kv_offload_blocks_loaded", "io", "blocks_loaded", "Blocks fetched from the KV tiers."),
+    ("kvserve:kv_offload_blocks_used", "offload", "blocks_used", "Fetched blocks placed into the device KV cache."),
+    ("kvserve:kv_offload_blocks_saved", "io", "saves", "Blocks written to the KV tiers."),
+    ("kvserve:kv_offload_saves_dropped", "io", "saves_dropped",
+     "Blocks not saved because too many bytes were already waiting to be written."),
+    ("kvserve:kv_offload_errors", "io", "errors", "Unexpected exceptions from KV tier I/O (treated as misses)."),
+)
+
+
+class KVTierCollector:
+    """Renders the KV tier counters of the latest engine snapshot (`LLMEngine.kv_tier_stats()`).
+
+    The engine's counters are cumulative, so they are exported as they are rather than
+    re-counted here; nothing is rendered while `stats` is None (no tiers configured).
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: Optional[dict[str, Any]] = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats  # one snapshot for the whole render (the event loop may swap it)
+        if not stats:
+            return
+        labels = ["model_name", "tier"]
+        tiers: dict[str, dict[str, Any]] = stats.get("tiers", {})
+        for name, field, doc in _TIER_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for tier, t in tiers.items():
+                family.add_metric([self.model_name, tier], t.get(field, 0))
+            yield family
+        for name, count, total, doc in (
+            ("kvserve:kv_tier_get_seconds", "gets", "get_latency_s", "Time in KV tier reads (count: blocks read)."),
+            ("kvserve:kv_tier_put_seconds", "puts", "put_latency_s", "Time in KV tier writes (count: blocks written)."),
+        ):
+            summary = SummaryMetricFamily(name, doc, labels=labels)
+            for tier, t in tiers.items():
+                summary.add_metric([self.model_name, tier], count_value=t.get(count, 0),
+                                   sum_value=t.get(total, 0.0))
+            yield summary
+        for name, field, doc in (("kvserve:kv_tier_used_bytes", "used_bytes", "Stored bytes the KV tier holds."),
+                                 ("kvserve:kv_tier_capacity_bytes", "capacity_bytes", "Size bound of the KV tier.")):
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            for tier, t in tiers.items():
+                if t.get(field) is not None:  # Redis bounds itself: no capacity, no usage
+                    gauge.add_metric([self.model_name, tier], t[field])
+            yield gauge
+        io, offload = stats.get("io", {}), stats.get("offload", {})
+        loads = SummaryMetricFamily("kvserve:kv_offload_load_seconds",
+                                    "Time from a KV tier load's submission to its blocks being ready.",
+                                    labels=["model_name"])
+        loads.add_metric([self.model_name], count_value=io.get("loads", 0), sum_value=io.get("load_wall_s", 0.0))
+        yield loads
+        for name, section, field, doc in _OFFLOAD_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], (io if section == "io" else offload).get(field, 0))
+            yield family
+        waiting = GaugeMetricFamily("kvserve:num_requests_waiting_for_kv",
+                                    "Requests waiting for their blocks to be loaded from a KV tier.",
+                                    labels=["model_name"])
+        waiting.add_metric([self.model_name], stats.get("num_waiting_for_kv", 0))
+        yield waiting

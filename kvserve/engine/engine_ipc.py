@@ -102,6 +102,9 @@ class EngineStatsSnapshot:
     num_preemptions: int = 0  # cumulative
     num_steps: int = 0  # cumulative
     num_step_failures: int = 0  # cumulative: steps whose exception escaped the engine
+    # LLMEngine.kv_tier_stats(): per-tier counters ("0:cpu" -> hits, bytes_read, ...), the offload
+    # and I/O counters (all cumulative, plain ints/floats/strs); None without KV offload tiers.
+    kv_tiers: Optional[dict[str, Any]] = None
 
 
 @dataclass(slots=True)

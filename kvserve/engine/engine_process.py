@@ -4,7 +4,10 @@ Runs in a child started with multiprocessing's "spawn" method (see
 async_engine.py).  Between steps it takes every command the API process has
 sent (add, abort, shutdown); after each step it sends one `StepOutputs` with
 the per-request deltas of that step and a stats snapshot.  When idle it
-blocks on the input pipe, so an idle server uses no CPU.
+blocks on the input pipe, so an idle server uses no CPU (with KV offload
+tiers, only once their background loads and saves are done: until then it
+wakes every _TIER_STATS_INTERVAL_S to send their counters).  On exit it
+closes the engine, so queued KV saves reach the tiers.
 
 Invariants:
   * the loop never dies of a request: a rejected add becomes an error delta
@@ -38,6 +41,10 @@ DEFAULT_ENGINE_FACTORY = "kvserve.engine.llm_engine:LLMEngine"
 # When the engine has work but nothing could be scheduled (and so nothing
 # changed), wait this long before trying again instead of spinning.
 _NO_PROGRESS_SLEEP_S = 0.001
+# KV tier counters are read at most this often while the engine is busy (every
+# idle iteration reads them); an idle engine whose tier I/O threads are still
+# loading or saving wakes this often to report their progress.
+_TIER_STATS_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -86,7 +93,15 @@ def run_engine_process(config: EngineProcessConfig, in_conn: Connection, out_con
                       block_size=int(core.cache_config.block_size), pid=os.getpid())
     if not _send_quietly(out_conn, Ready(info)):
         return
-    EngineLoop(engine, in_conn, out_conn).run()
+    try:
+        EngineLoop(engine, in_conn, out_conn).run()
+    finally:
+        close = getattr(engine, "close", None)  # queued KV saves reach the tiers (disk survives restarts)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                logger.exception("closing the engine failed")
 
 
 def _send_quietly(conn: Connection, msg: Any) -> bool:
@@ -159,12 +174,15 @@ class EngineLoop:
         self.pending: list[RequestDelta] = []  # rejections to send with the next message
         self.num_step_failures = 0
         self._last_stats: Optional[EngineStatsSnapshot] = None
+        self._tier_stats: Optional[dict[str, Any]] = None
+        self._tier_stats_at = float("-inf")
+        self._tier_io_pending = False
 
     def run(self) -> None:
         while True:
             busy = self.engine.has_unfinished_requests()
             try:
-                commands = self._receive(block=not busy)
+                commands = self._receive(0 if busy else self._idle_wait_s())
             except (EOFError, OSError):
                 logger.info("API process is gone; engine exits")
                 return
@@ -174,7 +192,9 @@ class EngineLoop:
             deltas, self.pending = self.pending, []
             if self.engine.has_unfinished_requests():
                 deltas.extend(self._step())
-            stats = self._stats()
+            # Checked before the stats are read: once nothing is pending, the stats are final.
+            self._tier_io_pending = self._kv_tier_io_pending()
+            stats = self._stats(fresh_tier_stats=not self.engine.has_unfinished_requests())
             if deltas or commands or stats != self._last_stats:
                 self._last_stats = stats
                 if not _send_quietly(self.out_conn, StepOutputs(deltas, stats)):
@@ -183,9 +203,14 @@ class EngineLoop:
             elif busy:
                 time.sleep(_NO_PROGRESS_SLEEP_S)
 
-    def _receive(self, block: bool) -> list[Any]:
-        if block:
-            self.in_conn.poll(None)  # wakes on data or EOF (then recv raises EOFError)
+    def _idle_wait_s(self) -> Optional[float]:
+        """How long an idle loop waits for a command: until one comes, unless tier I/O is under way."""
+        return _TIER_STATS_INTERVAL_S if self._tier_io_pending else None
+
+    def _receive(self, timeout: Optional[float]) -> list[Any]:
+        """Every command sent so far, after waiting up to `timeout` s (None: forever) for one."""
+        if timeout != 0:
+            self.in_conn.poll(timeout)  # wakes on data or EOF (then recv raises EOFError)
         commands: list[Any] = []
         while self.in_conn.poll(0):
             commands.extend(loads(self.in_conn.recv_bytes()))
@@ -238,7 +263,7 @@ class EngineLoop:
             deltas.append(RequestDelta(rid, finished=True, error=message))
         return deltas
 
-    def _stats(self) -> EngineStatsSnapshot:
+    def _stats(self, fresh_tier_stats: bool) -> EngineStatsSnapshot:
         core = self.engine.core
         kv = core.kv_manager
         return EngineStatsSnapshot(
@@ -246,5 +271,23 @@ class EngineLoop:
             kv_cache_usage=kv.usage(), num_free_blocks=kv.num_free_blocks,
             prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
             num_preemptions=core.scheduler.num_preemptions, num_steps=core.stats.num_steps,
-            num_step_failures=self.num_step_failures,
+            num_step_failures=self.num_step_failures, kv_tiers=self._kv_tier_stats(fresh_tier_stats),
         )
+
+    def _kv_tier_stats(self, fresh: bool) -> Optional[dict[str, Any]]:
+        """The engine's KV tier stats, re-read when `fresh` or older than _TIER_STATS_INTERVAL_S."""
+        now = time.monotonic()
+        if fresh or now - self._tier_stats_at >= _TIER_STATS_INTERVAL_S:
+            read = getattr(self.engine, "kv_tier_stats", None)
+            try:
+                self._tier_stats = read() if read is not None else None
+            except Exception:  # noqa: BLE001 - metrics must not take the loop down
+                logger.exception("reading the KV tier stats failed")
+                self._tier_stats = None
+            self._tier_stats_at = now
+        return self._tier_stats
+
+    def _kv_tier_io_pending(self) -> bool:
+        """True while the tier threads still load or save (their counters will move)."""
+        tiers = getattr(self.engine.core, "kv_tiers", None)
+        return tiers is not None and not tiers.io.drain(timeout=0)

@@ -54,6 +54,41 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def check_kv_tier_options(tiers: Optional[str], codec: str) -> Optional[str]:
+    """What is wrong with --kv-tiers / --kv-codec, or None.  Checks the spec as create_tier
+    would, without creating any tier (no directory made, no connection opened)."""
+    from kvserve.kv_store import get_codec, parse_tier_spec, registry
+
+    try:
+        get_codec(codec)
+    except ValueError as exc:
+        return f"--kv-codec: {exc}"
+    if tiers is None:
+        return None
+    items = [item.strip() for item in tiers.split(",") if item.strip()]
+    if not items:
+        return f"--kv-tiers: empty spec {tiers!r}; use e.g. cpu:4GiB,disk:/var/cache/kvserve:20GiB"
+    for item in items:
+        try:
+            spec = parse_tier_spec(item)
+        except ValueError as exc:
+            return f"--kv-tiers: {exc}"
+        # The registry offers no public dry run; these are create_tier's own checks.
+        allowed = registry._ALLOWED_OPTIONS.get(spec.scheme)
+        if allowed is None:
+            return (f"--kv-tiers: unknown tier scheme {spec.scheme!r} in {item!r}; "
+                    f"known: {', '.join(sorted(registry._ALLOWED_OPTIONS))}")
+        unknown = set(spec.options) - allowed
+        if unknown:
+            return (f"--kv-tiers: {item!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                    f"allowed: {', '.join(sorted(allowed))}")
+        try:
+            get_codec(spec.options.get("codec", codec))
+        except ValueError as exc:
+            return f"--kv-tiers: {item!r}: {exc}"
+    return None
+
+
 def _port(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if not 0 <= value <= 65535:
@@ -103,10 +138,25 @@ def register(subparsers: Any) -> None:
     eng.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
                      help="memory for the KV cache of all layers, in bytes or with a unit: 4GiB, 512MiB, 2GB "
                           "(default: 2GiB, capped at what max-num-seqs full-length requests can use)")
+    eng.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
+                     help="size the KV cache in blocks instead of --kv-cache-memory (experiments and tests)")
     eng.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse the KV cache of shared prompt prefixes across requests (default: on)")
     eng.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for requests without their own seed (default: %(default)s)")
+    tiers = p.add_argument_group("KV offload tiers (docs/kv_tiers.md)")
+    tiers.add_argument("--kv-tiers", default=None, metavar="SPEC",
+                       help="tiers below the device KV cache, fastest first, e.g. "
+                            "'cpu:4GiB,disk:/var/cache/kvserve:20GiB' or 'redis://127.0.0.1:6379/0'; "
+                            "a tier may take ':codec=NAME' (default: none, no offloading)")
+    tiers.add_argument("--kv-codec", default="raw", metavar="CODEC",
+                       help="codec of tiers without their own: raw, int8, fp8 or cachegen (default: %(default)s)")
+    tiers.add_argument("--kv-offload-policy", choices=["evict", "finish"], default="evict",
+                       help="when blocks are saved: evict = when the device cache evicts them, "
+                            "finish = when their request finishes (default: %(default)s)")
+    tiers.add_argument("--kv-tier-write-policy", choices=["write_through", "demote"], default="write_through",
+                       help="write_through = every save goes to every tier; demote = to the first tier, "
+                            "whose evictions move down a tier (default: %(default)s)")
     p.set_defaults(func=run_serve)
 
 
@@ -151,6 +201,12 @@ def _resolve_model(arg: Optional[str]) -> tuple[Optional[Path], str]:
 def run_serve(args: argparse.Namespace) -> int:
     from kvserve.engine.llm_engine import DEFAULT_MODEL_DIR
 
+    problem = check_kv_tier_options(args.kv_tiers, args.kv_codec)
+    if problem is None and args.kv_tiers and not args.enable_prefix_caching:
+        problem = "--kv-tiers needs prefix caching (tier blocks are found by their hash)"
+    if problem is not None:
+        sys.stderr.write(f"kvserve serve: {problem}\n")
+        return 2
     model_dir, default_name = _resolve_model(args.model)
     if model_dir is None:
         sys.stderr.write(GETTING_STARTED.format(demo=DEFAULT_MODEL_DIR))
@@ -178,6 +234,8 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks, kv_tiers=args.kv_tiers, kv_codec=args.kv_codec,
+        kv_offload_policy=args.kv_offload_policy, kv_tier_write_policy=args.kv_tier_write_policy,
     )
     metrics = ServerMetrics(names[0])
     factory = os.environ.get("KVSERVE_ENGINE_FACTORY") or DEFAULT_ENGINE_FACTORY
