@@ -51,6 +51,9 @@ class ModelRunner:
         # Evaluation hook: called with (request id, start position, full log-softmax
         # [n, vocab]) wherever prompt logprobs are computed.  None in serving.
         self.prompt_logprobs_hook: Optional[Callable[[str, int, torch.Tensor], None]] = None
+        # Evaluation hook: called with (request ids, full log-softmax of the raw logits
+        # [n, vocab]) for the rows sampled in a step, before sampling.  None in serving.
+        self.sample_logprobs_hook: Optional[Callable[[list[str], torch.Tensor], None]] = None
 
     # --------------------------------------------------------------- inputs
     def _build_inputs(self, reqs: list[ScheduledRequest]):
@@ -127,6 +130,8 @@ class ModelRunner:
 
         if sample_reqs:
             logits = self.model.compute_logits(hidden[sample_idx])
+            if self.sample_logprobs_hook is not None:
+                self.sample_logprobs_hook([r.request_id for r in sample_reqs], logits.float().log_softmax(-1))
             rows = [self._sampling_row(r) for r in sample_reqs]
             result = self.sampler(logits, rows)
             for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
