@@ -180,6 +180,11 @@ class ModelSpec:
         """Weights one token multiplies with (FLOPs): body with k experts plus the LM head."""
         return int(self._body(self.experts_per_token)) + self.lm_head_params
 
+    @property
+    def body_active_params(self) -> int:
+        """Weights one token multiplies with before the LM head (body with k experts)."""
+        return int(self._body(self.experts_per_token))
+
     def weight_params_read(self, tokens_in_step: int) -> float:
         """Weights streamed from memory by one forward pass over `tokens_in_step` tokens."""
         if self.num_experts:
@@ -327,7 +332,9 @@ def prefill_bound(
 ) -> Bound:
     """One request's prefill of `prompt_len` new tokens (after `cached_len` cached ones)."""
     kvb = w_bytes if kv_bytes is None else kv_bytes
-    flops = 2.0 * m.active_params * prompt_len + m.attn_flops_per_pair() * attention_pairs(cached_len, prompt_len)
+    # Only the last prompt position's logits are needed (to sample the first output token).
+    flops = (2.0 * m.body_active_params * prompt_len + 2.0 * m.lm_head_params
+             + m.attn_flops_per_pair() * attention_pairs(cached_len, prompt_len))
     nbytes = (
         m.weight_params_read(prompt_len) * w_bytes
         + m.kv_bytes_per_token(kvb) * (cached_len + prompt_len)  # read cached, write new
@@ -372,7 +379,8 @@ def workload_bound(
     """Lower bound on serving a whole workload of (prompt_len, output_len) pairs.
 
     Compute: every request processes prompt_len + output_len - 1 tokens (the last output token is
-    sampled, never fed back), causally.  Memory: each request's decode steps are sequential, so
+    sampled, never fed back), causally, and applies the LM head at its output_len sampled positions
+    only (an engine never needs prompt positions' logits unless prompt logprobs are asked for).  Memory: each request's decode steps are sequential, so
     there are at least max(output_len) forward passes, each streaming the weights (all requests
     batched, so MoE touches experts for the whole batch); plus each decode step reads its request's
     KV, and every processed token's KV is written once.  Capacity limits and scheduling are
@@ -386,7 +394,9 @@ def workload_bound(
     kv_traffic = 0.0
     for p, o in reqs:
         t = p + max(o, 1) - 1
-        flops += 2.0 * m.active_params * t + m.attn_flops_per_pair() * attention_pairs(0, t)
+        # The LM head runs only where a token is sampled: o positions, not all t.
+        flops += (2.0 * m.body_active_params * t + 2.0 * m.lm_head_params * max(o, 1)
+                  + m.attn_flops_per_pair() * attention_pairs(0, t))
         # decode step j (1..d, d = o-1) reads the p + j - 1 cached tokens: sum = d*p + d(d-1)/2;
         # the prefill reads nothing cached; all t processed tokens are written once.
         d = max(o, 1) - 1

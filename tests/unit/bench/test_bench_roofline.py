@@ -42,7 +42,8 @@ def test_llama_decode_step_by_hand(llama: rl.ModelSpec) -> None:
 
 def test_llama_prefill_by_hand(llama: rl.ModelSpec) -> None:
     b = rl.prefill_bound(llama, H100, 4096, w_bytes=2)
-    flops = 2 * 7_504_658_432 * 4096 + 32 * 2 * 32 * 256 * (4096 * 4097 / 2)
+    head = 128256 * 4096  # the LM head runs for the last position only
+    flops = 2 * (7_504_658_432 - head) * 4096 + 2 * head + 32 * 2 * 32 * 256 * (4096 * 4097 / 2)
     assert b.flops == pytest.approx(flops)
     assert b.time_s == pytest.approx(flops / 989e12) and b.bound_by == "compute"
 
@@ -90,8 +91,9 @@ def test_workload_bound_by_hand() -> None:
     assert m.kv_bytes_per_token(2) == 16 and m.attn_flops_per_pair() == 32
     hw = rl.HardwareSpec("toy", 1000.0, 100.0, 1e9)
     b = rl.workload_bound(m, hw, [(10, 3), (5, 1)], w_bytes=2)
-    # flops: request 1 processes 12 tokens (78 causal pairs), request 2 processes 5 (15 pairs)
-    assert b.flops == 2 * 656 * 12 + 32 * 78 + 2 * 656 * 5 + 32 * 15 == 25280
+    # flops: request 1 processes 12 tokens (78 causal pairs) with the 80-weight LM head on its 3 sampled
+    # positions; request 2 processes 5 (15 pairs) and samples once
+    assert b.flops == 2 * 576 * 12 + 2 * 80 * 3 + 32 * 78 + 2 * 576 * 5 + 2 * 80 * 1 + 32 * 15 == 23200
     # bytes: 3 sequential passes x 1312 weight bytes; KV reads (10 + 11) tokens, writes 12 + 5 tokens
     assert b.bytes == 3 * 1312 + (21 + 17) * 16 == 4544
     assert b.time_s == pytest.approx(45.44) and b.bound_by == "memory"
