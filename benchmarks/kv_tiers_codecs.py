@@ -63,7 +63,9 @@ def suffix_distributions(engine: Any, prefix: list[int], suffix: list[int], via_
         engine.core.flush_kv_saves()
         engine.core.kv_tiers.io.drain(300)
         assert engine.core.kv_manager.pool.reset_prefix_cache(), "blocks still in use"
-    out = serve(engine, prefix + suffix, "q", prompt_logprobs=1)
+    # No prompt_logprobs in the request (those never read cached KV): the hook sees every
+    # computed prompt position anyway, here the suffix after the tier-loaded prefix.
+    out = serve(engine, prefix + suffix, "q")
     info["cached_tokens"] = out.num_cached_tokens
     first, last = len(prefix), len(prefix) + len(suffix) - 1  # positions predicting suffix[1:]
     return torch.stack([rows[p] for p in range(first, last)]), info

@@ -289,7 +289,8 @@ def train(args) -> None:
         print(f"resumed from {args.resume} at step {start}", flush=True)
     model.train()
     t0, tokens, hist = time.time(), 0, []
-    for step in range(start, total):
+    end = total if args.stop_after is None else min(total, args.stop_after)
+    for step in range(start, end):
         max_len, batch_tokens = stage_of(step, stages)
         ids, mask, names = make_batch(tokenizer, step, args.seed, max_len, batch_tokens, weights)
         ids, mask = ids.to(device), mask.to(device)
@@ -310,12 +311,12 @@ def train(args) -> None:
             hist = []
             print(f"step {step + 1}/{total} len<={max_len} loss/tok_acc {summary} "
                   f"lr {lr_at(step, total, args):.2e} {tokens / el:.0f} tok/s {el / 60:.1f} min", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == total:
+        if (step + 1) % args.eval_every == 0 or step + 1 == end:
             accs = {L: teacher_forced_accuracy(model, tokenizer, "kv_retrieval", "plain", L, args.eval_n,
                                                args.seed + 1, device)
                     for L in sorted({256, max_len})}
             print(f"  eval step {step + 1}: kv_retrieval plain {accs}", flush=True)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == total:
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_dir / "last.pt", model, opt, step + 1)
     print(f"training done: {(time.time() - t0) / 60:.1f} min, {tokens} tokens", flush=True)
     save_model(model, tokenizer, out)
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--ckpt-dir", default=str(REPO / "out" / "demo_model_ckpt"))
     p.add_argument("--resume", default=None, help="checkpoint to resume training from")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps (the schedule still spans all --stages), then save")
     p.add_argument("--eval-only", action="store_true", help="evaluate --out with HF greedy generation")
     p.add_argument("--eval-tasks", default=",".join(tasks.TASK_NAMES))
     p.add_argument("--eval-lengths", default=",".join(map(str, EVAL_LENGTHS)))

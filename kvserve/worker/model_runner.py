@@ -49,7 +49,9 @@ class ModelRunner:
         # KV offload tiers: block copies to/from host memory, run before each forward.
         self.kv_transfer: Optional[KVTransfer] = None
         # Evaluation hook: called with (request id, start position, full log-softmax
-        # [n, vocab]) wherever prompt logprobs are computed.  None in serving.
+        # [n, vocab]) for every prompt position computed in a step, whether or not the
+        # request asked for prompt logprobs (so positions after a cached prefix can be
+        # scored: prompt-logprob requests never read the cache).  None in serving.
         self.prompt_logprobs_hook: Optional[Callable[[str, int, torch.Tensor], None]] = None
         # Evaluation hook: called with (request ids, full log-softmax of the raw logits
         # [n, vocab]) for the rows sampled in a step, before sampling.  None in serving.
@@ -126,7 +128,8 @@ class ModelRunner:
         ends = np.cumsum(lens)
         sample_reqs = [r for r in ordered if r.sample]
         sample_idx = [int(ends[i]) - 1 for i, r in enumerate(ordered) if r.sample]
-        plp_reqs = [(i, r) for i, r in enumerate(ordered) if r.prompt_logprobs]
+        hooked = self.prompt_logprobs_hook is not None
+        plp_reqs = [(i, r) for i, r in enumerate(ordered) if r.prompt_logprobs or hooked]
 
         if sample_reqs:
             logits = self.model.compute_logits(hidden[sample_idx])
@@ -137,7 +140,9 @@ class ModelRunner:
             for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
                 out.sampled[r.request_id] = [SampledToken(tok, lp)]
         for i, r in plp_reqs:
-            out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden, int(ends[i]) - lens[i], r)
+            plp = self._prompt_logprobs(hidden, int(ends[i]) - lens[i], r)
+            if r.prompt_logprobs:
+                out.prompt_logprobs[r.request_id] = plp
         return out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, off: int, r: ScheduledRequest) -> list[dict[int, float]]:
@@ -151,6 +156,8 @@ class ModelRunner:
         lp = logits.log_softmax(-1)
         if self.prompt_logprobs_hook is not None:
             self.prompt_logprobs_hook(r.request_id, r.start_pos, lp)
+        if not r.prompt_logprobs:
+            return []
         targets = torch.tensor(r.prompt_token_ids[r.start_pos + 1:end + 1], dtype=torch.long, device=lp.device)
         return top_logprobs(lp, int(r.sampling_params.prompt_logprobs), targets)
 

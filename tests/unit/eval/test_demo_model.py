@@ -59,6 +59,14 @@ def _greedy(model, tok, ids: list[int], max_new: int = 12) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
+# The committed model does not do retrieval yet (issue 5 is open; docs/demo_model.md has the
+# accuracy table and the diagnosis).  Strict: these start failing the suite the day a model
+# that answers them is committed, so the marker cannot outlive the gap.
+NOT_RETRIEVING = pytest.mark.xfail(strict=True, reason="demo model does not do key-value retrieval yet "
+                                                        "(docs/demo_model.md)")
+
+
+@NOT_RETRIEVING
 @pytest.mark.parametrize("fmt", tasks.FORMATS)
 def test_answers_fixed_retrieval_prompts(model_and_tokenizer, fmt):
     model, tok = model_and_tokenizer
@@ -67,6 +75,7 @@ def test_answers_fixed_retrieval_prompts(model_and_tokenizer, fmt):
         assert tasks.score(inst, _greedy(model, tok, inst.prompt_token_ids(tok))), inst.uid
 
 
+@NOT_RETRIEVING
 def test_answers_handwritten_prompt(model_and_tokenizer):
     model, tok = model_and_tokenizer
     lines = ["QWER: 1234", "ASDF: 5678", "ZXCV: 9012", "TYUI: 3456", "GHJK: 7890"]
@@ -76,3 +85,45 @@ def test_answers_handwritten_prompt(model_and_tokenizer):
     ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
               add_special_tokens=False)["input_ids"]
     assert _greedy(model, tok, ids) == "ASDF: 5678"
+
+
+def test_kvserve_eval_gives_the_accuracy_transformers_gives(model_and_tokenizer):
+    """A small fixed suite: `kvserve eval`'s exact-match count equals an independent count made
+    with transformers' greedy generation and the task parser on the same instances."""
+    from kvserve.eval.runner import EvalSettings, run_eval
+
+    model, tok = model_and_tokenizer
+    settings = EvalSettings(tasks=["kv_retrieval", "copy", "arithmetic"], lengths=[128, 256], formats=["plain"],
+                            num_per_cell=4, seed=77, token_metrics=False)
+    result = run_eval(str(DEMO_MODEL), {}, settings, log=lambda _: None)
+    for task in settings.tasks:
+        for length in settings.lengths:
+            suite = tasks.generate_suite([task], [length], 4, 77, tok, ["plain"])
+            expected = 0
+            for inst in suite:
+                ids = inst.prompt_token_ids(tok)
+                max_new = len(tok(inst.answer, add_special_tokens=False)["input_ids"]) + 8
+                out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     do_sample=False, max_new_tokens=max_new, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+                expected += tasks.score(inst, tok.decode(out[0, len(ids):], skip_special_tokens=True))
+            assert result.accuracy[f"{task}/plain/{length}"]["correct"] == expected, (task, length)
+
+
+def test_kvserve_greedy_equals_transformers_on_task_prompts(model_and_tokenizer):
+    """Parity for the demo model itself: plain and chat task prompts, 24 greedy tokens, exact."""
+    from kvserve import LLM, SamplingParams
+    from tests.helpers.tiny_models import compare_greedy, hf_greedy
+
+    _, tok = model_and_tokenizer
+    prompts = [tasks.make_instance(task, length, f"parity/{i}", tok, fmt).prompt_token_ids(tok)
+               for i, (task, length, fmt) in enumerate([("kv_retrieval", 256, "plain"), ("two_hop", 512, "chat"),
+                                                         ("arithmetic", 128, "plain"), ("copy", 256, "chat")])]
+    ref = hf_greedy(DEMO_MODEL, prompts, 24)
+    outs = LLM(str(DEMO_MODEL), block_size=16).generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5), use_tqdm=False)
+    for (hf_tokens, hf_lp), out in zip(ref, outs):
+        o = out.outputs[0]
+        ok, where = compare_greedy(hf_tokens, hf_lp, o.token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.logprobs])
+        assert ok, f"diverged at {where}"
