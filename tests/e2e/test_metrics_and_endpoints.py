@@ -94,3 +94,4 @@ def test_engine_runs_in_its_own_process_with_passive_openmp(server) -> None:  # 
     assert pid != server.proc.pid
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert b"OMP_WAIT_POLICY=PASSIVE" in environ
+    assert b"GOMP_SPINCOUNT=10000" in environ  # bounded spin between operators (docs/benchmarks.md)
