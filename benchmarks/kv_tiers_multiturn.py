@@ -105,7 +105,7 @@ def run_system(name: str, model: Path, reqs: list[ReplayRequest], args: argparse
     elif name == "cpu+disk":
         disk = Path(tempfile.mkdtemp(dir=tmp))
         kw = dict(kv_tiers=f"cpu:{int(args.cpu_frac * ws_bytes)},disk:{disk}:{2 * ws_bytes}",
-                  kv_offload_policy=args.policy)
+                  kv_offload_policy=args.policy, kv_tier_write_policy=args.write_policy)
     engine = LLMEngine(str(model), block_size=args.block_size, num_kv_blocks=pool_blocks,
                        max_num_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs, **kw)
     try:
@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--pool-frac", type=float, default=0.10, help="device pool / working set")
     ap.add_argument("--cpu-frac", type=float, default=0.25, help="cpu tier / working set in cpu+disk")
     ap.add_argument("--policy", default="evict", choices=["evict", "finish"])
+    ap.add_argument("--write-policy", default="write_through", choices=["write_through", "demote"],
+                    help="cpu+disk: write every tier, or the cpu tier only with its evictions moving to disk")
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--systems", default="device,cpu,cpu+disk")
