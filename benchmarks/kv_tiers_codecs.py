@@ -32,10 +32,10 @@ from kv_tiers_common import SMOL135_SHAPE, build_llama
 BLOCK = 16
 
 
-def serve(engine: Any, ids: list[int], rid: str, prompt_logprobs: int | None = None) -> Any:
+def serve(engine: Any, ids: list[int], rid: str) -> Any:
     from kvserve import SamplingParams
 
-    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=prompt_logprobs)
+    sp = SamplingParams(temperature=0, max_tokens=1)
     engine.add_request({"prompt_token_ids": ids}, sp, request_id=rid)
     out = None
     while engine.has_unfinished_requests():
@@ -60,9 +60,8 @@ def suffix_distributions(engine: Any, prefix: list[int], suffix: list[int], via_
     info: dict = {}
     if via_tier:
         serve(engine, prefix, "p")
-        engine.core.flush_kv_saves()
-        engine.core.kv_tiers.io.drain(300)
-        assert engine.core.kv_manager.pool.reset_prefix_cache(), "blocks still in use"
+        assert engine.core.wait_for_kv_saves(300), "saves did not reach the tier"
+        assert engine.core.reset_prefix_cache(), "blocks still in use"
     # No prompt_logprobs in the request (those never read cached KV): the hook sees every
     # computed prompt position anyway, here the suffix after the tier-loaded prefix.
     out = serve(engine, prefix + suffix, "q")

@@ -63,9 +63,7 @@ def child(args: argparse.Namespace) -> None:
                     m = o.metrics
                     results.append({"ttft_s": m.first_token_time - m.arrival_time, "cached": o.num_cached_tokens,
                                     "prompt_len": len(ids), "tokens": o.outputs[0].token_ids})
-    if engine.core.kv_tiers is not None:
-        engine.core.flush_kv_saves()
-        engine.core.kv_tiers.io.drain(120)  # A's blocks are in Redis before B starts
+    engine.core.wait_for_kv_saves(120)  # A's blocks are in Redis before B starts
     print(json.dumps({"role": args.role, "results": results, "tiers": tier_summary(engine.kv_tier_stats())}),
           flush=True)
     if args.role == "A":

@@ -178,7 +178,7 @@ class ModelSpec:
     @property
     def active_params(self) -> int:
         """Weights one token multiplies with (FLOPs): body with k experts plus the LM head."""
-        return int(self._body(self.experts_per_token)) + self.lm_head_params
+        return self.body_active_params + self.lm_head_params
 
     @property
     def body_active_params(self) -> int:

@@ -174,6 +174,19 @@ class EngineCore:
         if self.kv_tiers is not None:
             self.kv_tiers.flush_saves()
 
+    def wait_for_kv_saves(self, timeout: float) -> bool:
+        """Copy queued saves out of the pool and wait until the tiers hold them
+        (e.g. before another engine reads them); False on timeout.  True without tiers."""
+        if self.kv_tiers is None:
+            return True
+        self.flush_kv_saves()
+        return self.kv_tiers.io.drain(timeout)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the device prefix cache (tiers keep their copies), so the next
+        lookups go to the tiers; False while any block is in use."""
+        return self.kv_manager.pool.reset_prefix_cache()
+
     def kv_tier_stats(self) -> Optional[dict[str, Any]]:
         """Per-tier hits, bytes and latencies (see KVTiers.stats), or None without tiers."""
         if self.kv_tiers is None:

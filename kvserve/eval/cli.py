@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvserve.entrypoints.serve_cli import parse_size  # the same sizes as `kvserve serve --kv-cache-memory`
+from kvserve.eval import tasks
+
 EXIT_BAD_INPUT = 2
 
 
@@ -32,18 +35,14 @@ def _csv(kind: type) -> Any:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """LLM(...) keyword arguments from the engine flags; unset flags keep the engine's defaults."""
-    from kvserve.kv_store.registry import parse_size
-
     kw: dict[str, Any] = {"dtype": args.dtype, "block_size": args.block_size,
                           "enable_prefix_caching": not args.no_prefix_caching,
                           "attention_backend": args.attention_backend, "seed": args.seed}
-    for name in ("tokenizer", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len",
-                 "kv_tiers"):
+    for name in ("tokenizer", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks",
+                 "max_model_len", "kv_tiers"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
-    if args.kv_cache_memory is not None:
-        kw["kv_cache_memory"] = parse_size(args.kv_cache_memory)
     if args.kv_tiers:
         kw["kv_codec"] = args.kv_codec
     elif args.kv_codec != "raw":
@@ -52,7 +51,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kvserve.eval import tasks
     from kvserve.eval.runner import EvalSettings, format_tables, run_eval
 
     try:
@@ -93,8 +91,7 @@ def register(subparsers: Any) -> None:
                     "Seeded and deterministic.  Default model: the built-in demo model.")
     p.add_argument("model", nargs="?", default=None, help="HF model directory (default: the demo model)")
     g = p.add_argument_group("suite")
-    g.add_argument("--tasks", type=_csv(str), default=list(("kv_retrieval", "multi_kv", "two_hop", "copy",
-                                                            "arithmetic")), help="comma-separated task names")
+    g.add_argument("--tasks", type=_csv(str), default=list(tasks.TASK_NAMES), help="comma-separated task names")
     g.add_argument("--lengths", type=_csv(int), default=[256, 512, 1024, 2048], help="context lengths in tokens")
     g.add_argument("--formats", type=_csv(str), default=["plain"], help="plain,chat")
     g.add_argument("--num-per-cell", type=int, default=50, help="instances per task/format/length")
@@ -113,7 +110,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--max-num-seqs", type=int, default=None)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
     e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--kv-cache-memory", default=None, help="e.g. 2GiB")
+    e.add_argument("--kv-cache-memory", type=parse_size, default=None, help="e.g. 2GiB")
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--kv-tiers", default=None, help='e.g. "cpu:1GiB" or "cpu:1GiB,disk:/tmp/kv:4GiB"; each '

@@ -90,9 +90,9 @@ class _Candidate:
         batch = [{"prompt_token_ids": p} for p in prompts]
         if self.roundtrip:
             self.llm.generate(batch, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-            self.core.flush_kv_saves()
-            self.core.kv_tiers.io.drain(120)
-            if not self.core.kv_manager.pool.reset_prefix_cache():
+            if not self.core.wait_for_kv_saves(120):
+                raise RuntimeError("KV saves did not reach the tiers within 120 s")
+            if not self.core.reset_prefix_cache():
                 raise RuntimeError("could not empty the device prefix cache between fill and measure")
         self.capture = capture
         try:

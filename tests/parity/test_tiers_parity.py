@@ -147,7 +147,7 @@ def test_redis_shared_between_two_engines(model, baseline):
     b = LLM(str(model), kv_tiers=spec, kv_offload_policy="finish", **ENGINE)
     try:
         out_a = [o.outputs[0].token_ids for o in a.generate(prompts, GREEDY, use_tqdm=False)]
-        a.engine.core.kv_tiers.io.drain(30)  # A's saves are in Redis
+        assert a.engine.core.wait_for_kv_saves(30)  # A's saves are in Redis
         out_b = b.generate(prompts, GREEDY, use_tqdm=False)
         st_b = b.engine.kv_tier_stats()
     finally:
