@@ -50,7 +50,7 @@ def test_api_key_required(guarded: ServerProcess) -> None:
 
 def test_queue_full_gets_503_with_retry_after(guarded: ServerProcess) -> None:
     url = guarded.base_url + "/v1/completions"
-    long_body = dict(BODY, max_tokens=600, ignore_eos=True, stream=True)
+    long_body = dict(BODY, max_tokens=1000, ignore_eos=True, stream=True)  # several seconds anywhere
     with httpx.Client(timeout=120, headers=AUTH) as http, http.stream("POST", url, json=long_body) as running:
         lines = running.iter_lines()
         next(line for line in lines if line.startswith("data:"))  # it holds the only running slot

@@ -1,8 +1,6 @@
 """/metrics moving as requests run, and the small endpoints (models, health, tokenize, detokenize)."""
 from __future__ import annotations
 
-import threading
-
 import httpx
 
 from tests.e2e.harness import get_metrics, metric, wait_for
@@ -25,17 +23,12 @@ def test_metric_names_exist(server) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_metrics_move_as_requests_run(server) -> None:  # type: ignore[no-untyped-def]
+    # Counters only: the running gauge and KV usage *during* a request are checked in
+    # test_concurrency.py on a stream held open by the client. Polling for them during a
+    # 40-token request raced a fast machine, which finished it between two polls.
     before = get_metrics(server.base_url)
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True}
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(
-        httpx.post(server.base_url + "/v1/completions", json=body, timeout=120).json()))
-    thread.start()
-    during = wait_for(lambda: (lambda m: m if metric(m, "vllm:num_requests_running") >= 1 else None)(
-        get_metrics(server.base_url)), what="a running request in /metrics")
-    assert metric(during, "vllm:kv_cache_usage_perc") > 0
-    thread.join(120)
-    usage = result["usage"]
+    usage = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120).json()["usage"]
     assert usage["completion_tokens"] == 40
 
     after = wait_for(lambda: (lambda m: m if metric(m, "vllm:num_requests_running") == 0 else None)(
