@@ -129,6 +129,41 @@ def make_row(tokenizer, task: str, fmt: str, length: int, seed: str, num_queries
     return Row(list(enc["input_ids"]), targets, task)
 
 
+DRILL = "kv_drill"  # training-only task: dense multi-query lookup (see make_drill_row)
+
+
+def make_drill_row(tokenizer, length: int, seed: str) -> Row:
+    """A dense multi-query associative-recall row (MQAR, as in Zoology) in the task's own format.
+
+    The context lists n `KEY: value` lines; the answer then quotes the lines again for the
+    keys in a shuffled order, and only the *values* (and the newline after each) carry loss:
+    every one of them is a content lookup, unlike `copy`, which a model can solve by
+    position.  About 40% of the row's tokens are supervised, against a few percent for a
+    single retrieval question, so the lookup circuit gets far more signal per step.
+    """
+    rng = random.Random(seed)
+    n = max(1, (length - 30) // 21)
+    keys = tasks._unique_keys(rng, n)
+    values = tasks._values(rng, n)
+    order = list(range(n))
+    rng.shuffle(order)
+    head = tasks.HEADER + "\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
+    head += "Question: Give the value of every key again.\nAnswer: "
+    parts, spans, pos = [head], [], len(head)
+    for i in order:
+        key_part = f"{keys[i]}: "
+        pos += len(key_part)
+        val_part = f"{values[i]}\n"
+        spans.append((pos, pos + len(val_part)))
+        parts += [key_part, val_part]
+        pos += len(val_part)
+    text = "".join(parts)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])[:length]
+    targets = [b > a and any(s <= a and b <= e for s, e in spans) for a, b in enc["offset_mapping"]][:length]
+    return Row(ids, targets, DRILL)
+
+
 def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
                task_weights: dict[str, float] = TASK_WEIGHTS):
     """Rows for `step`: one length per step (no padding waste), mixed tasks and formats."""
@@ -142,6 +177,9 @@ def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
         fmt = rng.choice(tasks.FORMATS)
         q = queries_for(task, length, rng)
         row_seed = f"train/{seed}/{step}/{r}"
+        if task == DRILL:
+            rows.append(make_drill_row(tokenizer, length, row_seed))
+            continue
         # Too short for this task and query count: ask one question, else a plain lookup.
         for t, n in ((task, q), (task, 1), ("kv_retrieval", 1)):
             try:
