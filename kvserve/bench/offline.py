@@ -32,6 +32,7 @@ from kvserve.bench.errors import BenchInputError
 from kvserve.bench.paths import shared_data_dir
 from kvserve.bench.report import print_table, sanitize
 from kvserve.bench.tokens import IdsRenderer
+from kvserve.utils.sizes import parse_size
 
 BASELINES = ("hf-static", "hf-cb")
 
@@ -120,24 +121,13 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def parse_bytes(text: str | None) -> int | None:
-    """`4GiB`, `512MiB`, `2GB` or a plain byte count."""
+    """`4GiB`, `512MiB`, `2GB` or a plain byte count (`kvserve.utils.sizes.parse_size`)."""
     if text is None:
         return None
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    t = text.strip().lower()
-    for suffix, scale in units.items():
-        if t.endswith(suffix):
-            num = t[: -len(suffix)]
-            break
-    else:
-        num, scale = t, 1
     try:
-        value = float(num) * scale
-    except ValueError:
-        raise BenchInputError(f"--kv-cache-memory must be bytes like 2GiB or 500MB, got {text!r}") from None
-    if value <= 0:
-        raise BenchInputError(f"--kv-cache-memory must be > 0, got {text!r}")
-    return int(value)
+        return parse_size(text)
+    except ValueError as exc:
+        raise BenchInputError(f"--kv-cache-memory: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- systems

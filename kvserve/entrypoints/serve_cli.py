@@ -17,31 +17,24 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from kvserve.utils import sizes
+
 logger = logging.getLogger("kvserve.serve")
 
 DEMO_MODEL_NAME = "kvserve-demo"
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str) -> int:
-    """'4GiB' -> 4 * 2**30, '1.5GB' -> 1_500_000_000, '1048576' -> 1048576 (bytes)."""
-    match = _SIZE_RE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: use bytes or a number with a unit (KiB, MiB, GiB, TiB, or KB, MB, GB, TB)")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
-    return size
+    """A byte size for argparse (`kvserve.utils.sizes.parse_size`: '4GiB', '1.5GB', '2g' = 2 GiB)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:

@@ -31,27 +31,9 @@ from kvserve.kv_store.cpu_tier import CpuTier
 from kvserve.kv_store.disk_tier import DiskTier
 from kvserve.kv_store.namespace import KVNamespace
 from kvserve.kv_store.tiered import TieredKVStore, WritePolicy
+from kvserve.utils.sizes import parse_size  # re-exported: tier specs take the same sizes as flags
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _OPTION_RE = re.compile(r"^([a-z_]+)=(.*)$")
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE_RE.match(text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"bad size {text!r}: expected e.g. 1000000, 512MiB, 4GiB, 20GB")
-    n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return n
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from kvserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOu
 
 @pytest.mark.parametrize("text,expected", [
     ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("1048576", 1048576),
-    ("2g", 2 * 10**9), ("64 KiB", 65536),
+    ("2g", 2 * 2**30), ("64 KiB", 65536),
 ])
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
