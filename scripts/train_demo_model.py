@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -100,6 +101,9 @@ class Row:
     ids: list[int]
     targets: list[bool]  # targets[t]: token t is an answer token (the model must predict it)
     task: str
+    # sources[t]: the context position token t is a copy of (a value digit quoted in an
+    # answer), or -1; used by the attention-supervision loss (--attn-sup-weight).
+    sources: list[int] | None = None
 
 
 def queries_for(task: str, length: int, rng: random.Random) -> int:
@@ -126,56 +130,111 @@ def make_row(tokenizer, task: str, fmt: str, length: int, seed: str, num_queries
     targets = []
     for (a, b) in enc["offset_mapping"]:
         targets.append(b > a and any(s <= a and b <= e for s, e in spans))
-    return Row(list(enc["input_ids"]), targets, task)
+    sources = copy_sources(text, spans, enc["offset_mapping"])
+    return Row(list(enc["input_ids"]), targets, task, sources)
+
+
+def copy_sources(text: str, spans: list[tuple[int, int]], offsets) -> list[int]:
+    """For each token: the context token it copies, or -1.
+
+    Every answer line `KEY: VALUE` that quotes a context line is mapped character by
+    character (the VALUE part: digits, or a key for two-hop pointer lines) onto the
+    first occurrence of that line, which is the context's.  Only single-character tokens
+    are mapped (upper-case letters and digits always are).
+    """
+    copies: dict[int, int] = {}
+    for start, end in spans:
+        pos = start
+        for line in text[start:end].split("\n"):
+            quoted = re.match(r"[A-Z]+: [A-Z0-9]+", line)  # the EOS text may follow the last line
+            found = text.find("\n" + quoted.group(0) + "\n") if quoted else -1
+            if found >= 0 and found + 1 < start:
+                sep = line.find(": ")
+                for d in range(sep + 2, quoted.end()):
+                    copies[pos + d] = found + 1 + d
+            pos += len(line) + 1
+    token_at = {a: t for t, (a, b) in enumerate(offsets) if b == a + 1}
+    sources = [-1] * len(offsets)
+    for t, (a, b) in enumerate(offsets):
+        if b == a + 1 and a in copies and copies[a] in token_at:
+            sources[t] = token_at[copies[a]]
+    return sources
 
 
 DRILL = "kv_drill"  # training-only task: dense multi-query lookup (see make_drill_row)
 
 
-def make_drill_row(tokenizer, length: int, seed: str) -> Row:
+def make_drill_row(tokenizer, length: int, seed: str, min_lines: int = 1) -> Row:
     """A dense multi-query associative-recall row (MQAR, as in Zoology) in the task's own format.
 
-    The context lists n `KEY: value` lines; the answer then quotes the lines again for the
-    keys in a shuffled order, and only the *values* (and the newline after each) carry loss:
-    every one of them is a content lookup, unlike `copy`, which a model can solve by
-    position.  About 40% of the row's tokens are supervised, against a few percent for a
-    single retrieval question, so the lookup circuit gets far more signal per step.
+    The context lists n `KEY: value` lines; the answer then quotes lines again for keys drawn
+    at random (with replacement) until the row is full, and only the *values* (and the
+    newline after each) carry loss: every one of them is a content lookup, unlike `copy`,
+    which a model can solve by position.  About 40% of the row's tokens are supervised,
+    against a few percent for a single retrieval question.
+
+    n is drawn uniformly from [min_lines, most that fit with as many queries as lines], so
+    every batch mixes easy rows (one or two lines: copy the right slot) with hard ones (pick
+    one line among many): a curriculum inside each batch.  Queries are drawn with
+    replacement because with a permutation of the keys the last answers follow by
+    elimination (a pilot learned exactly that: 95% on the last query, ~25% on the first).
     """
     rng = random.Random(seed)
-    n = max(1, (length - 30) // 21)
+    most = max(1, (length - 30) // 21)
+    n = rng.randint(min(min_lines, most), most)
+    num_queries = max(1, (length - 30 - 10 * n) // 10)
     keys = tasks._unique_keys(rng, n)
     values = tasks._values(rng, n)
-    order = list(range(n))
-    rng.shuffle(order)
-    head = tasks.HEADER + "\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
+    order = [rng.randrange(n) for _ in range(num_queries)]
+    head = tasks.HEADER + "\n"
+    value_start = []  # character offset of each context value
+    for k, v in zip(keys, values):
+        value_start.append(len(head) + len(k) + 2)
+        head += f"{k}: {v}\n"
     head += "Question: Give the value of every key again.\nAnswer: "
     parts, spans, pos = [head], [], len(head)
+    copies: dict[int, int] = {}  # answer digit char -> context digit char
     for i in order:
         key_part = f"{keys[i]}: "
         pos += len(key_part)
         val_part = f"{values[i]}\n"
         spans.append((pos, pos + len(val_part)))
+        for d in range(len(values[i])):
+            copies[pos + d] = value_start[i] + d
         parts += [key_part, val_part]
         pos += len(val_part)
     text = "".join(parts)
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
     ids = list(enc["input_ids"])[:length]
-    targets = [b > a and any(s <= a and b <= e for s, e in spans) for a, b in enc["offset_mapping"]][:length]
-    return Row(ids, targets, DRILL)
+    targets = [b > a and any(s <= a and b <= e for s, e in spans) for a, b in offsets][:length]
+    token_at = {a: t for t, (a, b) in enumerate(offsets) if b == a + 1}  # digits are one-character tokens
+    sources = [-1] * len(ids)
+    for t, (a, b) in enumerate(offsets[:length]):
+        if a in copies and b == a + 1:
+            sources[t] = token_at[copies[a]]
+    return Row(ids, targets, DRILL, sources)
 
 
 def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
-               task_weights: dict[str, float] = TASK_WEIGHTS):
-    """Rows for `step`: one length per step (no padding waste), mixed tasks and formats."""
+               task_weights: dict[str, float] = TASK_WEIGHTS, rank: int = 0, world: int = 1):
+    """Rows for `step`: one length per step (no padding waste), mixed tasks and formats.
+
+    With `world` data-parallel workers, worker `rank` builds rows rank, rank + world, ...
+    of the same step (the random draws of every row are still made, so the batch as a
+    whole does not depend on the number of workers).
+    """
     rng = random.Random(f"batch/{seed}/{step}")
     length = rng.choice([max_len // 4, max_len // 2, max_len, max_len]) if max_len >= 256 else max_len
     length = max(48, length)
     rows = []
     names, weights = zip(*task_weights.items())
-    for r in range(max(1, batch_tokens // length)):
+    for r in range(max(world, batch_tokens // length)):
         task = rng.choices(names, weights)[0]
         fmt = rng.choice(tasks.FORMATS)
         q = queries_for(task, length, rng)
+        if r % world != rank:
+            continue
         row_seed = f"train/{seed}/{step}/{r}"
         if task == DRILL:
             rows.append(make_drill_row(tokenizer, length, row_seed))
@@ -194,10 +253,13 @@ def collate(rows: list[Row], pad_id: int):
     width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    sources = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r.ids)] = torch.tensor(r.ids)
         mask[i, : len(r.ids)] = torch.tensor(r.targets)
-    return ids, mask, [r.task for r in rows]
+        if r.sources is not None:
+            sources[i, : len(r.ids)] = torch.tensor(r.sources)
+    return ids, mask, sources, [r.task for r in rows]
 
 
 # --------------------------------------------------------------------------- model and loss
@@ -212,7 +274,7 @@ def build_model(tokenizer, args):
         intermediate_size=args.d_ff, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, head_dim=args.d_model // args.heads,
         max_position_embeddings=4096, rope_theta=args.rope_theta, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, initializer_range=0.02,
     )
@@ -221,13 +283,20 @@ def build_model(tokenizer, args):
     return LlamaForCausalLM(cfg)
 
 
-def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor):
+def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int = 0, lm_weight: float = 0.0):
     """Mean over rows of the mean cross-entropy on each row's answer tokens.
 
     Position t predicts token t+1, so the hidden states at mask[:, 1:] positions are
-    projected (only those: the LM head is not applied to the rest).
+    projected (only those: the LM head is not applied to the rest).  With `lm_weight` > 0,
+    that weight times the mean next-token loss over every non-pad token is added: the
+    context's structure (where `: ` and newlines fall, which token class comes next)
+    then trains position-in-line and previous-token features from the first step.
     """
     hidden = model.model(input_ids=ids).last_hidden_state  # [B, T, d]
+    extra = 0.0
+    if lm_weight > 0:
+        real = ids[:, 1:] != pad_id
+        extra = lm_weight * F.cross_entropy(model.lm_head(hidden[:, :-1][real]).float(), ids[:, 1:][real])
     sel = mask[:, 1:]  # [B, T-1]
     logits = model.lm_head(hidden[:, :-1][sel])  # [N, V]
     target = ids[:, 1:][sel]
@@ -237,7 +306,63 @@ def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor):
     counts = sel.sum(1).clamp(min=1)
     correct = torch.zeros(ids.shape[0], device=ids.device).index_add_(
         0, row, (logits.argmax(-1) == target).float())
-    return (per_row / counts).mean(), (per_row / counts).detach(), (correct / counts).detach()
+    return (per_row / counts).mean() + extra, (per_row / counts).detach(), (correct / counts).detach()
+
+
+class AttentionProbe:
+    """Recomputes one head's attention log-probabilities in one layer, for supervision.
+
+    A forward pre-hook keeps the layer's input and rotary tables; `log_probs` rebuilds that
+    head's queries and keys exactly as LlamaAttention does (projection, RoPE, scaling,
+    causal mask), so gradients reach the head's q/k projections and, through the residual
+    stream, every layer below it.
+    """
+
+    def __init__(self, model, layer: int, head: int):
+        self.attn = model.model.layers[layer].self_attn
+        self.head = head
+        cfg = model.config
+        self.head_dim = cfg.head_dim
+        self.kv_head = head // (cfg.num_attention_heads // cfg.num_key_value_heads)
+        self.inputs = None
+        self.attn.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.inputs = (hidden, kwargs["position_embeddings"])
+
+    def log_probs(self) -> torch.Tensor:
+        """[B, T, T] log attention of the probed head (row: query position, column: key)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        hidden, (cos, sin) = self.inputs
+        hd, a = self.head_dim, self.attn
+        q = F.linear(hidden, a.q_proj.weight[self.head * hd: (self.head + 1) * hd])[:, None]
+        k = F.linear(hidden, a.k_proj.weight[self.kv_head * hd: (self.kv_head + 1) * hd])[:, None]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scores = (q[:, 0] @ k[:, 0].transpose(1, 2)) * a.scaling  # [B, T, T]
+        T = scores.shape[-1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+        return torch.log_softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def attention_supervision_loss(probe: AttentionProbe, sources: torch.Tensor) -> torch.Tensor:
+    """Mean -log attention, from the position before each quoted value digit, on that digit's
+    context occurrence: the lookup an induction-style head must do to copy it."""
+    sel = sources[:, 1:] >= 0  # query position t predicts token t + 1
+    if not sel.any():
+        return torch.zeros(())
+    logp = probe.log_probs()[:, :-1]  # [B, T-1, T]
+    return -logp[sel].gather(1, sources[:, 1:][sel][:, None]).mean()
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """'kv_drill=0.8,kv_retrieval=0.2' -> {'kv_drill': 0.8, 'kv_retrieval': 0.2}."""
+    weights = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    unknown = set(weights) - set(tasks.TASK_NAMES) - {DRILL}
+    if unknown:
+        raise SystemExit(f"unknown task(s) in task weights: {sorted(unknown)}")
+    return weights
 
 
 def lr_at(step: int, total: int, args) -> float:
@@ -291,6 +416,37 @@ def teacher_forced_accuracy(model, tokenizer, task: str, fmt: str, length: int, 
     return ok / n
 
 
+@torch.no_grad()
+def drill_accuracy(model, tokenizer, length: int, n: int, seed: int, device: str) -> tuple[float, float]:
+    """(first-digit, whole-value) accuracy over the queries of `n` held-out drill rows
+    with as many lines as fit (the hardest rows of that length).
+
+    The first digit of a value is where the lookup happens (later digits can follow the
+    found line); whole-value accuracy is what retrieval needs.
+    """
+    model.eval()
+    first = whole = count = 0
+    for i in range(n):
+        row = make_drill_row(tokenizer, length, f"drill-heldout/{seed}/{i}", min_lines=length)  # most lines
+        ids = torch.tensor([row.ids], device=device)
+        hit = (model(input_ids=ids).logits[0, :-1].argmax(-1) == ids[0, 1:]).tolist()
+        t = 1
+        while t < len(row.targets):
+            if not row.targets[t]:
+                t += 1
+                continue
+            end = t
+            while end < len(row.targets) and row.targets[end]:
+                end += 1
+            span = hit[t - 1: end - 1]  # hit[p] is the prediction of token p + 1
+            first += span[0]
+            whole += all(span)
+            count += 1
+            t = end
+    model.train()
+    return first / max(1, count), whole / max(1, count)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -301,20 +457,68 @@ def save_checkpoint(path: Path, model, opt, step: int) -> None:
 
 
 def train(args) -> None:
+    """Build the tokenizer, then train with `--workers` data-parallel processes.
+
+    On a small CPU, N single-threaded workers that average gradients (gloo all-reduce,
+    ~1-4 MB per step) outrun one process with N threads: a ~1M-parameter model's matmuls
+    are too small to split well across threads.
+    """
+    tokenizer = build_tokenizer(Path(args.out), args.vocab_size, args.seed)
+    print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
+    if args.workers == 1:
+        train_worker(0, args)
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the workers' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    mp.spawn(train_worker, args=(args,), nprocs=args.workers, join=True)
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """All-reduce every gradient as one flat buffer and divide by the number of workers."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p)
+        offset += n
+
+
+def train_worker(rank: int, args) -> None:
+    world = args.workers
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    lead = rank == 0  # only the lead worker logs, evaluates and writes files
     torch.set_num_threads(args.threads)
     device = args.device
     out = Path(args.out)
-    tokenizer = build_tokenizer(out, args.vocab_size, args.seed)
-    print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
-    model = build_model(tokenizer, args).to(device)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = build_model(tokenizer, args).to(device)  # same seed: identical weights on every worker
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"model: {nparams / 1e6:.2f}M parameters, config {model.config.to_diff_dict()}", flush=True)
+    if lead:
+        print(f"model: {nparams / 1e6:.2f}M parameters, {world} worker(s) x {args.threads} thread(s), "
+              f"config {model.config.to_diff_dict()}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     stages = parse_stages(args.stages, args.batch_tokens)
-    weights = {k: float(v) for k, v in (kv.split("=") for kv in args.task_weights.split(","))}
+    weights = parse_weights(args.task_weights)
+    early_weights = parse_weights(args.early_task_weights) if args.early_task_weights else weights
     total = sum(s for _, s, _ in stages)
     ckpt_dir = Path(args.ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -324,40 +528,64 @@ def train(args) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        print(f"resumed from {args.resume} at step {start}", flush=True)
+        if lead:
+            print(f"resumed from {args.resume} at step {start}", flush=True)
     model.train()
-    t0, tokens, hist = time.time(), 0, []
+    probe = None
+    if args.attn_sup_weight > 0:
+        layer = args.layers // 2 if args.attn_sup_layer is None else args.attn_sup_layer
+        probe = AttentionProbe(model, layer, head=0)
+    t0, tokens, hist, sup_hist = time.time(), 0, [], []
     end = total if args.stop_after is None else min(total, args.stop_after)
     for step in range(start, end):
         max_len, batch_tokens = stage_of(step, stages)
-        ids, mask, names = make_batch(tokenizer, step, args.seed, max_len, batch_tokens, weights)
-        ids, mask = ids.to(device), mask.to(device)
+        mix = early_weights if step < args.early_steps else weights
+        ids, mask, sources, names = make_batch(tokenizer, step, args.seed, max_len, batch_tokens, mix,
+                                               rank, world)
+        ids, mask, sources = ids.to(device), mask.to(device), sources.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args)
-        loss, row_loss, row_acc = answer_loss(model, ids, mask)
+        loss, row_loss, row_acc = answer_loss(model, ids, mask, tokenizer.pad_token_id, args.lm_loss_weight)
+        if probe is not None and step < args.attn_sup_steps:
+            sup = attention_supervision_loss(probe, sources)
+            sup_hist.append(float(sup))
+            loss = loss + args.attn_sup_weight * sup
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients(list(model.parameters()), world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        tokens += ids.numel()
+        tokens += ids.numel() * world  # approximately: the other workers' rows are as long
         hist.extend(zip(names, row_loss.tolist(), row_acc.tolist()))
-        if (step + 1) % args.log_every == 0:
+        if lead and (step + 1) % args.log_every == 0:
             el = time.time() - t0
-            by_task = {n: [(l, a) for m, l, a in hist if m == n] for n in weights}
+            by_task = {n: [(l, a) for m, l, a in hist if m == n] for n in {**early_weights, **weights}}
             summary = " ".join(f"{n}={sum(l for l, _ in v) / len(v):.2f}/{sum(a for _, a in v) / len(v):.2f}"
                                for n, v in by_task.items() if v)
             hist = []
+            if sup_hist:
+                summary += f" attn_sup={sum(sup_hist) / len(sup_hist):.2f}"
+                sup_hist = []
             print(f"step {step + 1}/{total} len<={max_len} loss/tok_acc {summary} "
                   f"lr {lr_at(step, total, args):.2e} {tokens / el:.0f} tok/s {el / 60:.1f} min", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == end:
+        if lead and ((step + 1) % args.eval_every == 0 or step + 1 == end):
             accs = {L: teacher_forced_accuracy(model, tokenizer, "kv_retrieval", "plain", L, args.eval_n,
                                                args.seed + 1, device)
                     for L in sorted({256, max_len})}
-            print(f"  eval step {step + 1}: kv_retrieval plain {accs}", flush=True)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
+            drill = {L: drill_accuracy(model, tokenizer, L, args.eval_n, args.seed + 1, device)
+                     for L in sorted({128, max_len})}
+            print(f"  eval step {step + 1}: kv_retrieval plain {accs} kv_drill (first digit, value) "
+                  f"{ {L: (round(a, 2), round(b, 2)) for L, (a, b) in drill.items()} }", flush=True)
+        if lead and ((step + 1) % args.ckpt_every == 0 or step + 1 == end):
             save_checkpoint(ckpt_dir / "last.pt", model, opt, step + 1)
-    print(f"training done: {(time.time() - t0) / 60:.1f} min, {tokens} tokens", flush=True)
-    save_model(model, tokenizer, out)
+    if lead:
+        print(f"training done: {(time.time() - t0) / 60:.1f} min, {tokens} tokens", flush=True)
+        save_model(model, tokenizer, out)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def save_model(model, tokenizer, out: Path) -> None:
@@ -438,7 +666,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "kvserve" / "demo_model"), help="output model directory")
     p.add_argument("--seed", type=int, default=0, help="seed for the tokenizer corpus, init and data")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-parallel worker processes (gloo); on CPU use one per core with --threads 1")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary budget (model rows padded to 64)")
     p.add_argument("--d-model", type=int, default=256)
@@ -451,8 +681,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="curriculum: comma-separated max_context_length:steps[:tokens_per_step]")
     p.add_argument("--task-weights", default=",".join(f"{k}={v}" for k, v in TASK_WEIGHTS.items()),
                    help="training mixture, task=weight,...")
+    p.add_argument("--early-task-weights", default=None,
+                   help="training mixture for the first --early-steps steps (default: --task-weights)")
+    p.add_argument("--early-steps", type=int, default=0)
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lm-loss-weight", type=float, default=0.0,
+                   help="add this weight x the next-token loss on every token (not only answers)")
+    p.add_argument("--tie-embeddings", action="store_true", help="share the input embedding and the LM head")
+    p.add_argument("--attn-sup-weight", type=float, default=0.0,
+                   help="weight of the attention-supervision loss on kv_drill rows (0: off)")
+    p.add_argument("--attn-sup-steps", type=int, default=10**9, help="apply attention supervision for this many steps")
+    p.add_argument("--attn-sup-layer", type=int, default=None, help="supervised layer (default: layers // 2)")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
