@@ -548,7 +548,7 @@ def train_worker(rank: int, args) -> None:
         loss, row_loss, row_acc = answer_loss(model, ids, mask, tokenizer.pad_token_id, args.lm_loss_weight)
         if probe is not None and step < args.attn_sup_steps:
             sup = attention_supervision_loss(probe, sources)
-            sup_hist.append(float(sup))
+            sup_hist.append(float(sup.detach()))
             loss = loss + args.attn_sup_weight * sup
         opt.zero_grad(set_to_none=True)
         loss.backward()

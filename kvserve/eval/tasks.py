@@ -324,7 +324,10 @@ def fit_lines(task: str, budget: int, measure, seed: int | str, num_queries: int
     if base > budget:
         raise ValueError(f"{task}: even {lo} lines need {base} tokens > {budget}")
     probe = lo + 8
-    per_line = max(1e-3, (measure(make_sample(task, probe, seed, num_queries)) - base) / (probe - lo))
+    # Every line costs at least one token.  A multi-question sample can measure *shorter* with
+    # more lines (its questions are drawn anew), and a per-line estimate near zero once sent the
+    # search to 100,000 lines, then down one line at a time over megabyte texts: a hang.
+    per_line = max(1.0, (measure(make_sample(task, probe, seed, num_queries)) - base) / (probe - lo))
     n = min(max_lines, max(lo, lo + int((budget - base) / per_line)))
     best = sample
     cand = make_sample(task, n, seed, num_queries)
@@ -335,13 +338,15 @@ def fit_lines(task: str, budget: int, measure, seed: int | str, num_queries: int
             if measure(cand) > budget:
                 break
             best, n = cand, n + 1
-    else:  # walk down
-        while n > lo:
-            n -= 1
-            cand = make_sample(task, n, seed, num_queries)
+    else:  # bisect down: lo fits, n does not
+        good, bad = lo, n
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            cand = make_sample(task, mid, seed, num_queries)
             if measure(cand) <= budget:
-                best = cand
-                break
+                best, good = cand, mid
+            else:
+                bad = mid
     return best
 
 

@@ -59,14 +59,6 @@ def _greedy(model, tok, ids: list[int], max_new: int = 12) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
-# The committed model does not do retrieval yet (issue 5 is open; docs/demo_model.md has the
-# accuracy table and the diagnosis).  Strict: these start failing the suite the day a model
-# that answers them is committed, so the marker cannot outlive the gap.
-NOT_RETRIEVING = pytest.mark.xfail(strict=True, reason="demo model does not do key-value retrieval yet "
-                                                        "(docs/demo_model.md)")
-
-
-@NOT_RETRIEVING
 @pytest.mark.parametrize("fmt", tasks.FORMATS)
 def test_answers_fixed_retrieval_prompts(model_and_tokenizer, fmt):
     model, tok = model_and_tokenizer
@@ -75,7 +67,6 @@ def test_answers_fixed_retrieval_prompts(model_and_tokenizer, fmt):
         assert tasks.score(inst, _greedy(model, tok, inst.prompt_token_ids(tok))), inst.uid
 
 
-@NOT_RETRIEVING
 def test_answers_handwritten_prompt(model_and_tokenizer):
     model, tok = model_and_tokenizer
     lines = ["QWER: 1234", "ASDF: 5678", "ZXCV: 9012", "TYUI: 3456", "GHJK: 7890"]
