@@ -27,7 +27,7 @@ TIER = "0:cpu"
 
 # ------------------------------------------------------------------ no server
 @pytest.mark.parametrize("tiers,codec,fragment", [
-    ("cpu:lots", "raw", "bad size 'lots'"),
+    ("cpu:lots", "raw", "invalid size 'lots'"),
     ("tape:1GiB", "raw", "unknown tier scheme 'tape'"),
     ("cpu", "raw", "expected cpu:SIZE"),
     ("disk:/tmp", "raw", "expected disk:PATH:SIZE"),
@@ -173,7 +173,7 @@ def test_default_server_has_no_tier_metrics(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("spec,fragment", [
-    ("cpu:lots", "bad size 'lots'"),
+    ("cpu:lots", "invalid size 'lots'"),
     ("tape:1GiB", "unknown tier scheme 'tape'"),
 ])
 def test_malformed_kv_tiers_exit_with_one_line(model_dir: Path, spec: str, fragment: str) -> None:
