@@ -101,8 +101,8 @@ class Row:
     ids: list[int]
     targets: list[bool]  # targets[t]: token t is an answer token (the model must predict it)
     task: str
-    # sources[t]: the context position token t is a copy of (a value digit quoted in an
-    # answer), or -1; used by the attention-supervision loss (--attn-sup-weight).
+    # sources[t]: the context position token t is a copy of (a value character quoted in
+    # an answer), or -1; used by the attention-supervision loss (--attn-sup-weight).
     sources: list[int] | None = None
 
 
@@ -127,20 +127,22 @@ def make_row(tokenizer, task: str, fmt: str, length: int, seed: str, num_queries
     sample = tasks.fit_lines(task, length, measure, seed, num_queries)
     text, spans, add = tasks.render_training_text(sample, fmt, tokenizer)
     enc = tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
-    targets = []
-    for (a, b) in enc["offset_mapping"]:
-        targets.append(b > a and any(s <= a and b <= e for s, e in spans))
-    sources = copy_sources(text, spans, enc["offset_mapping"])
-    return Row(list(enc["input_ids"]), targets, task, sources)
+    offsets = enc["offset_mapping"]
+    sources = token_sources(quoted_line_copies(text, spans), offsets)
+    return Row(list(enc["input_ids"]), answer_mask(offsets, spans), task, sources)
 
 
-def copy_sources(text: str, spans: list[tuple[int, int]], offsets) -> list[int]:
-    """For each token: the context token it copies, or -1.
+def answer_mask(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token (character offsets from the tokenizer): does it lie inside an answer span?"""
+    return [b > a and any(s <= a and b <= e for s, e in spans) for a, b in offsets]
+
+
+def quoted_line_copies(text: str, spans: list[tuple[int, int]]) -> dict[int, int]:
+    """Answer character -> the context character it copies.
 
     Every answer line `KEY: VALUE` that quotes a context line is mapped character by
     character (the VALUE part: digits, or a key for two-hop pointer lines) onto the
-    first occurrence of that line, which is the context's.  Only single-character tokens
-    are mapped (upper-case letters and digits always are).
+    first occurrence of that line, which is the context's.
     """
     copies: dict[int, int] = {}
     for start, end in spans:
@@ -153,6 +155,14 @@ def copy_sources(text: str, spans: list[tuple[int, int]], offsets) -> list[int]:
                 for d in range(sep + 2, quoted.end()):
                     copies[pos + d] = found + 1 + d
             pos += len(line) + 1
+    return copies
+
+
+def token_sources(copies: dict[int, int], offsets) -> list[int]:
+    """For each token: the token it copies (per the character map `copies`), or -1.
+
+    Only single-character tokens are mapped (upper-case letters and digits always are).
+    """
     token_at = {a: t for t, (a, b) in enumerate(offsets) if b == a + 1}
     sources = [-1] * len(offsets)
     for t, (a, b) in enumerate(offsets):
@@ -206,14 +216,8 @@ def make_drill_row(tokenizer, length: int, seed: str, min_lines: int = 1) -> Row
     text = "".join(parts)
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
-    ids = list(enc["input_ids"])[:length]
-    targets = [b > a and any(s <= a and b <= e for s, e in spans) for a, b in offsets][:length]
-    token_at = {a: t for t, (a, b) in enumerate(offsets) if b == a + 1}  # digits are one-character tokens
-    sources = [-1] * len(ids)
-    for t, (a, b) in enumerate(offsets[:length]):
-        if a in copies and b == a + 1:
-            sources[t] = token_at[copies[a]]
-    return Row(ids, targets, DRILL, sources)
+    return Row(list(enc["input_ids"])[:length], answer_mask(offsets, spans)[:length], DRILL,
+               token_sources(copies, offsets)[:length])
 
 
 def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
@@ -347,8 +351,8 @@ class AttentionProbe:
 
 
 def attention_supervision_loss(probe: AttentionProbe, sources: torch.Tensor) -> torch.Tensor:
-    """Mean -log attention, from the position before each quoted value digit, on that digit's
-    context occurrence: the lookup an induction-style head must do to copy it."""
+    """Mean -log attention, from the position before each quoted value character, on that
+    character's context occurrence: the lookup an induction-style head must do to copy it."""
     sel = sources[:, 1:] >= 0  # query position t predicts token t + 1
     if not sel.any():
         return torch.zeros(())
@@ -690,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="add this weight x the next-token loss on every token (not only answers)")
     p.add_argument("--tie-embeddings", action="store_true", help="share the input embedding and the LM head")
     p.add_argument("--attn-sup-weight", type=float, default=0.0,
-                   help="weight of the attention-supervision loss on kv_drill rows (0: off)")
+                   help="weight of the attention-supervision loss on quoted values (every task's "
+                        "rows that quote the context; 0: off)")
     p.add_argument("--attn-sup-steps", type=int, default=10**9, help="apply attention supervision for this many steps")
     p.add_argument("--attn-sup-layer", type=int, default=None, help="supervised layer (default: layers // 2)")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of --lr")

@@ -17,7 +17,6 @@ import train_demo_model as train  # noqa: E402
 
 from kvserve.eval import tasks  # noqa: E402
 
-DEMO_MODEL = REPO / "kvserve" / "demo_model"
 
 
 @pytest.fixture(scope="module")
