@@ -18,7 +18,6 @@ import train_demo_model as train  # noqa: E402
 from kvserve.eval import tasks  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     # The script's own tokenizer builder: what the tests check is what training sees.
@@ -145,6 +144,6 @@ def test_two_workers_train_and_save_a_loadable_model(tmp_path: Path) -> None:
     from kvserve import LLM, SamplingParams
 
     llm = LLM(str(out))
-    text = llm.generate(["Below is a list of keys and values.\nABCD: 1234\n"],
-                        SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
-    assert len(text) >= 1
+    new_ids = llm.generate(["Below is a list of keys and values.\nABCD: 1234\n"],
+                           SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
+    assert len(new_ids) >= 1
