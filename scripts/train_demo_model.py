@@ -106,9 +106,23 @@ class Row:
     sources: list[int] | None = None
 
 
-def queries_for(task: str, length: int, rng: random.Random) -> int:
-    """How many questions a training row of `length` tokens asks (eval rows ask one)."""
+# Lookup tasks whose context can fill a whole row when the row asks a single question.
+LOOKUP_TASKS = ("kv_retrieval", "multi_kv", "two_hop")
+
+
+def queries_for(task: str, length: int, rng: random.Random, single_frac: float = 0.0) -> int:
+    """How many questions a training row of `length` tokens asks (eval rows ask one).
+
+    Many questions per row give dense supervision, but their answers take up to half the
+    row, so the context holds about half as many lines as an eval prompt of that length.
+    With `single_frac` > 0, that fraction of lookup rows asks one question: its context
+    fills the row, as in eval (as many distractor lines, the same question-to-line
+    distances).  The extra random draw is made only when `single_frac` > 0, so recipes
+    without it reproduce the same batches as before the option existed.
+    """
     if task == "copy":
+        return 1
+    if single_frac > 0 and task in LOOKUP_TASKS and rng.random() < single_frac:
         return 1
     if task == "arithmetic":
         return rng.randint(1, max(1, length // 32))
@@ -221,7 +235,8 @@ def make_drill_row(tokenizer, length: int, seed: str, min_lines: int = 1) -> Row
 
 
 def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
-               task_weights: dict[str, float] = TASK_WEIGHTS, rank: int = 0, world: int = 1):
+               task_weights: dict[str, float] = TASK_WEIGHTS, rank: int = 0, world: int = 1,
+               single_frac: float = 0.0):
     """Rows for `step`: one length per step (no padding waste), mixed tasks and formats.
 
     With `world` data-parallel workers, worker `rank` builds rows rank, rank + world, ...
@@ -236,7 +251,7 @@ def make_batch(tokenizer, step: int, seed: int, max_len: int, batch_tokens: int,
     for r in range(max(world, batch_tokens // length)):
         task = rng.choices(names, weights)[0]
         fmt = rng.choice(tasks.FORMATS)
-        q = queries_for(task, length, rng)
+        q = queries_for(task, length, rng, single_frac)
         if r % world != rank:
             continue
         row_seed = f"train/{seed}/{step}/{r}"
@@ -545,7 +560,7 @@ def train_worker(rank: int, args) -> None:
         max_len, batch_tokens = stage_of(step, stages)
         mix = early_weights if step < args.early_steps else weights
         ids, mask, sources, names = make_batch(tokenizer, step, args.seed, max_len, batch_tokens, mix,
-                                               rank, world)
+                                               rank, world, args.single_question_frac)
         ids, mask, sources = ids.to(device), mask.to(device), sources.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args)
@@ -688,6 +703,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--early-task-weights", default=None,
                    help="training mixture for the first --early-steps steps (default: --task-weights)")
     p.add_argument("--early-steps", type=int, default=0)
+    p.add_argument("--single-question-frac", type=float, default=0.0,
+                   help="fraction of lookup rows (kv_retrieval, multi_kv, two_hop) that ask one question, "
+                        "so their context fills the row as in eval")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lm-loss-weight", type=float, default=0.0,

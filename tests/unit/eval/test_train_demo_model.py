@@ -135,6 +135,33 @@ def test_worker_shards_partition_the_steps_batch(tokenizer) -> None:
     assert shards[0][3] + shards[1][3] != [] and len(shards[0][3]) >= len(shards[1][3])
 
 
+def test_single_question_rows_fill_the_row_with_context(tokenizer) -> None:
+    # --single-question-frac 1: every lookup row asks one question, as an eval prompt does,
+    # so nearly the whole row is context lines; without it, lookup rows of this length ask
+    # several questions whose answers take a large share of the row.
+    weights = {"kv_retrieval": 0.5, "multi_kv": 0.25, "two_hop": 0.25}
+    questions = {0.0: [], 1.0: []}
+    for frac in questions:
+        for step in range(6):
+            ids, _, _, names = train.make_batch(tokenizer, step, 0, 512, 4096, weights, single_frac=frac)
+            assert set(names) <= set(train.LOOKUP_TASKS)
+            for row in ids.tolist():
+                text = tokenizer.decode([i for i in row if i != tokenizer.pad_token_id])
+                questions[frac].append(text.count("Question: "))
+    assert set(questions[1.0]) == {1}
+    assert sum(questions[0.0]) > 2 * len(questions[0.0]), "the default keeps multi-question rows"
+
+
+def test_single_question_frac_zero_keeps_the_random_stream() -> None:
+    # Recipes written before the option existed must rebuild the same batches: with the
+    # fraction at 0, a kv_retrieval row draws only its question count, as it always did.
+    import random
+    ref, got = random.Random(3), random.Random(3)
+    expected = [ref.randint(1024 // 96, 1024 // 32) for _ in range(20)]
+    assert [train.queries_for("kv_retrieval", 1024, got, 0.0) for _ in range(20)] == expected
+    assert got.random() == ref.random()
+
+
 def test_two_workers_train_and_save_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "model"
     train.main(["--out", str(out), "--workers", "2", "--threads", "1", "--stages", "64:4:1024",
