@@ -152,6 +152,27 @@ def test_single_question_rows_fill_the_row_with_context(tokenizer) -> None:
     assert sum(questions[0.0]) > 2 * len(questions[0.0]), "the default keeps multi-question rows"
 
 
+def test_copy_rows_vary_in_line_count_only_with_vary_copy(tokenizer) -> None:
+    # Fixed-length copy rows all hold the same number of lines (a model can then copy by a
+    # fixed distance back); --vary-copy-length draws each row's length, so the counts differ.
+    counts = {False: set(), True: set()}
+    for vary in counts:
+        for step in range(3):
+            ids, _, _, names = train.make_batch(tokenizer, step, 0, 512, 4096, {"copy": 1.0}, vary_copy=vary)
+            for row in ids.tolist():
+                text = tokenizer.decode([i for i in row if i != tokenizer.pad_token_id])
+                # One quoted line per text line: the first follows "Answer: ", the last precedes EOS.
+                text = text.replace("Answer: ", "Answer:\n").replace(tokenizer.eos_token, "\n")
+                context, answer = text.split("Question: ", 1)
+                lines = tasks.parse_lines(context)
+                assert list(tasks.parse_lines(answer).items()) == list(lines.items()), "the answer copies the list"
+                counts[vary].add((step, len(lines)))
+            assert names == ["copy"] * len(names)
+    per_step = lambda c: [len({n for s, n in c if s == step}) for step in range(3)]  # noqa: E731
+    assert max(per_step(counts[False])) <= 2, "fixed length: (almost) one line count per step and format"
+    assert min(per_step(counts[True])) >= 4
+
+
 def test_single_question_frac_zero_keeps_the_random_stream() -> None:
     # Recipes written before the option existed must rebuild the same batches: with the
     # fraction at 0, a kv_retrieval row draws only its question count, as it always did.
