@@ -16,7 +16,6 @@ Two probes, both with transformers (the reference implementation, not the engine
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -75,8 +74,7 @@ def retrieval_misses(model, tok, length: int, num: int, fmt: str) -> dict:
         if tasks.score(inst, output):
             counts["right"] += 1
             continue
-        key = re.search(r"value of ([A-Z]{4})", inst.prompt).group(1)
-        counts[classify_miss(inst.prompt, key, output)] += 1
+        counts[classify_miss(inst.prompt, inst.metadata["key"], output)] += 1
         miss_depths.append(round(inst.metadata["depth"], 2))
     return {"counts": counts, "miss_depths": miss_depths}
 
