@@ -4,26 +4,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+# Accepted dtype names -> the canonical name (a torch attribute).  Plain strings, so
+# that this module, and the core that imports it, never import torch; the torch
+# dtype is resolved on the device side (kvserve.worker.dtypes.parse_dtype).
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
-def parse_dtype(dtype: "str | torch.dtype") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def canonical_dtype(dtype: str) -> str:
+    """"fp16" -> "float16"; a clear ValueError for an unknown name."""
     try:
-        return _DTYPES[str(dtype).lower()]
+        return DTYPE_NAMES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}") from None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kvserve.core.hashing import BlockHash, hash_block
+from kvserve.hashing import BlockHash, hash_block
 from kvserve.sampling_params import SamplingParams
 
 

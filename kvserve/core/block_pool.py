@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from kvserve.core.hashing import BlockHash
+from kvserve.hashing import BlockHash
 
 
 @dataclass(slots=True, eq=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from kvserve.core.block_pool import BlockPool, KVBlock
-from kvserve.core.hashing import BlockHash
+from kvserve.hashing import BlockHash
 from kvserve.request import Request
 
 

@@ -38,7 +38,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvserve.core.hashing import BlockHash
+from kvserve.hashing import BlockHash
+from kvserve.protocol import KVLoad, KVSave  # step types, re-exported here for older imports
 from kvserve.request import Request, RequestStatus
 
 
@@ -56,23 +57,6 @@ class OffloadPolicy(str, enum.Enum):
             raise ValueError(
                 f"kv_offload_policy must be one of {[p.value for p in cls]}, got {value!r}"
             ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class KVSave:
-    """Copy device block `block_id` (content of `block_hash`) out to the tiers."""
-
-    block_hash: BlockHash
-    block_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class KVLoad:
-    """Copy loaded host blocks [first, first + len(block_ids)) of `request_id` into these device blocks."""
-
-    request_id: str
-    first: int
-    block_ids: list[int]
 
 
 @dataclass(slots=True)

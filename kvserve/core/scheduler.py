@@ -17,64 +17,17 @@ device pool for the tiers are listed in SchedulerOutput.kv_saves.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
-from kvserve.core.kv_offload import KVLoad, KVOffloadManager, KVSave
+from kvserve.core.kv_offload import KVOffloadManager
 from kvserve.core.policies import make_waiting_queue
+from kvserve.protocol import KVLoad, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.request import Request, RequestStatus
-from kvserve.sampling_params import SamplingParams
 
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a step (plain data for the model runner)."""
-
-    request_id: str
-    token_ids: list[int]  # the tokens whose K/V are computed this step
-    start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
-    block_ids: list[int]  # the request's whole block table
-    sample: bool  # this chunk reaches the end of the sequence: sample a token
-    sampling_params: SamplingParams
-    # Token history for penalties; shared references, read-only for the runner.
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    generator_key: tuple[str, int]  # (request id, sample index): per-request RNG identity
-    prompt_logprobs: bool  # compute logprobs for the prompt positions in this chunk
-
-
-@dataclass
-class SchedulerOutput:
-    requests: list[ScheduledRequest] = field(default_factory=list)
-    num_batched_tokens: int = 0
-    preempted_ids: list[str] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)  # freed since last step
-    # Offload tiers: the runner first copies kv_saves out of the device pool
-    # (their blocks may be reused by this very step), then kv_loads in, then
-    # runs the forward.
-    kv_saves: list[KVSave] = field(default_factory=list)
-    kv_loads: list[KVLoad] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.requests
-
-
-@dataclass(slots=True)
-class SampledToken:
-    token_id: int
-    logprobs: Optional[dict[int, float]] = None  # top-k + the sampled token
-
-
-@dataclass
-class ModelRunnerOutput:
-    # request_id -> tokens sampled this step (one per request; more later for
-    # speculative decoding).
-    sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
-    # request_id -> logprob dicts for the prompt positions computed this step.
-    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+# The step types live in kvserve.protocol; re-exported here for older imports.
+__all__ = ["Scheduler", "ModelRunnerOutput", "SampledToken", "ScheduledRequest", "SchedulerOutput"]
 
 
 class Scheduler:

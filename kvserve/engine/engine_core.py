@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from kvserve.config import CacheConfig, KVTierConfig, SchedulerConfig, parse_dtype
+from kvserve.config import CacheConfig, KVTierConfig, SchedulerConfig
+from kvserve.worker.dtypes import parse_dtype
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler
 from kvserve.models.loader import load_model

@@ -17,7 +17,7 @@ from torch import nn
 
 from kvserve.models.model_config import ModelArchConfig
 from kvserve.models.rope import RotaryEmbedding, apply_rope
-from kvserve.worker.attention.base import ForwardContext
+from kvserve.protocol import ForwardContext
 
 
 class RMSNorm(nn.Module):

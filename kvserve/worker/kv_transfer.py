@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from kvserve.core.hashing import BlockHash
-from kvserve.core.kv_offload import KVLoad, KVSave
+from kvserve.hashing import BlockHash
+from kvserve.protocol import KVLoad, KVSave
 
 
 class HostBlockIO(Protocol):

@@ -13,10 +13,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from kvserve.core.scheduler import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.models.model_config import ModelArchConfig
+from kvserve.protocol import (
+    AttentionMetadata, ForwardContext, ModelRunnerOutput, PrefillSeq, SampledToken, ScheduledRequest, SchedulerOutput,
+)
 from kvserve.worker.attention import get_attention_backend, resolve_backend_name
-from kvserve.worker.attention.base import AttentionMetadata, ForwardContext, PrefillSeq
 from kvserve.worker.kv_transfer import KVTransfer
 from kvserve.worker.sampler import Sampler, SamplingRow, top_logprobs
 

@@ -11,40 +11,14 @@ request whose query is a single token), then each prefill chunk contiguously.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
+# The forward-context types live in kvserve.protocol (the models import them from
+# there); re-exported here for the backends and older imports.
+from kvserve.protocol import AttentionMetadata, ForwardContext, PrefillSeq
 
-@dataclass
-class PrefillSeq:
-    q_start: int  # offset of the chunk in the flattened batch
-    q_len: int
-    start_pos: int  # tokens already in the cache before this chunk
-    block_ids: torch.Tensor  # [num_blocks] long, covering start_pos + q_len tokens
-
-    @property
-    def ctx_len(self) -> int:
-        return self.start_pos + self.q_len
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] long: cache slot (block_id * block_size + offset) of each new token
-    num_decode_tokens: int  # the first D tokens are single-token queries
-    decode_block_tables: Optional[torch.Tensor]  # [D, max_blocks] long, padded with block 0
-    decode_seq_lens: Optional[torch.Tensor]  # [D] long: context length including the new token
-    decode_mask: Optional[torch.Tensor]  # [D, 1, 1, max_blocks * block_size] bool, True = attend
-    prefills: list[PrefillSeq] = field(default_factory=list)
-    block_size: int = 16
-
-
-@dataclass
-class ForwardContext:
-    backend: "AttentionBackend"
-    kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-    meta: AttentionMetadata
+__all__ = ["AttentionBackend", "AttentionMetadata", "ForwardContext", "PrefillSeq"]
 
 
 class AttentionBackend(ABC):

@@ -1,0 +1,128 @@
+"""The types one engine step passes between components.
+
+    Scheduler --SchedulerOutput--> executor (model runner, or a cost model) --ModelRunnerOutput--> Scheduler
+
+Step inputs and outputs are plain data (ints, lists, strings, SamplingParams):
+no tensors and no live objects, so a step can cross a process boundary and a
+simulator can stand in for the model.  This module imports neither torch nor
+the core, so both sides (core/ and worker/) depend on it and not on each other.
+
+The forward-context types at the end are the other contract: the one the model
+files have with the attention backends.  They hold tensors, live only inside
+the executor and never cross a process boundary; torch is imported for type
+checking only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from kvserve.hashing import BlockHash
+from kvserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvserve.worker.attention.base import AttentionBackend
+
+
+# ----------------------------------------------------------------- KV transfers
+@dataclass(frozen=True, slots=True)
+class KVSave:
+    """Copy device block `block_id` (content of `block_hash`) out to the tiers."""
+
+    block_hash: BlockHash
+    block_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVLoad:
+    """Copy loaded host blocks [first, first + len(block_ids)) of `request_id` into these device blocks."""
+
+    request_id: str
+    first: int
+    block_ids: list[int]
+
+
+# ------------------------------------------------------------------- step input
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step (plain data for the executor)."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens whose K/V are computed this step
+    start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # this chunk reaches the end of the sequence: sample a token
+    sampling_params: SamplingParams
+    # Token history for penalties; shared references, read-only for the runner.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator_key: tuple[str, int]  # (request id, sample index): per-request RNG identity
+    prompt_logprobs: bool  # compute logprobs for the prompt positions in this chunk
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # freed since last step
+    # Offload tiers: the runner first copies kv_saves out of the device pool
+    # (their blocks may be reused by this very step), then kv_loads in, then
+    # runs the forward.
+    kv_saves: list[KVSave] = field(default_factory=list)
+    kv_loads: list[KVLoad] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+# ------------------------------------------------------------------ step output
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprobs: Optional[dict[int, float]] = None  # top-k + the sampled token
+
+
+@dataclass
+class ModelRunnerOutput:
+    # request_id -> tokens sampled this step (one per request; more later for
+    # speculative decoding).
+    sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
+    # request_id -> logprob dicts for the prompt positions computed this step.
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+
+
+# ------------------------------------------------- forward context (executor only)
+@dataclass
+class PrefillSeq:
+    q_start: int  # offset of the chunk in the flattened batch
+    q_len: int
+    start_pos: int  # tokens already in the cache before this chunk
+    block_ids: "torch.Tensor"  # [num_blocks] long, covering start_pos + q_len tokens
+
+    @property
+    def ctx_len(self) -> int:
+        return self.start_pos + self.q_len
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: "torch.Tensor"  # [T] long: cache slot (block_id * block_size + offset) of each new token
+    num_decode_tokens: int  # the first D tokens are single-token queries
+    decode_block_tables: Optional["torch.Tensor"]  # [D, max_blocks] long, padded with block 0
+    decode_seq_lens: Optional["torch.Tensor"]  # [D] long: context length including the new token
+    decode_mask: Optional["torch.Tensor"]  # [D, 1, 1, max_blocks * block_size] bool, True = attend
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    block_size: int = 16
+
+
+@dataclass
+class ForwardContext:
+    """Everything a model's attention layers need for one step, passed down the forward call."""
+
+    backend: "AttentionBackend"
+    kv_caches: list["torch.Tensor"]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata
