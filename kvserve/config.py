@@ -1,6 +1,7 @@
 """Engine configuration: frozen dataclasses validated on construction."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,6 +65,10 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
 
+# When blocks go down to the KV tiers (KVTierConfig.offload_policy; the server's --kv-offload-policy).
+OFFLOAD_POLICIES = ("auto", "evict", "finish")
+
+
 @dataclass(frozen=True)
 class KVTierConfig:
     """KV offload tiers below the device pool (see docs/kv_tiers.md).
@@ -73,26 +78,33 @@ class KVTierConfig:
     codec: default codec of every tier ("raw", "int8", "fp8", "cachegen[-...]"); a tier
         may override it with ":codec=NAME".
     offload_policy: "evict" saves a cached block when the device pool evicts it for
-        reuse; "finish" saves a request's full blocks when it finishes.
+        reuse; "finish" saves a request's full blocks when it finishes; "auto" (the
+        default) is "finish" when some tier is persistent (disk, Redis), so a restart
+        finds what was computed, and "evict" for memory-only tiers.  Whatever the
+        policy, closing the engine also writes its still-cached device blocks to the
+        persistent tiers.
     write_policy: the store's "write_through" (every tier on each save) or "demote".
     """
 
     tiers: Optional[str] = None
     codec: str = "raw"
-    offload_policy: str = "evict"
+    offload_policy: str = "auto"
     write_policy: str = "write_through"
     # Only fetch from the tiers when at least this many blocks beyond the device hit are there.
     min_load_blocks: int = 1
     # Host memory the saver may hold in copied-out blocks before it drops new saves.
     max_pending_save_bytes: int = 256 * 1024**2
+    # Closing the engine waits at most this long for queued saves and the flush of device blocks.
+    close_timeout_s: float = 60.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.tiers and self.tiers.strip())
 
     def __post_init__(self) -> None:
-        if self.offload_policy not in ("evict", "finish"):
-            raise ValueError(f"kv_offload_policy must be 'evict' or 'finish', got {self.offload_policy!r}")
+        if self.offload_policy not in OFFLOAD_POLICIES:
+            raise ValueError(f"kv_offload_policy must be one of {list(OFFLOAD_POLICIES)}, "
+                             f"got {self.offload_policy!r}")
         if self.write_policy not in ("write_through", "demote"):
             raise ValueError(f"kv tier write_policy must be 'write_through' or 'demote', got {self.write_policy!r}")
         if not self.codec:
@@ -101,3 +113,88 @@ class KVTierConfig:
             raise ValueError(f"min_load_blocks must be >= 1, got {self.min_load_blocks}")
         if self.max_pending_save_bytes < 0:
             raise ValueError(f"max_pending_save_bytes must be >= 0, got {self.max_pending_save_bytes}")
+        if not self.close_timeout_s >= 0:
+            raise ValueError(f"close_timeout_s must be >= 0, got {self.close_timeout_s}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights, in which dtype; `model` is a resolved local model directory."""
+
+    model: str
+    tokenizer: Optional[str] = None  # a tokenizer directory other than the model's
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"
+    attention_backend: str = "auto"  # see kvserve.worker.attention
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of one engine, passed whole from LLMEngine down to the components:
+    each component takes the config object it needs, never a copy field by field."""
+
+    model: ModelConfig
+    device: DeviceConfig = DeviceConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    kv_tiers: KVTierConfig = KVTierConfig()
+
+
+@dataclass
+class EngineArgs:
+    """The user-facing engine keyword arguments, named like vLLM's (`LLM(model, **kwargs)`,
+    the server's engine kwargs), turned into an EngineConfig by `create_engine_config`."""
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: Optional[int] = None
+    num_kv_blocks: Optional[int] = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_model_len: Optional[int] = None  # None: the scheduler's default, capped by the model's own limit
+    scheduling_policy: str = "fcfs"
+    attention_backend: str = "auto"
+    long_prefill_token_threshold: int = 0
+    kv_tiers: Optional[str] = None
+    kv_codec: str = "raw"
+    kv_offload_policy: str = "auto"
+    kv_tier_write_policy: str = "write_through"
+
+    @classmethod
+    def from_kwargs(cls, model: Optional[str] = None, **kwargs: object) -> EngineArgs:
+        """EngineArgs from keyword arguments; a TypeError names every unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; see kvserve.config.EngineArgs")
+        return cls(model=model, **kwargs)  # type: ignore[arg-type]
+
+    def create_engine_config(self, model_dir: str) -> EngineConfig:
+        """Validate every value (ValueError names the bad one) and group them by component."""
+        scheduler_kwargs: dict[str, object] = dict(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            policy=self.scheduling_policy, long_prefill_token_threshold=self.long_prefill_token_threshold)
+        if self.max_model_len is not None:
+            scheduler_kwargs["max_model_len"] = self.max_model_len
+        return EngineConfig(
+            model=ModelConfig(model=model_dir, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed),
+            device=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
+            cache=CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
+                              num_kv_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching),
+            scheduler=SchedulerConfig(**scheduler_kwargs),  # type: ignore[arg-type]
+            kv_tiers=KVTierConfig(tiers=self.kv_tiers, codec=self.kv_codec, offload_policy=self.kv_offload_policy,
+                                  write_policy=self.kv_tier_write_policy),
+        )

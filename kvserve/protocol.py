@@ -15,7 +15,7 @@ checking only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from kvserve.hashing import BlockHash
 from kvserve.sampling_params import SamplingParams
@@ -93,6 +93,14 @@ class ModelRunnerOutput:
     sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
     # request_id -> logprob dicts for the prompt positions computed this step.
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """Runs steps: the model runner (kvserve.worker.model_runner), or anything with its
+    interface, e.g. a cost model in a simulator.  A step with no requests still carries
+    bookkeeping (finished ids, KV saves) the executor must apply."""
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput: ...
 
 
 # ------------------------------------------------- forward context (executor only)

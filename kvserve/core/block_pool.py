@@ -176,20 +176,21 @@ class BlockPool:
         return True
 
     def check_integrity(self) -> None:
-        seen = set()
-        for block in self.free_queue:
-            assert block.ref_cnt == 0, f"free block {block.block_id} has ref {block.ref_cnt}"
-            assert block.block_id not in seen, f"block {block.block_id} twice in free queue"
-            seen.add(block.block_id)
-        assert len(seen) == self.free_queue.num_free, "free count mismatch"
-        for block in self.blocks:
-            assert block.ref_cnt >= 0
-            assert (block.ref_cnt == 0) == block.in_free_queue, (
-                f"block {block.block_id}: ref {block.ref_cnt}, in_free_queue {block.in_free_queue}"
-            )
-            if block.block_hash is not None:
-                assert self.cached.get(block.block_hash) is block, (
-                    f"block {block.block_id} hash not indexed"
-                )
-        for h, block in self.cached.items():
-            assert block.block_hash == h, "cache index points at a block with another hash"
+        """Assert the invariants of the module doc.  O(num_blocks) with comprehensions
+        only, so tests can afford it after every step."""
+        blocks = self.blocks
+        free = list(self.free_queue)
+        assert len(free) == self.free_queue.num_free, "free count mismatch"
+        assert len({b.block_id for b in free}) == len(free), "a block is twice in the free queue"
+        assert all(b.in_free_queue for b in free), "a queued block is not marked free"
+        # Every block marked free is queued (counts match and queued ones are marked),
+        # and marked free <=> ref_cnt == 0.
+        assert sum(b.in_free_queue for b in blocks) == len(free), "a block marked free is not queued"
+        bad = [b.block_id for b in blocks if (b.ref_cnt == 0) != b.in_free_queue or b.ref_cnt < 0]
+        assert not bad, f"blocks {bad[:8]}: ref_cnt and free-queue membership disagree"
+        # `cached` indexes exactly the blocks whose hash is set.
+        hashed = [b for b in blocks if b.block_hash is not None]
+        assert len(hashed) == len(self.cached), "cache index and block hashes disagree in number"
+        cached = self.cached
+        missing = [b.block_id for b in hashed if cached.get(b.block_hash) is not b]  # type: ignore[arg-type]
+        assert not missing, f"blocks {missing[:8]}: hash not indexed"

@@ -185,10 +185,9 @@ class KVCacheManager:
         for req_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]
             assert len(ids) == len(set(ids)), f"{req_id} holds a block twice: {ids}"
-            for b in blocks:
-                refs[b.block_id] += 1
+            for i in ids:
+                refs[i] += 1
             assert self.num_cached_blocks.get(req_id, 0) <= len(blocks)
-        for block in self.pool.blocks:
-            assert block.ref_cnt == refs[block.block_id], (
-                f"block {block.block_id}: ref_cnt {block.ref_cnt} but held {refs[block.block_id]} times"
-            )
+        bad = [b.block_id for b in self.pool.blocks if b.ref_cnt != refs[b.block_id]]
+        assert not bad, (f"block {bad[0]}: ref_cnt {self.pool.blocks[bad[0]].ref_cnt} "
+                         f"but held {refs[bad[0]]} times")

@@ -13,21 +13,30 @@ forward.  Call `close()` to write out queued saves before the process exits.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from kvserve.config import CacheConfig, KVTierConfig, SchedulerConfig
-from kvserve.worker.dtypes import parse_dtype
+from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler
 from kvserve.models.loader import load_model
+from kvserve.models.model_config import ModelArchConfig
+from kvserve.protocol import Executor
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
+from kvserve.worker.dtypes import parse_dtype
 from kvserve.worker.model_runner import ModelRunner, kv_block_bytes
+
+if TYPE_CHECKING:
+    from kvserve.engine.kv_tiers import KVTiers
+
+Clock = Callable[[], float]
 
 logger = logging.getLogger(__name__)
 
@@ -46,77 +55,110 @@ class EngineStats:
     finished_by_reason: dict[str, int] = field(default_factory=dict)
 
 
+def num_kv_blocks(cache: CacheConfig, scheduler: SchedulerConfig, block_bytes: int) -> int:
+    """Device KV blocks for this configuration: the explicit count, else the memory budget's worth
+    (capped at max_num_seqs full-length sequences: more could never be used)."""
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    budget = cache.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+    num_blocks = budget // block_bytes
+    cap = scheduler.max_num_seqs * -(-scheduler.max_model_len // cache.block_size)
+    num_blocks = min(num_blocks, cap)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block ({block_bytes} bytes)")
+    return num_blocks
+
+
 class EngineCore:
-    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                 cache_config: CacheConfig = CacheConfig(), scheduler_config: Optional[SchedulerConfig] = None,
-                 seed: int = 0, attention_backend: str = "auto", eos_token_ids: frozenset[int] = frozenset(),
-                 max_model_len: Optional[int] = None, kv_tier_config: Optional[KVTierConfig] = None) -> None:
-        self.device = torch.device(device)
-        self.dtype = parse_dtype(dtype)
-        if self.device.type == "cpu":
+    """Scheduler + KV manager + any executor with the model runner's interface.
+
+    `EngineCore.from_config` builds the real thing (model, runner, KV tiers); the
+    constructor takes a ready executor, so a cost model can stand in for the model
+    (see tests/unit/core/test_trace_replay.py).  `config.scheduler.max_model_len`
+    must already be the effective limit (from_config resolves it against the model).
+    """
+
+    def __init__(self, config: EngineConfig, executor: Executor, *, num_kv_blocks: int, vocab_size: int,
+                 eos_token_ids: frozenset[int] = frozenset(), kv_tiers: Optional[KVTiers] = None,
+                 clock: Clock = time.time) -> None:
+        self.config = config
+        self.executor = executor
+        self.clock = clock
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = config.scheduler.max_model_len
+        self.scheduler_config = config.scheduler
+        self.cache_config = config.cache
+        cc = config.cache
+        self.kv_manager = KVCacheManager(num_kv_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.kv_tiers = kv_tiers
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager,
+                                   offload=kv_tiers.manager if kv_tiers is not None else None)
+        self.stats = EngineStats()
+        # Set by from_config (None for an executor built elsewhere).
+        self.model: Optional[torch.nn.Module] = None
+        self.arch: Optional[ModelArchConfig] = None
+
+    @property
+    def runner(self) -> Executor:
+        """The executor (a ModelRunner when built by from_config)."""
+        return self.executor
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset()) -> EngineCore:
+        """Load the model, size the KV pool, build the runner and the KV tiers."""
+        device = torch.device(config.device.device)
+        dtype = parse_dtype(config.model.dtype)
+        if device.type == "cpu":
             from kvserve.utils.cpu_alloc import tune_malloc
 
             tune_malloc()
-        torch.manual_seed(seed)
+        torch.manual_seed(config.model.seed)
         from kvserve.models.model_config import parse_model_config
 
-        arch = parse_model_config(model_dir)
+        model_dir = config.model.model
+        arch = parse_model_config(Path(model_dir))
         limit = arch.max_position_embeddings
         if arch.sliding_window and arch.sliding_window < limit:
             logger.warning("model uses a sliding window of %d tokens; max_model_len is capped to it",
                            arch.sliding_window)
             limit = arch.sliding_window
-        if max_model_len is None:
-            max_model_len = scheduler_config.max_model_len if scheduler_config else limit
-        self.max_model_len = min(max_model_len, limit)
-        self.model, self.arch = load_model(model_dir, self.dtype, self.device, max_positions=self.max_model_len)
-        sc = scheduler_config or SchedulerConfig()
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
-            max_model_len=self.max_model_len, policy=sc.policy,
-            long_prefill_token_threshold=sc.long_prefill_token_threshold,
-        )
-        self.cache_config = cache_config
-        block_bytes = kv_block_bytes(self.arch, cache_config.block_size, self.dtype)
-        if cache_config.num_kv_blocks is not None:
-            num_blocks = cache_config.num_kv_blocks
-        else:
-            budget = cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-            num_blocks = budget // block_bytes
-            # No point in more blocks than max_num_seqs full-length sequences.
-            cap = self.scheduler_config.max_num_seqs * -(-self.max_model_len // cache_config.block_size)
-            num_blocks = min(num_blocks, cap)
-            if num_blocks < 1:
-                raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block ({block_bytes} bytes)")
-        self.kv_manager = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
-        self.kv_tiers = None
-        if kv_tier_config is not None and kv_tier_config.enabled:
-            if not cache_config.enable_prefix_caching:
+        max_model_len = min(config.scheduler.max_model_len, limit)
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                           max_model_len=max_model_len))
+        model, arch = load_model(model_dir, dtype, device, max_positions=max_model_len)
+        cc = config.cache
+        block_bytes = kv_block_bytes(arch, cc.block_size, dtype)
+        num_blocks = num_kv_blocks(cc, config.scheduler, block_bytes)
+        kv_tiers = None
+        if config.kv_tiers.enabled:
+            if not cc.enable_prefix_caching:
                 raise ValueError("kv_tiers needs enable_prefix_caching=True (tier blocks are found by hash)")
             from kvserve.engine.kv_tiers import KVTiers
 
-            self.kv_tiers = KVTiers(kv_tier_config, model_dir, self.arch, self.dtype, cache_config.block_size)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager,
-                                   offload=self.kv_tiers.manager if self.kv_tiers else None)
-        self.eos_token_ids = eos_token_ids or frozenset(self.arch.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.arch, num_blocks, cache_config.block_size, self.dtype,
-                                  self.device, self.eos_token_ids, attention_backend, seed)
-        if self.kv_tiers is not None:
-            self.runner.kv_transfer = self.kv_tiers.attach(self.runner.kv_caches)
-        self.stats = EngineStats()
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cache_config.block_size,
+            kv_tiers = KVTiers(config.kv_tiers, model_dir, arch, dtype, cc.block_size)
+        eos = eos_token_ids or frozenset(arch.eos_token_ids)
+        runner = ModelRunner(model, arch, num_blocks, cc.block_size, dtype, device, eos,
+                             config.device.attention_backend, config.model.seed)
+        if kv_tiers is not None:
+            runner.kv_transfer = kv_tiers.attach(runner.kv_caches)
+        core = cls(config, runner, num_kv_blocks=num_blocks, vocab_size=arch.vocab_size, eos_token_ids=eos,
+                   kv_tiers=kv_tiers)
+        core.model, core.arch = model, arch
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cc.block_size,
                     num_blocks * block_bytes / 2**20)
+        return core
 
     # ------------------------------------------------------------- requests
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      arrival_time: Optional[float] = None, priority: int = 0,
                      sample_index: int = 0, parent_id: Optional[str] = None) -> Request:
-        bad = [t for t in prompt_token_ids if not (0 <= t < self.arch.vocab_size)]
+        bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
         if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}")
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return Request(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
-            eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or time.time(), priority=priority,
+            eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or self.clock(), priority=priority,
             parent_id=parent_id, sample_index=sample_index, num_samples_to_fork=params.n,
             block_size=self.cache_config.block_size,
         )
@@ -139,12 +181,12 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if sched.finished_ids or sched.kv_saves:
-                self.runner.execute(sched)  # let the runner drop per-request state, copy saves out
+                self.executor.execute(sched)  # let the runner drop per-request state, copy saves out
             if self.kv_tiers is not None and self.scheduler.num_waiting_for_kv:
                 self.kv_tiers.io.wait_for_load(_IDLE_LOAD_WAIT_S)  # nothing runnable until a load lands
             return []
         try:
-            result = self.runner.execute(sched)
+            result = self.executor.execute(sched)
         except Exception as exc:  # a failure fails this step's requests, not the engine
             logger.exception("model step failed; failing %d requests", len(sched.requests))
             failed = []
@@ -196,8 +238,35 @@ class EngineCore:
         d["num_waiting_for_kv"] = self.scheduler.num_waiting_for_kv
         return d
 
-    def close(self) -> None:
-        """Write out queued KV saves and stop the tier threads (idempotent)."""
-        if self.kv_tiers is not None:
+    # ------------------------------------------------------------ verbs
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Scheduler, KV cache and step counters (EngineStatsSnapshot's engine-side fields)."""
+        kv = self.kv_manager
+        return dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                    kv_cache_usage=kv.usage(), num_free_blocks=kv.num_free_blocks,
+                    prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
+                    num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.num_steps)
+
+    def kv_tier_io_pending(self) -> bool:
+        """True while KV tier threads still load or save (their counters will move)."""
+        return self.kv_tiers is not None and not self.kv_tiers.io.drain(timeout=0)
+
+    def close(self, timeout: Optional[float] = None, flush_device_blocks: bool = True) -> bool:
+        """Write out queued KV saves and, with a persistent tier, the blocks still cached in
+        the device pool that no tier holds; then stop the tier threads.  Waits at most
+        `timeout` s (default: the tier config's close_timeout_s); True when every save was
+        written.  Idempotent.  `flush_device_blocks=False` after a step that did not
+        complete (an exception escaped it): blocks it registered may hold KV never
+        written, so nothing from the pool is copied out, only saves already copied."""
+        tiers = self.kv_tiers
+        if tiers is None or tiers.io.closed:
+            return True
+        timeout = tiers.config.close_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if flush_device_blocks:
             self.flush_kv_saves()
-            self.kv_tiers.close()
+            cached = [(h, block.block_id) for h, block in self.kv_manager.pool.cached.items()]
+            tiers.persist_cached(cached, timeout)
+        else:
+            tiers.manager.take_pending_saves()
+        return tiers.close(max(0.0, deadline - time.monotonic()))

