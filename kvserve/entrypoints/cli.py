@@ -16,6 +16,7 @@ _SUBCOMMAND_MODULES: list[tuple[str, str]] = [
     ("kvserve.entrypoints.serve_cli", "register"),
     ("kvserve.bench.cli", "register"),
     ("kvserve.eval.cli", "register"),
+    ("kvserve.router.cli", "register"),
 ]
 
 
