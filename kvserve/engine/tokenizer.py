@@ -1,4 +1,4 @@
-"""Tokenizer loading from a local model directory (nothing is downloaded)."""
+"""Tokenizer loading from a local model directory or GGUF file (nothing is downloaded)."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,17 @@ from typing import Any
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a model directory or a .gguf file (from its metadata); FileNotFoundError
+    when there is none."""
+    path = Path(path)
+    from kvserve.models.gguf.reader import is_gguf_path
+
+    if is_gguf_path(path):
+        from kvserve.models.gguf.checkpoint import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
 
-    path = Path(path)
     has_files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     if not has_files:
         raise FileNotFoundError(

@@ -132,7 +132,7 @@ def _namespace_digest(ns: KVNamespace) -> bytes:
 
 
 def model_fingerprint(model_dir: str | os.PathLike[str], sample_bytes: int = 1 << 16) -> str:
-    """A cheap identity for the weights in a local HF model directory.
+    """A cheap identity for the weights in a local HF model directory (or a .gguf file).
 
     Hashes config.json and, for each *.safetensors/*.bin file, its name, size
     and 16 evenly spaced samples of `sample_bytes` bytes (the file head holds
@@ -145,7 +145,10 @@ def model_fingerprint(model_dir: str | os.PathLike[str], sample_bytes: int = 1 <
     cfg = root / "config.json"
     if cfg.exists():
         h.update(cfg.read_bytes())
-    weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if root.is_file():  # a single-file checkpoint (.gguf): config and weights in one file
+        weights = [root]
+    else:
+        weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin"))
     for p in weights:
         size = p.stat().st_size
         h.update(f"{p.name}\0{size}\0".encode())

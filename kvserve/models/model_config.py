@@ -70,14 +70,27 @@ def rope_settings(cfg: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]
 SUPPORTED_ROPE_TYPES = ("llama3", "linear")
 
 
-def parse_model_config(model_dir: Path) -> ModelArchConfig:
-    path = Path(model_dir) / "config.json"
+def parse_model_config(model_dir: str | Path) -> ModelArchConfig:
+    """The model facts from `model_dir`/config.json, or from a .gguf file's metadata."""
+    path = Path(model_dir)
+    from kvserve.models.gguf.reader import is_gguf_path
+
+    if is_gguf_path(path):
+        from kvserve.models.gguf.checkpoint import gguf_config_dict
+
+        return arch_config_from_dict(gguf_config_dict(path), path)
+    path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a model directory needs a Hugging Face config.json")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return arch_config_from_dict(cfg, path)
+
+
+def arch_config_from_dict(cfg: dict[str, Any], path: Path) -> ModelArchConfig:
+    """Validate an HF config dict; errors name `path` (the config.json or the .gguf it came from)."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else ""
     from kvserve.models.registry import SUPPORTED_ARCHITECTURES
