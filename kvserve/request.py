@@ -7,7 +7,6 @@ Chunked prefill, prefix-cache hits and preemption by recompute are all just
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,14 +40,30 @@ class RequestStatus(enum.IntEnum):
         }.get(self)
 
 
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Latency targets of one request (plain data for SLO-aware policies); None: no target."""
+
+    ttft_s: Optional[float] = None  # time to first token, from arrival
+    tpot_s: Optional[float] = None  # time per output token after the first
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"slo {name} must be > 0 seconds, got {v!r}")
+
+
 @dataclass
 class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
-    arrival_time: float = field(default_factory=time.time)
+    arrival_time: float = 0.0  # on the scheduler's clock; the engine stamps it on arrival
     priority: int = 0  # lower value is served first (as in vLLM)
+    tenant: Optional[str] = None  # who the request is accounted to (fair-share policies)
+    slo: Optional[SLO] = None
     # For n > 1: the id of the user-facing request and this sample's index.
     parent_id: Optional[str] = None
     sample_index: int = 0

@@ -1,7 +1,18 @@
-"""Queue orderings for waiting requests, and the matching preemption victim rule.
+"""Scheduling policies: objects that order both queues and pick preemption victims.
 
-A policy is a small ordering over plain request state; add one here and name
-it in `SchedulerConfig.policy`.
+A policy *is* the waiting queue (add / add_preempted / peek / pop / remove,
+iteration in service order), and it also decides
+
+  order_running(running)  the order in which running requests get the step's budget;
+  victim(candidates)      which running request loses its blocks when they run out;
+
+and it may keep state across steps (per-tenant counters, deadlines) through
+the hooks `on_scheduled` and `on_finished`, which the scheduler calls with
+plain request state (`priority`, `tenant`, `slo`, arrival time, token counts).
+Time comes from the injected clock, never from `time` directly.
+
+Add one here and name it in `POLICIES` (SchedulerConfig.policy), or pass an
+instance to `Scheduler(policy=...)`.
 """
 from __future__ import annotations
 
@@ -9,12 +20,26 @@ import heapq
 import itertools
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional, Sequence
 
+from kvserve.core.clock import Clock, wall_clock
 from kvserve.request import Request
 
 
-class WaitingQueue(ABC):
+def _is_prefilling(request: Request) -> bool:
+    """More than one token to compute: a prefill chunk (or a recompute), not a decode."""
+    return request.num_tokens - request.num_computed_tokens > 1
+
+
+class SchedulingPolicy(ABC):
+    """The waiting queue in service order, the running order and the victim rule."""
+
+    name: ClassVar[str] = "abstract"
+
+    def __init__(self, clock: Clock = wall_clock) -> None:
+        self.clock = clock
+
+    # ------------------------------------------------------- waiting queue
     @abstractmethod
     def add(self, request: Request) -> None: ...
 
@@ -37,14 +62,35 @@ class WaitingQueue(ABC):
     @abstractmethod
     def __iter__(self) -> Iterator[Request]: ...
 
-    @staticmethod
+    # ------------------------------------------------------- running order
+    def order_running(self, running: Sequence[Request]) -> list[Request]:
+        """Order in which running requests get the step's token budget.
+
+        Default (stall-free batching, Sarathi-Serve): decodes first, then the
+        unfinished prefill chunks, each group in admission order.
+        """
+        return sorted(running, key=_is_prefilling)
+
+    # ---------------------------------------------------------- preemption
     @abstractmethod
-    def victim(running: list[Request]) -> Request:
-        """The running request to preempt when blocks run out."""
+    def victim(self, candidates: Sequence[Request]) -> Request:
+        """The running request to preempt when blocks run out (`candidates` is never empty)."""
+
+    # --------------------------------------------------------------- hooks
+    def on_scheduled(self, request: Request, num_tokens: int) -> None:
+        """`request` runs `num_tokens` tokens in the step being built (for usage accounting)."""
+
+    def on_finished(self, request: Request) -> None:
+        """`request` finished (any reason) and left the scheduler."""
 
 
-class FCFSQueue(WaitingQueue):
-    def __init__(self) -> None:
+class FCFSPolicy(SchedulingPolicy):
+    """Arrival order; a preempted request goes back to the front."""
+
+    name = "fcfs"
+
+    def __init__(self, clock: Clock = wall_clock) -> None:
+        super().__init__(clock)
         self._q: deque[Request] = deque()
 
     def add(self, request: Request) -> None:
@@ -68,16 +114,18 @@ class FCFSQueue(WaitingQueue):
     def __iter__(self) -> Iterator[Request]:
         return iter(self._q)
 
-    @staticmethod
-    def victim(running: list[Request]) -> Request:
+    def victim(self, candidates: Sequence[Request]) -> Request:
         # The latest arrival loses its blocks first.
-        return max(running, key=lambda r: r.arrival_time)
+        return max(candidates, key=lambda r: r.arrival_time)
 
 
-class PriorityQueue(WaitingQueue):
+class PriorityPolicy(SchedulingPolicy):
     """Lower `priority` value first, then earlier arrival."""
 
-    def __init__(self) -> None:
+    name = "priority"
+
+    def __init__(self, clock: Clock = wall_clock) -> None:
+        super().__init__(clock)
         self._heap: list[tuple[int, float, int, Request]] = []
         self._counter = itertools.count()
         self._removed: set[int] = set()  # ids of lazily removed entries
@@ -85,7 +133,8 @@ class PriorityQueue(WaitingQueue):
     def add(self, request: Request) -> None:
         heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
 
-    add_preempted = add  # the ordering already puts it back in its place
+    def add_preempted(self, request: Request) -> None:
+        self.add(request)  # the ordering already puts it back in its place
 
     def _prune(self) -> None:
         while self._heap and id(self._heap[0][3]) in self._removed:
@@ -108,16 +157,25 @@ class PriorityQueue(WaitingQueue):
     def __iter__(self) -> Iterator[Request]:
         return (e[3] for e in sorted(self._heap) if id(e[3]) not in self._removed)
 
-    @staticmethod
-    def victim(running: list[Request]) -> Request:
-        return max(running, key=lambda r: (r.priority, r.arrival_time))
+    def victim(self, candidates: Sequence[Request]) -> Request:
+        return max(candidates, key=lambda r: (r.priority, r.arrival_time))
 
 
-POLICIES: dict[str, type[WaitingQueue]] = {"fcfs": FCFSQueue, "priority": PriorityQueue}
+POLICIES: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFSPolicy, "priority": PriorityPolicy}
+
+# Older names.
+WaitingQueue = SchedulingPolicy
+FCFSQueue = FCFSPolicy
+PriorityQueue = PriorityPolicy
 
 
-def make_waiting_queue(policy: str) -> WaitingQueue:
+def make_policy(policy: str, clock: Clock = wall_clock) -> SchedulingPolicy:
     try:
-        return POLICIES[policy]()
+        cls = POLICIES[policy]
     except KeyError:
         raise ValueError(f"unknown scheduling policy {policy!r}; choose from {sorted(POLICIES)}") from None
+    return cls(clock)
+
+
+def make_waiting_queue(policy: str) -> SchedulingPolicy:
+    return make_policy(policy)

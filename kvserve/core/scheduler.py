@@ -16,13 +16,13 @@ device pool for the tiers are listed in SchedulerOutput.kv_saves.
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 from kvserve.config import SchedulerConfig
+from kvserve.core.clock import Clock, wall_clock
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_offload import KVOffloadManager
-from kvserve.core.policies import make_waiting_queue
+from kvserve.core.policies import SchedulingPolicy, make_policy
 from kvserve.protocol import KVLoad, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.request import Request, RequestStatus
 
@@ -32,10 +32,17 @@ __all__ = ["Scheduler", "ModelRunnerOutput", "SampledToken", "ScheduledRequest",
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 offload: Optional[KVOffloadManager] = None) -> None:
+                 offload: Optional[KVOffloadManager] = None, *, policy: Optional[SchedulingPolicy] = None,
+                 clock: Clock = wall_clock) -> None:
+        """`policy`: an instance to use instead of `config.policy`'s; `clock`: where every
+        time the scheduler records comes from (first token, finish)."""
         self.config = config
         self.kv = kv_manager
-        self.waiting = make_waiting_queue(config.policy)
+        self.clock = clock
+        # The policy is the waiting queue (in service order) and also orders the
+        # running requests and picks victims (see core/policies.py).
+        self.policy = policy if policy is not None else make_policy(config.policy, clock)
+        self.waiting = self.policy
         self.running: list[Request] = []
         # Requests whose prefix blocks are being fetched from an offload tier.
         self.waiting_for_kv: dict[str, Request] = {}
@@ -92,13 +99,14 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        request.finish_time = time.time()
+        request.finish_time = self.clock()
         if self.offload is not None:
             self.offload.on_request_finished(request, self.kv.cached_blocks(request))
             self.offload.cancel(request.request_id)
         self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_since_last_step.append(request.request_id)
+        self.policy.on_finished(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0 or bool(self.waiting_for_kv)
@@ -123,8 +131,9 @@ class Scheduler:
             self._requeue_loaded()
         num_new_tokens: dict[str, int] = {}
 
-        # 1. Running requests: decodes first, then unfinished prefill chunks.
-        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        # 1. Running requests, in the policy's order (by default decodes first, then
+        # unfinished prefill chunks).
+        order = self.policy.order_running(self.running)
         scheduled: list[Request] = []
         for request in order:
             if budget <= 0:
@@ -135,7 +144,7 @@ class Scheduler:
             if n <= 0:
                 continue
             while self.kv.allocate_slots(request, n) is None:
-                victim = self.waiting.victim([r for r in self.running if r not in scheduled])
+                victim = self.policy.victim([r for r in self.running if r not in scheduled])
                 self._preempt(victim, out)
                 if victim is request:
                     break
@@ -214,6 +223,7 @@ class Scheduler:
             )
             request.num_computed_tokens = end
             out.num_batched_tokens += n
+            self.policy.on_scheduled(request, n)
         out.finished_ids = self._finished_since_last_step
         self._finished_since_last_step = []
         if self.offload is not None:
@@ -271,7 +281,7 @@ class Scheduler:
     ) -> list[Request]:
         """Append sampled tokens, apply stop rules; return requests that changed."""
         changed: list[Request] = []
-        now = time.time()
+        now = self.clock()
         for sr in sched.requests:
             request = self.requests.get(sr.request_id)
             if request is None:
@@ -344,6 +354,8 @@ class Scheduler:
                 eos_token_ids=parent.eos_token_ids,
                 arrival_time=parent.arrival_time,
                 priority=parent.priority,
+                tenant=parent.tenant,
+                slo=parent.slo,
                 parent_id=group_id,
                 sample_index=i,
                 block_size=parent.block_size,

@@ -28,7 +28,7 @@ from kvserve.core.scheduler import Scheduler
 from kvserve.models.loader import load_model
 from kvserve.models.model_config import ModelArchConfig
 from kvserve.protocol import Executor
-from kvserve.request import Request, RequestStatus
+from kvserve.request import SLO, Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 from kvserve.worker.dtypes import parse_dtype
 from kvserve.worker.model_runner import ModelRunner, kv_block_bytes
@@ -93,7 +93,7 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_kv_blocks, cc.block_size, cc.enable_prefix_caching)
         self.kv_tiers = kv_tiers
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
-                                   offload=kv_tiers.manager if kv_tiers is not None else None)
+                                   offload=kv_tiers.manager if kv_tiers is not None else None, clock=clock)
         self.stats = EngineStats()
         # Set by from_config (None for an executor built elsewhere).
         self.model: Optional[torch.nn.Module] = None
@@ -152,7 +152,8 @@ class EngineCore:
     # ------------------------------------------------------------- requests
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      arrival_time: Optional[float] = None, priority: int = 0,
-                     sample_index: int = 0, parent_id: Optional[str] = None) -> Request:
+                     sample_index: int = 0, parent_id: Optional[str] = None,
+                     tenant: Optional[str] = None, slo: Optional[SLO] = None) -> Request:
         bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
@@ -160,7 +161,7 @@ class EngineCore:
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
             eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or self.clock(), priority=priority,
             parent_id=parent_id, sample_index=sample_index, num_samples_to_fork=params.n,
-            block_size=self.cache_config.block_size,
+            block_size=self.cache_config.block_size, tenant=tenant, slo=slo,
         )
 
     def add_request(self, request: Request) -> None:

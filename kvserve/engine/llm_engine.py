@@ -14,6 +14,7 @@ from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.tokenizer import generation_eos_ids, load_tokenizer
 from kvserve.models.model_config import parse_model_config
 from kvserve.outputs import RequestOutput
+from kvserve.request import SLO
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,10 @@ class LLMEngine:
         raise ValueError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None,
-                    arrival_time: Optional[float] = None, priority: int = 0) -> str:
-        """Validate and queue one request; raises ValueError for a request that can never run."""
+                    arrival_time: Optional[float] = None, priority: int = 0, tenant: Optional[str] = None,
+                    slo: Optional[SLO] = None) -> str:
+        """Validate and queue one request; raises ValueError for a request that can never run.
+        `priority`, `tenant` and `slo` are plain data for the scheduling policy."""
         if self.closed:
             raise RuntimeError("this engine is closed")
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -110,7 +113,7 @@ class LLMEngine:
         arrival_time = arrival_time or time.time()
         internal_id = request_id if params.n == 1 else f"{request_id}#0"
         req = self.core.make_request(internal_id, ids, params, arrival_time, priority,
-                                     parent_id=None if params.n == 1 else request_id)
+                                     parent_id=None if params.n == 1 else request_id, tenant=tenant, slo=slo)
         self.core.add_request(req)  # raises before any state is kept
         self.output_processor.add(request_id, text, ids, params, arrival_time)
         return request_id

@@ -29,7 +29,7 @@ CHILD = textwrap.dedent('''
     from kvserve.config import SchedulerConfig
     from kvserve.core.kv_cache_manager import KVCacheManager
     from kvserve.core.kv_offload import KVOffloadManager, TierEvents
-    from kvserve.core.policies import POLICIES
+    from kvserve.core.policies import POLICIES, make_policy
     from kvserve.core.scheduler import Scheduler
     from kvserve.protocol import ModelRunnerOutput, SampledToken
     from kvserve.request import Request
@@ -45,7 +45,7 @@ CHILD = textwrap.dedent('''
     for policy in sorted(POLICIES):
         kv = KVCacheManager(num_blocks=7, block_size=4)
         s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, policy=policy),
-                      kv, offload=KVOffloadManager(Tier(), 4))
+                      kv, offload=KVOffloadManager(Tier(), 4), clock=lambda: 0.0)
         for i in range(3):
             s.add_request(Request(f"r{i}", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10 + i], SamplingParams(max_tokens=6),
                                   arrival_time=float(i), block_size=4))
@@ -61,6 +61,7 @@ CHILD = textwrap.dedent('''
             assert steps < 100
         report[policy] = {"steps": steps, "preemptions": s.num_preemptions,
                           "hits": kv.prefix_hits, "free": kv.num_free_blocks}
+    assert make_policy("fcfs", lambda: 1.0).clock() == 1.0
     report["torch_loaded"] = "torch" in sys.modules
     print(json.dumps(report))
 ''')

@@ -117,7 +117,7 @@ def make_core(clock: FakeClock, executor: CostModelExecutor) -> EngineCore:
 
 @pytest.mark.skipif(not TRACE.is_file(), reason=f"{TRACE} is not present")
 def test_azure_conv_trace_replays_through_the_real_core_with_a_cost_model():
-    t_wall = time.perf_counter()
+    t_cpu = time.process_time()  # CPU seconds: other processes on a shared CI box do not count
     trace = load_trace()
     clock = FakeClock()
     executor = CostModelExecutor(clock)
@@ -144,7 +144,7 @@ def test_azure_conv_trace_replays_through_the_real_core_with_a_cost_model():
         core.kv_manager.check_integrity()
         held = sum(len(ids) for ids in core.kv_manager.req_blocks.values())
         assert core.kv_manager.num_free_blocks <= NUM_BLOCKS and held >= NUM_BLOCKS - core.kv_manager.num_free_blocks
-    elapsed = time.perf_counter() - t_wall
+    elapsed = time.process_time() - t_cpu
 
     assert len(finished) == NUM_REQUESTS == len(requests)
     for rid, req in requests.items():
@@ -158,4 +158,4 @@ def test_azure_conv_trace_replays_through_the_real_core_with_a_cost_model():
     assert core.scheduler.num_preemptions > 0  # the pool was small enough to exercise preemption
     assert core.kv_manager.prefix_hits > 0
     assert core.stats.num_steps == executor.steps
-    assert elapsed < 5.0, f"replay took {elapsed:.2f} s"
+    assert elapsed < 5.0, f"replay took {elapsed:.2f} CPU s"
