@@ -54,7 +54,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
-        # Samples forked during the last update, for the engine to track.
+        # Samples forked during the last update (also returned by it).
         self.new_forks: list[Request] = []
 
     # -------------------------------------------------------------- requests
@@ -231,6 +231,15 @@ class Scheduler:
             out.kv_saves = self.offload.take_pending_saves()
         return out
 
+    def flush(self) -> SchedulerOutput:
+        """A step with no requests, carrying the KV saves queued since the last schedule()
+        (blocks of requests that just finished): the executor copies them out now, while
+        their content is intact.  Empty without offload tiers."""
+        out = SchedulerOutput()
+        if self.offload is not None:
+            out.kv_saves = self.offload.take_pending_saves()
+        return out
+
     # --------------------------------------------------------------- offload
     def _start_tier_load(self, request: Request, num_device_blocks: int) -> bool:
         """If a tier holds blocks after the device hit, move the (head) request to
@@ -279,8 +288,11 @@ class Scheduler:
     def update_from_output(
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[Request]:
-        """Append sampled tokens, apply stop rules; return requests that changed."""
+        """Append sampled tokens, apply stop rules.  Returns the requests that changed
+        (got tokens or finished), followed by the samples forked this step (n > 1; also
+        kept in `new_forks` until the next update, for inspection)."""
         changed: list[Request] = []
+        self.new_forks = []
         now = self.clock()
         for sr in sched.requests:
             request = self.requests.get(sr.request_id)
@@ -306,7 +318,7 @@ class Scheduler:
                     self._finish(request, status)
                     break
             changed.append(request)
-        return changed
+        return changed + self.new_forks
 
     @staticmethod
     def _record_prompt_logprobs(request: Request, sr: ScheduledRequest, plp: list) -> None:

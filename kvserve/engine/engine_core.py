@@ -172,6 +172,12 @@ class EngineCore:
         self.flush_kv_saves()
         return req
 
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Finish requests decided outside the core (stop strings matched by the output processor)."""
+        for rid in request_ids:
+            self.scheduler.finish_request(rid, status)
+        self.flush_kv_saves()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -197,26 +203,29 @@ class EngineCore:
                     req.stop_reason = f"{type(exc).__name__}: {exc}"
                     failed.append(req)
             return failed
+        # Requests that got tokens or finished, then samples forked from them (n > 1).
         changed = self.scheduler.update_from_output(sched, result)
         self.flush_kv_saves()  # blocks of requests that finished in this step
-        forks, self.scheduler.new_forks = self.scheduler.new_forks, []
         self.stats.num_steps += 1
         self.stats.step_time_s += time.perf_counter() - t0
         for sr in sched.requests:
             self.stats.num_prompt_tokens += max(0, min(len(sr.token_ids), len(sr.prompt_token_ids) - sr.start_pos))
         for req in changed:
-            self.stats.num_generation_tokens += 1
+            self.stats.num_generation_tokens += len(result.sampled.get(req.request_id, ()))
             if req.is_finished:
                 reason = req.status.finish_reason or "unknown"
                 self.stats.finished_by_reason[reason] = self.stats.finished_by_reason.get(reason, 0) + 1
-        return changed + forks
+        return changed
 
     # ------------------------------------------------------------ KV tiers
     def flush_kv_saves(self) -> None:
         """Copy blocks queued for saving (finished requests) out of the pool now,
-        while their content is intact; the saver thread writes them."""
-        if self.kv_tiers is not None:
-            self.kv_tiers.flush_saves()
+        while their content is intact; the saver thread writes them.  Saves take one
+        route: a step input (SchedulerOutput.kv_saves) the executor applies, here a
+        step with no requests."""
+        step = self.scheduler.flush()
+        if step.kv_saves:
+            self.executor.execute(step)
 
     def wait_for_kv_saves(self, timeout: float) -> bool:
         """Copy queued saves out of the pool and wait until the tiers hold them

@@ -14,7 +14,7 @@ from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.tokenizer import generation_eos_ids, load_tokenizer
 from kvserve.models.model_config import parse_model_config
 from kvserve.outputs import RequestOutput
-from kvserve.request import SLO
+from kvserve.request import SLO, RequestStatus
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -69,17 +69,12 @@ class LLMEngine:
         arch = parse_model_config(Path(self.model_dir))
         eos = generation_eos_ids(self.model_dir, arch.eos_token_ids, self.tokenizer)
         self.core = EngineCore.from_config(config, eos_token_ids=eos)
-        core = self.core  # the callback must not hold `self`: no cycle, so `del` closes at once
-        self.output_processor = OutputProcessor(
-            self.tokenizer, lambda request_id, status: core.scheduler.finish_request(request_id, status))
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._closer = _EngineCloser(self.core)
         # At interpreter exit, finalizers run newest first: this one before the KV tier
         # I/O's own (created inside the core), so device blocks are flushed before it stops.
         self._finalizer = weakref.finalize(self, self._closer, None, "it was not closed")
-
-    def _finish_from_output(self, request_id: str, status) -> None:
-        self.core.scheduler.finish_request(request_id, status)
 
     @property
     def max_model_len(self) -> int:
@@ -133,9 +128,10 @@ class LLMEngine:
         self._closer.step_incomplete = True  # stays set if an exception escapes the core's step
         core_outputs = self.core.step()
         self._closer.step_incomplete = False
-        outputs = self.output_processor.process(core_outputs)
-        self.core.flush_kv_saves()  # requests finished by stop strings just now
-        return outputs
+        processed = self.output_processor.process(core_outputs)
+        if processed.stopped:  # stop strings matched: those requests finish in the engine too
+            self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
+        return processed.outputs
 
     def kv_tier_stats(self) -> Optional[dict[str, Any]]:
         """KV offload tier metrics for /metrics: per tier ("0:cpu", "1:disk", ...) hits, misses,

@@ -1,8 +1,11 @@
 """OutputProcessor: engine requests -> user-facing RequestOutputs.
 
 Groups the samples of an n > 1 request, detokenizes incrementally, applies
-stop strings (finishing the request in the engine when one matches), and turns
-raw logprob dicts into `Logprob` objects with decoded tokens.
+stop strings, and turns raw logprob dicts into `Logprob` objects with decoded
+tokens.  A stop-string match finishes the sample here; the ids of engine
+requests to finish because of it come back in `ProcessedOutputs.stopped`
+(plain data: the caller passes them to the engine core), never through a
+callback into the scheduler.
 """
 from __future__ import annotations
 
@@ -41,15 +44,21 @@ class RequestState:
         return len(self.samples) == self.params.n and all(s.finish_reason for s in self.samples.values())
 
 
+@dataclass
+class ProcessedOutputs:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    # Engine request ids (samples) a stop string finished, still unfinished in the engine.
+    stopped: list[str] = field(default_factory=list)
+
+
 def to_logprobs(raw: dict[int, float], decode: Callable[[int], str]) -> dict[int, Logprob]:
     ranked = sorted(raw.items(), key=lambda kv: -kv[1])
     return {tid: Logprob(lp, rank + 1, decode(tid)) for rank, (tid, lp) in enumerate(ranked)}
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, finish_request: Callable[[str, RequestStatus], Any]) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.finish_request = finish_request  # engine callback for stop-string finishes
         self.states: dict[str, RequestState] = {}
 
     def add(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
@@ -73,8 +82,10 @@ class OutputProcessor:
             state.samples[index] = s
         return s
 
-    def process(self, requests: list[Request]) -> list[RequestOutput]:
-        """Fold engine updates into request states; return outputs for touched user requests."""
+    def process(self, requests: list[Request]) -> ProcessedOutputs:
+        """Fold engine updates into request states: outputs for touched user requests,
+        and the engine requests that stop strings finished."""
+        result = ProcessedOutputs()
         touched: dict[str, RequestState] = {}
         for req in requests:
             group = req.parent_id or req.request_id
@@ -91,7 +102,8 @@ class OutputProcessor:
             if req.prompt_logprobs and state.params.prompt_logprobs is not None and state.prompt_logprobs is None \
                     and len(req.prompt_logprobs) == len(req.prompt_token_ids):
                 state.prompt_logprobs = [None] + [to_logprobs(d, self._decode_one) for d in req.prompt_logprobs[1:]]
-            self._append_tokens(state, sample, req, new_ids)
+            if self._append_tokens(state, sample, req, new_ids):
+                result.stopped.append(req.request_id)
             if req.status == RequestStatus.FINISHED_ERROR:
                 state.error = str(req.stop_reason)
             if req.is_finished and sample.finish_reason is None:
@@ -101,17 +113,18 @@ class OutputProcessor:
                     sample.detok.flush()
                     if sample.detok.stopped_on is not None:
                         sample.finish_reason, sample.stop_reason = "stop", sample.detok.stopped_on
-        outs = []
         for group, state in touched.items():
             out = self.make_output(state)
-            outs.append(out)
+            result.outputs.append(out)
             if out.finished:
                 del self.states[group]
-        return outs
+        return result
 
-    def _append_tokens(self, state: RequestState, sample: SampleState, req: Request, new_ids: list[int]) -> None:
+    def _append_tokens(self, state: RequestState, sample: SampleState, req: Request, new_ids: list[int]) -> bool:
+        """Add new tokens to a sample; True when a stop string finished it while the
+        engine request is still running (the engine must finish it)."""
         if not new_ids:
-            return
+            return False
         first = len(sample.token_ids)
         sample.token_ids.extend(new_ids)
         if sample.logprobs is not None:
@@ -120,7 +133,7 @@ class OutputProcessor:
             for tid, raw in zip(new_ids, req.output_logprobs[first:first + len(new_ids)]):
                 sample.cumulative_logprob += raw.get(tid, 0.0)
         if sample.detok is None or sample.detok.stopped_on is not None:
-            return
+            return False
         for i, tid in enumerate(new_ids):
             sample.detok.add_tokens([tid])
             if sample.detok.stopped_on is not None:
@@ -131,9 +144,8 @@ class OutputProcessor:
                     del sample.logprobs[keep:]
                 sample.finish_reason = "stop"
                 sample.stop_reason = sample.detok.stopped_on
-                if not req.is_finished:
-                    self.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-                break
+                return not req.is_finished
+        return False
 
     def make_output(self, state: RequestState) -> RequestOutput:
         finished = state.finished
