@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kvserve.models.gguf.names import gguf_name, permute_rows
+from kvserve.models.model_config import rope_settings
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32,
@@ -151,7 +152,7 @@ def hf_to_gguf(model_dir: Path, out: Path, types: TypeChooser, *, tokenizer: Opt
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_rope_freq_base(rope_settings(cfg)[0])  # transformers 5 writes rope_parameters
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(0)
