@@ -1,0 +1,149 @@
+"""Adaptive speculation length: exact optimum, load behaviour, acceptance tracking."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from kvserve.spec_decode.adaptive import (
+    AcceptanceTracker, LinearStepTime, SpecLengthPolicy, choose_spec_lengths, expected_tokens,
+    fit_linear_step_time, roofline_step_time,
+)
+
+
+def goodput(ks, rates, t, base=0, draft_token_s=0.0, draft_fixed_s=0.0, weights=None):
+    w = weights or [1.0] * len(ks)
+    s = sum(ks)
+    time = t(base + len(ks) + s) + (draft_fixed_s if s else 0.0) + draft_token_s * s
+    return sum(wi * expected_tokens(r, k) for wi, r, k in zip(w, rates, ks)) / time
+
+
+def test_expected_tokens():
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens([1.0, 0.0, 1.0], 3) == 2.0  # nothing after a certain rejection
+
+
+def test_hand_computed_single_request():
+    # t(n) = 1 + n; rates 0.9: goodput(k) = E(k) / (2 + k) = .5, .633, .6775, .6878, .6825 -> k = 3
+    assert choose_spec_lengths([[0.9] * 4], [4], LinearStepTime(1.0, 1.0)) == [3]
+    # Low acceptance: E(1) / 3 = 1.1 / 3 < 1 / 2 -> off.
+    assert choose_spec_lengths([[0.1] * 4], [4], LinearStepTime(1.0, 1.0)) == [0]
+
+
+def test_matches_brute_force():
+    rng = random.Random(0)
+    for trial in range(300):
+        B = rng.randint(1, 3)
+        caps = [rng.randint(0, 3) for _ in range(B)]
+        rates = [sorted((rng.random() for _ in range(3)), reverse=rng.random() < 0.5) for _ in range(B)]
+        if rng.random() < 0.5:
+            t = LinearStepTime(rng.uniform(0, 2), rng.uniform(0.01, 1))
+        else:  # roofline-like: flat while memory-bound, then linear
+            a, b = rng.uniform(0.5, 2), rng.uniform(0.05, 1)
+            t = lambda n, a=a, b=b: max(a, b * n)
+        base = rng.randint(0, 5)
+        dts, dfs = rng.choice([0.0, 0.05]), rng.choice([0.0, 0.3])
+        w = [rng.uniform(0.5, 2) for _ in range(B)] if rng.random() < 0.3 else None
+        got = choose_spec_lengths(rates, caps, t, base, dts, dfs, w)
+        assert all(0 <= g <= c for g, c in zip(got, caps))
+        best = max(goodput(list(ks), rates, t, base, dts, dfs, w)
+                   for ks in itertools.product(*[range(c + 1) for c in caps]))
+        assert goodput(got, rates, t, base, dts, dfs, w) == pytest.approx(best, rel=1e-9), trial
+
+
+def test_compute_bound_batches_do_not_speculate():
+    t = LinearStepTime(0.0, 1e-3)  # no fixed cost: every token costs the same
+    assert choose_spec_lengths([[0.95] * 4] * 8, [4] * 8, t) == [0] * 8
+    assert choose_spec_lengths([[1.0] * 4] * 8, [4] * 8, t) == [0] * 8  # a tie: less speculation
+
+
+def test_speculation_falls_with_load_and_rises_with_acceptance():
+    t = LinearStepTime(20e-3, 0.2e-3)  # 20 ms to read the weights, 0.2 ms per token
+    per_request = []
+    for B in (1, 4, 16, 64, 256, 1024):
+        ks = choose_spec_lengths([[0.7] * 5] * B, [5] * B, t)
+        per_request.append(sum(ks) / B)
+    assert per_request == sorted(per_request, reverse=True)
+    assert per_request[0] == 5 and per_request[-1] == 0
+    # Beside a long prefill chunk the step is slow anyway and drafts cost little of it: the
+    # decoders speculate (the objective counts their tokens; the chunk pays 0.5% more time).
+    assert choose_spec_lengths([[0.7] * 5] * 4, [5] * 4, t, base_tokens=4000) == [5] * 4
+    by_rate = [choose_spec_lengths([[a] * 8], [8], LinearStepTime(1.0, 0.1))[0] for a in (0.2, 0.5, 0.8, 0.95)]
+    assert by_rate == sorted(by_rate) and by_rate[0] < by_rate[-1]
+
+
+def test_better_requests_get_the_drafts_and_weights_count():
+    t = LinearStepTime(1.0, 0.3)
+    ks = choose_spec_lengths([[0.9] * 4, [0.3] * 4], [4, 4], t)
+    assert ks[0] > ks[1]
+    ks_w = choose_spec_lengths([[0.9] * 4, [0.3] * 4], [4, 4], t, weights=[1.0, 5.0])
+    assert ks_w[1] > ks[1]
+
+
+def test_draft_cost_reduces_speculation():
+    t = LinearStepTime(1.0, 0.01)
+    free = choose_spec_lengths([[0.6] * 6], [6], t)
+    costly = choose_spec_lengths([[0.6] * 6], [6], t, draft_token_s=0.2)
+    assert free[0] > costly[0]
+
+
+def test_validation():
+    with pytest.raises(ValueError):
+        choose_spec_lengths([[0.5]], [2], LinearStepTime(1, 1))
+    with pytest.raises(ValueError):
+        choose_spec_lengths([[0.5]], [1, 1], LinearStepTime(1, 1))
+    with pytest.raises(ValueError):
+        LinearStepTime(0.0, 0.0)
+    with pytest.raises(ValueError):
+        SpecLengthPolicy(4, step_time=None, adaptive=True)
+
+
+def test_fit_linear_step_time():
+    fit = fit_linear_step_time([(n, 0.02 + 0.001 * n) for n in (1, 8, 32, 64)])
+    assert fit.fixed_s == pytest.approx(0.02) and fit.per_token_s == pytest.approx(0.001)
+    with pytest.raises(ValueError):
+        fit_linear_step_time([(4, 0.1), (4, 0.2)])
+
+
+def test_roofline_step_time_turns_speculation_off_at_high_load():
+    from kvserve.bench.roofline import HW_PRESETS, load_model_spec
+
+    t = roofline_step_time(load_model_spec("qwen2.5-0.5b"), HW_PRESETS["h100"], context=512)
+    assert t(8) == pytest.approx(t(1), rel=0.1)  # memory-bound: extra tokens nearly free
+    assert t(8192) > 4 * t(1)
+    assert choose_spec_lengths([[0.7] * 4], [4], t) == [4]
+    assert sum(choose_spec_lengths([[0.7] * 4] * 2048, [4] * 2048, t)) == 0
+
+
+def test_tracker_ema_per_position():
+    tr = AcceptanceTracker(max_k=3, ema=0.5, prior=0.5)
+    tr.observe("a", 3, 1)  # pos 1 accepted, pos 2 rejected, pos 3 untried
+    assert tr.rates("a") == [0.75, 0.25, 0.5]
+    assert tr.overall == [0.75, 0.25, 0.5]
+    tr.observe("a", 2, 2)
+    assert tr.rates("a") == [0.875, 0.625, 0.5]
+    assert tr.rates("new") == tr.overall  # new requests start from the overall rates
+    tr.observe("b", 1, 0)
+    assert tr.rates("b") == [0.875 / 2, 0.625, 0.5]
+    tr.remove("a")
+    assert len(tr) == 1
+    with pytest.raises(ValueError):
+        tr.observe("b", 2, 3)
+
+
+def test_policy_learns_and_turns_off():
+    t = LinearStepTime(1.0, 0.2)
+    fixed = SpecLengthPolicy(4, adaptive=False)
+    assert fixed.choose([("a", 6), ("b", 2), ("c", 0)]) == [4, 2, 0]
+    pol = SpecLengthPolicy(4, step_time=t, tracker=AcceptanceTracker(4, ema=0.5, prior=0.5))
+    start = pol.choose([("a", 4)])[0]
+    for _ in range(6):
+        pol.observe("a", 4, 4)
+    assert pol.choose([("a", 4)])[0] == 4 > start - 1
+    for _ in range(8):
+        pol.observe("a", 4, 0)
+    assert pol.choose([("a", 4)]) == [0]
+    pol.remove("a")
+    assert len(pol.tracker) == 0

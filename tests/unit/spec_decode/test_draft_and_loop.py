@@ -1,0 +1,137 @@
+"""Draft-model proposer and the reference speculative loop on tiny random models.
+
+Greedy outputs with speculation (every proposer) equal kvserve without
+speculation and HF transformers; the draft proposer's drafts are the draft
+model's own HF greedy continuation, also after rolling back rejected drafts.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve.spec_decode import make_proposer
+from kvserve.spec_decode.adaptive import LinearStepTime, SpecLengthPolicy
+from kvserve.spec_decode.dense_runner import DenseModelRunner
+from kvserve.spec_decode.draft_model import DraftModelProposer
+from kvserve.spec_decode.reference import speculative_generate
+from tests.helpers.tiny_models import build_tiny_model, compare_greedy, hf_greedy
+
+PROMPTS = [
+    [5, 17, 99, 3, 250, 17, 99, 3, 250, 42, 7, 5, 17, 99],  # repeats: n-gram/suffix find matches
+    list(range(40, 70)) + list(range(40, 52)),
+]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    target = build_tiny_model("qwen3", root / "target", seed=0)
+    draft = build_tiny_model("llama-tied", root / "draft", seed=1,
+                             overrides={"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64})
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def target_runner(models):
+    return DenseModelRunner.load(models[0])
+
+
+@pytest.fixture(scope="module")
+def hf_target(models):
+    return hf_greedy(models[0], PROMPTS, NEW)
+
+
+def test_dense_runner_chunks_equal_one_pass(target_runner):
+    ids = PROMPTS[1]
+    full = target_runner.extend(target_runner.new_sequence(), ids)
+    seq = target_runner.new_sequence(capacity=1)  # forces the cache to grow
+    parts = [target_runner.extend(seq, ids[:7]), target_runner.extend(seq, ids[7:8]), target_runner.extend(seq, ids[8:])]
+    assert torch.allclose(torch.cat(parts), full, atol=1e-4)
+
+
+def test_draft_proposals_are_the_draft_models_greedy_continuation(models):
+    _, draft_dir = models
+    proposer = DraftModelProposer.load(draft_dir)
+    prompt = PROMPTS[0]
+    hf_tokens, hf_lp = hf_greedy(draft_dir, [prompt], 10)[0]
+    state = proposer.new_state(prompt)
+    drafts = proposer.propose(state, 5)
+    ok, _ = compare_greedy(hf_tokens[:5], hf_lp, drafts, None)
+    assert ok and drafts == hf_tokens[:5]
+    # Accept two drafts and commit a token the draft did not propose: its cache must roll back.
+    other = (drafts[2] + 1) % 512
+    state.append(drafts[:2] + [other])
+    again = proposer.propose(state, 4)
+    hf2, _ = hf_greedy(draft_dir, [prompt + drafts[:2] + [other]], 4)[0]
+    assert again == hf2
+    assert state.seq.token_ids == state.token_ids + again[:-1]  # committed, then the new drafts
+    proposer.finish(state)
+    assert state.seq.length == 0
+
+
+def test_draft_vocabulary_must_fit_the_target(models):
+    with pytest.raises(ValueError, match="vocabulary"):
+        DraftModelProposer.load(models[1], target_vocab_size=100)
+    with pytest.raises(ValueError, match="unknown speculative method"):
+        make_proposer("draft:")
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft", "self"])
+def test_greedy_outputs_equal_non_speculative_and_hf(method, models, target_runner, hf_target):
+    target_dir, draft_dir = models
+    proposer = {
+        "ngram": lambda: make_proposer("ngram", min_n=1, max_n=3),
+        "suffix": lambda: make_proposer("suffix", max_depth=12, max_match=6),
+        "draft": lambda: make_proposer(f"draft:{draft_dir}"),
+        "self": lambda: DraftModelProposer(DenseModelRunner.load(target_dir)),  # the target drafts for itself
+    }[method]()
+    for prompt, (hf_tokens, hf_lp) in zip(PROMPTS, hf_target):
+        plain = speculative_generate(target_runner, None, prompt, NEW)
+        spec = speculative_generate(target_runner, proposer, prompt, NEW, num_spec_tokens=4)
+        assert spec.token_ids == plain.token_ids
+        ok, pos = compare_greedy(hf_tokens, hf_lp, spec.token_ids, None)
+        assert ok, (method, pos)
+        assert plain.num_target_steps == NEW
+        assert spec.num_target_steps == NEW - spec.metrics.num_accepted_tokens
+        if method == "self":  # a perfect draft: every draft accepted
+            assert spec.metrics.acceptance_rate == 1.0
+            assert spec.num_target_steps == -(-NEW // 5)
+    assert spec.metrics.num_drafts > 0
+
+
+def test_speculation_on_a_copying_prompt_saves_target_steps(target_runner):
+    """Random models loop; once they do, n-gram drafts are accepted (real savings, exact output)."""
+    prompt = PROMPTS[0]
+    plain = speculative_generate(target_runner, None, prompt, 40)
+    spec = speculative_generate(target_runner, make_proposer("ngram", min_n=1, max_n=3), prompt, 40,
+                                num_spec_tokens=4)
+    assert spec.token_ids == plain.token_ids
+    assert spec.metrics.num_accepted_tokens > 0
+    assert spec.num_target_steps < plain.num_target_steps
+
+
+def test_sampling_is_seeded_and_adaptive_policy_keeps_outputs(target_runner):
+    prompt = PROMPTS[0]
+    def run(seed, proposer):
+        return speculative_generate(target_runner, proposer, prompt, 12, temperature=0.8,
+                                    generator=torch.Generator().manual_seed(seed)).token_ids
+    p = make_proposer("ngram", min_n=1, max_n=3)
+    assert run(3, p) == run(3, p)
+    assert len({tuple(run(s, p)) for s in range(4)}) > 1
+    # With an adaptive policy greedy outputs stay the same.
+    pol = SpecLengthPolicy(4, step_time=LinearStepTime(1.0, 0.05))
+    plain = speculative_generate(target_runner, None, prompt, 20).token_ids
+    assert speculative_generate(target_runner, p, prompt, 20, policy=pol).token_ids == plain
+
+
+def test_eos_stops_and_budget_is_exact(target_runner):
+    prompt = PROMPTS[0]
+    plain = speculative_generate(target_runner, None, prompt, 16).token_ids
+    eos = plain[5]
+    first = plain.index(eos)
+    out = speculative_generate(target_runner, make_proposer("ngram", min_n=1, max_n=3), prompt, 16,
+                               eos_token_ids=[eos]).token_ids
+    assert out == plain[:first + 1]
+    for n in (1, 2, 7):
+        assert speculative_generate(target_runner, make_proposer("suffix"), prompt, n).token_ids == plain[:n]
