@@ -174,6 +174,11 @@ class KVOffloadManager:
         self._pending_hashes.add(block_hash)
         self.stats.saves_queued += 1
 
+    def unsaved(self, blocks: Iterable[tuple[BlockHash, int]]) -> list[KVSave]:
+        """The (hash, block id) pairs no tier most likely holds, as saves, whatever the
+        policy: what the engine writes to persistent tiers on close.  Not queued."""
+        return [KVSave(h, b) for h, b in blocks if not self._likely_stored(h)]
+
     def take_pending_saves(self) -> list[KVSave]:
         saves, self.pending_saves = self.pending_saves, []
         for s in saves:
@@ -240,8 +245,11 @@ class KVOffloadManager:
             self.stats.blocks_truncated += len(load.block_hashes) - n
             for h in load.block_hashes[:n]:
                 self._remember(h)
-            for h in load.block_hashes[n:n + 1]:
-                self.known.pop(h, None)  # the hint was wrong for this one
+            for h in load.block_hashes[n:]:
+                # The hint was wrong for the first; the rest were not read, so they are
+                # unconfirmed: forget them too, so that their recomputed blocks are saved
+                # again (rewriting a corrupt entry) instead of being skipped as stored.
+                self.known.pop(h, None)
             self.loads_ready[rid] = _Load(load.start_block, load.block_hashes[:n])
             ready.append(rid)
         return ready

@@ -7,25 +7,44 @@
     transfer KVTransfer: device <-> host block copies, run by the model runner
 
 and `stats()` for /metrics.  EngineCore owns one of these when tiers are configured.
+
+Offload policy "auto" (the default) resolves here, once the tiers are known:
+"finish" when some tier is persistent (disk, Redis: a restarted or a second
+engine should find what this one computed), "evict" for memory-only tiers
+(whose contents die with the process, so only what the device pool drops is
+worth copying).  On close, blocks still cached in the device pool that no
+tier is known to hold are written to the persistent tiers (`persist_cached`),
+whatever the policy.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from kvserve.config import KVTierConfig
-from kvserve.core.kv_offload import KVOffloadManager
+from kvserve.core.hashing import BlockHash
+from kvserve.core.kv_offload import KVOffloadManager, OffloadPolicy
 from kvserve.engine.kv_tier_io import KVTierIO
 from kvserve.models.model_config import ModelArchConfig
-from kvserve.worker.kv_transfer import KVTransfer
+from kvserve.worker.kv_transfer import KVTransfer, gather_blocks
 
 logger = logging.getLogger(__name__)
 
 # Hint-set size for a tier without a byte bound (Redis bounds itself).
 _UNBOUNDED_TIER_BLOCKS = 1 << 16
+# The flush on close copies out at most this share of the saver's pending-bytes bound at a time.
+_FLUSH_BATCH_SHARE = 4
+
+
+def resolve_offload_policy(policy: str, persistent: bool) -> OffloadPolicy:
+    """"auto" -> "finish" with a persistent tier, else "evict"; other values as given."""
+    if policy == "auto":
+        return OffloadPolicy.FINISH if persistent else OffloadPolicy.EVICT
+    return OffloadPolicy.parse(policy)
 
 
 class KVTiers:
@@ -41,12 +60,16 @@ class KVTiers:
         assert config.tiers
         self.store = build_kv_store(config.tiers, self.namespace, codec=config.codec,
                                     write_policy=config.write_policy)
+        self.persistent = bool(self.store.persistent_tiers)
+        self.policy = resolve_offload_policy(config.offload_policy, self.persistent)
         self.io = KVTierIO(self.store, config.max_pending_save_bytes)
-        self.manager = KVOffloadManager(self.io, block_size, config.offload_policy,
+        self.manager = KVOffloadManager(self.io, block_size, self.policy,
                                         known_capacity=self._hint_capacity(),
                                         min_load_blocks=config.min_load_blocks)
         self.transfer: KVTransfer | None = None
-        logger.info("KV tiers: %s, offload policy %s", self.store.describe(), config.offload_policy)
+        self.blocks_flushed_on_close = 0
+        logger.info("KV tiers: %s, offload policy %s%s", self.store.describe(), self.policy.value,
+                    " (auto)" if config.offload_policy == "auto" else "")
 
     def _hint_capacity(self) -> int:
         """Blocks the largest tier can hold at raw size: encoded entries are smaller, so
@@ -67,6 +90,36 @@ class KVTiers:
         if saves and self.transfer is not None:
             self.transfer.save(saves)
         return len(saves)
+
+    def persist_cached(self, cached: Iterable[tuple[BlockHash, int]], timeout: float) -> int:
+        """Write device blocks (hash, block id) that no tier is known to hold to the
+        persistent tiers, waiting for room in the saver instead of dropping; returns
+        how many were handed to the saver within `timeout` s.
+
+        Only for blocks whose KV is written (every registered block once the last
+        step completed).  Without a persistent tier, nothing to do."""
+        if not self.persistent or self.transfer is None or self.io.closed:
+            return 0
+        todo = self.manager.unsaved(cached)
+        if not todo:
+            return 0
+        block_bytes = self.namespace.block_nbytes
+        batch = max(1, self.config.max_pending_save_bytes // _FLUSH_BATCH_SHARE // block_bytes)
+        deadline = time.monotonic() + timeout
+        logger.info("KV tiers: writing %d device blocks (%.1f MiB) to the persistent tiers",
+                    len(todo), len(todo) * block_bytes / 2**20)
+        sent = 0
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            if not self.io.wait_for_room(len(chunk) * block_bytes, max(0.0, deadline - time.monotonic())):
+                logger.warning("KV tiers: %d device blocks not written (flush timed out after %.0f s)",
+                               len(todo) - sent, timeout)
+                break
+            host = gather_blocks(self.transfer.kv_caches, [block_id for _, block_id in chunk])
+            self.io.submit_saves([(h, host[j]) for j, (h, _) in enumerate(chunk)], persist=True)
+            sent += len(chunk)
+        self.blocks_flushed_on_close += sent
+        return sent
 
     def stats(self) -> dict[str, Any]:
         """Per-tier hits, bytes and latencies, plus the engine's load/save counters.
@@ -95,15 +148,18 @@ class KVTiers:
         return {
             "spec": self.config.tiers,
             "codec": self.config.codec,
-            "offload_policy": self.config.offload_policy,
+            "offload_policy": self.policy.value,
             "write_policy": self.config.write_policy,
             "tiers": tiers,
             "store": store,
             "offload": self.manager.stats.snapshot(),
             "io": {"loads": io.loads, "blocks_loaded": io.blocks_loaded, "load_wall_s": io.load_wall_s,
                    "saves": io.saves, "save_wall_s": io.save_wall_s, "saves_dropped": io.saves_dropped,
+                   "saves_abandoned": io.saves_abandoned, "blocks_flushed_on_close": self.blocks_flushed_on_close,
                    "errors": io.errors},
         }
 
-    def close(self) -> None:
-        self.io.close()
+    def close(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) for queued saves, stop the I/O threads, close the
+        store; True when every queued save was written.  Idempotent."""
+        return self.io.close(timeout)

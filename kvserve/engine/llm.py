@@ -16,11 +16,33 @@ class LLM:
 
     Keyword arguments are those of `LLMEngine` (device, dtype, block_size,
     max_num_seqs, max_num_batched_tokens, kv_cache_memory, num_kv_blocks,
-    enable_prefix_caching, seed, max_model_len, scheduling_policy, ...).
+    enable_prefix_caching, seed, max_model_len, scheduling_policy, kv_tiers, ...).
+
+    Closing: `with LLM(...) as llm:` or `llm.close()` writes the KV saves still
+    queued (and, with a disk or Redis tier, the blocks still in the device
+    cache) and stops the tier threads.  An LLM nobody closed is closed when it
+    is garbage-collected (`del llm`) or at interpreter exit, with the same
+    bounded wait; closing is idempotent.
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(model, **kwargs)
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Write queued KV saves (and cached device blocks, to disk/Redis tiers) and stop
+        the tier threads, waiting at most `timeout` s (default 60); True when every save
+        was written.  `generate` raises afterwards."""
+        return self.engine.close(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self.engine.closed
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -103,6 +103,9 @@ class KVTier(ABC):
     """
 
     scheme: str = "?"  # registry scheme, e.g. "cpu"
+    # True when entries outlive this process (disk, Redis): the engine then saves
+    # blocks by default and flushes its device blocks here on close.
+    persistent: bool = False
 
     def __init__(self, namespace: KVNamespace, codec: Codec) -> None:
         # The namespace a tier keys under always carries the tier's codec, so a

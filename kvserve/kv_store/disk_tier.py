@@ -16,9 +16,18 @@ namespace digest, block hash, codec, dtype, shape, BLAKE2b checksum).
 * The size bound counts file sizes (header + payload) of every *.kvb file in
   the directory, whichever namespace wrote it: the directory is the bounded
   cache.  Filesystem block rounding is not counted.
-* The in-memory index is authoritative for this process; one directory
-  should be used by one process at a time (files other processes add later
-  are not seen until a restart).
+* The in-memory index is authoritative for this process, so one directory
+  is used by one tier at a time: the tier holds an exclusive advisory lock
+  (fcntl.flock on PATH/.lock, dir_lock.py) from open to close, and a second
+  opener - another process or another tier of this process - gets a
+  DiskTierLockedError instead of silently overrunning the cap.
+* Checksums are checked on read only, so an entry found by the start-up scan
+  is *unverified* until it is read.  A put of a key the index holds only
+  refreshes its recency when the entry is verified (written or read by this
+  tier); an unverified one is rewritten, so after a crash or corruption the
+  blocks the engine recomputes replace whatever the files hold (a corrupt
+  tier heals in one pass instead of one load chunk per run).  A key found
+  corrupt on read is dropped from the index at once.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from pathlib import Path
 from kvserve.core.hashing import BlockHash
 from kvserve.kv_store.base import KVBlock, KVTier
 from kvserve.kv_store.codecs.base import Codec, CodecError
+from kvserve.kv_store.dir_lock import DirectoryLock, DiskTierLockedError  # noqa: F401  (re-exported)
 from kvserve.kv_store.entry import EntrySerializer
 from kvserve.kv_store.file_format import CorruptEntry
 from kvserve.kv_store.namespace import KVNamespace
@@ -48,6 +58,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 class DiskTier(KVTier):
     scheme = "disk"
+    persistent = True
 
     def __init__(self, namespace: KVNamespace, codec: Codec, root: str | os.PathLike[str],
                  capacity_bytes: int) -> None:
@@ -57,14 +68,21 @@ class DiskTier(KVTier):
         self.root = Path(root)
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._dir_lock: DirectoryLock | None = DirectoryLock(self.root)  # raises DiskTierLockedError
         self._capacity = int(capacity_bytes)
         self._serializer = EntrySerializer(self.namespace, codec)
         # storage key -> file size; order = LRU (first) ... MRU (last).
         self._index: OrderedDict[bytes, int] = OrderedDict()
+        # Indexed keys found by the start-up scan and not yet read (see the module doc).
+        self._unverified: set[bytes] = set()
         self._used = 0
         self._clock_ns = 0          # last mtime assigned; strictly increasing
         self._tmp_seq = itertools.count()
-        self._scan()
+        try:
+            self._scan()
+        except BaseException:
+            self._release_lock()
+            raise
 
     # ----- introspection ----------------------------------------------------
 
@@ -112,7 +130,9 @@ class DiskTier(KVTier):
                         found.append((st.st_mtime_ns, ent.name, st.st_size))
         found.sort()
         for mtime_ns, name, size in found:
-            self._index[bytes.fromhex(name[:64])] = size
+            skey = bytes.fromhex(name[:64])
+            self._index[skey] = size
+            self._unverified.add(skey)
             self._used += size
             self._clock_ns = max(self._clock_ns, mtime_ns)
         if found:
@@ -133,6 +153,7 @@ class DiskTier(KVTier):
 
     def _forget(self, skey: bytes, delete: bool) -> None:
         size = self._index.pop(skey, None)
+        self._unverified.discard(skey)
         if size is not None:
             self._used -= size
         if delete:
@@ -199,19 +220,21 @@ class DiskTier(KVTier):
         except OSError:
             pass  # recency across restarts is best effort
         self._index.move_to_end(skey)
+        self._unverified.discard(skey)
         self._stats.bytes_read += len(data)
         return block
 
     def _put(self, key: BlockHash, block: KVBlock) -> None:
         skey = self.namespace.storage_key(key)
         if skey in self._index:
-            # Same key => same KV; refresh recency instead of rewriting.
-            self._index.move_to_end(skey)
-            try:
-                self._touch(self._path(skey))
-            except OSError:
-                pass
-            return
+            if skey not in self._unverified:
+                # Same key => same KV, and this entry is known good: refresh recency only.
+                self._index.move_to_end(skey)
+                try:
+                    self._touch(self._path(skey))
+                except OSError:
+                    pass
+                return
         try:
             header, payload = self._serializer.pack(key, block)
         except CodecError as e:
@@ -223,6 +246,9 @@ class DiskTier(KVTier):
             logger.warning("disk tier: entry of %d B exceeds capacity %d B; dropping put", size, self._capacity)
             self._stats.dropped_puts += 1
             return
+        if skey in self._index:
+            # Never read since the start-up scan, so it may be corrupt: replace it.
+            self._forget(skey, delete=True)
         while self._used + size > self._capacity:
             self._evict_lru()
         if not self._write_with_retry(skey, header, payload):
@@ -282,4 +308,18 @@ class DiskTier(KVTier):
         """Delete every entry file in the directory (all namespaces)."""
         for skey in list(self._index):
             self._forget(skey, delete=True)
+
+    def _close(self) -> None:
+        """Release the directory lock (the files stay for the next process)."""
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock, self._dir_lock = self._dir_lock, None
+        if lock is not None:
+            lock.release()
+
+    @property
+    def num_unverified(self) -> int:
+        """Entries found by the start-up scan and not yet read or rewritten."""
+        return len(self._unverified)
 

@@ -51,6 +51,7 @@ _UNAVAILABLE = _Unavailable()
 
 class RedisTier(KVTier):
     scheme = "redis"
+    persistent = True
 
     def __init__(
         self,

@@ -152,6 +152,23 @@ class TieredKVStore:
             self._stats.puts += len(items)
             self._stats.put_latency_s += time.perf_counter() - t0
 
+    @property
+    def persistent_tiers(self) -> list[KVTier]:
+        """Tiers whose entries outlive the process (disk, Redis)."""
+        return [t for t in self.tiers if t.persistent]
+
+    def persist_many(self, items: Iterable[tuple[BlockHash, KVBlock]]) -> None:
+        """Write to every persistent tier only, whatever the write policy (the engine's
+        flush on close: memory tiers die with the process, and under "demote" a put
+        would stop at the top tier)."""
+        items = list(items)
+        t0 = time.perf_counter()
+        for tier in self.persistent_tiers:
+            tier.put_many(items)
+        with self._lock:
+            self._stats.puts += len(items)
+            self._stats.put_latency_s += time.perf_counter() - t0
+
     def remove(self, key: BlockHash) -> None:
         for tier in self.tiers:
             tier.remove(key)

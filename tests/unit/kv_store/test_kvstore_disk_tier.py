@@ -174,6 +174,7 @@ def test_wrong_model_namespace_is_a_miss_and_a_planted_file_is_dropped(
     assert b.get(key(1)) is None and b.stats.corrupt == 0          # different key: plain miss
     # A file of model A placed where model B looks is caught by the header check.
     plant(a.path_for(key(1)), b.path_for(key(1)))
+    b.close()   # one open tier per directory (the directory lock)
     b2 = DiskTier(ns_b, get_codec("raw"), root, 1 << 20)
     with caplog.at_level("WARNING"):
         assert b2.get(key(1)) is None
@@ -191,6 +192,7 @@ def test_codec_mismatch_is_a_miss_and_a_planted_file_is_dropped(
     q = DiskTier(ns, get_codec("int8"), root, 1 << 20)
     assert q.get(key(1)) is None and q.stats.corrupt == 0
     plant(raw.path_for(key(1)), q.path_for(key(1)))
+    q.close()
     q2 = DiskTier(ns, get_codec("int8"), root, 1 << 20)
     with caplog.at_level("WARNING"):
         assert q2.get(key(1)) is None
