@@ -146,9 +146,11 @@ def register(subparsers: Any) -> None:
                             "a tier may take ':codec=NAME' (default: none, no offloading)")
     tiers.add_argument("--kv-codec", default="raw", metavar="CODEC",
                        help="codec of tiers without their own: raw, int8, fp8 or cachegen (default: %(default)s)")
-    tiers.add_argument("--kv-offload-policy", choices=["evict", "finish"], default="evict",
+    tiers.add_argument("--kv-offload-policy", choices=["auto", "evict", "finish"], default="auto",
                        help="when blocks are saved: evict = when the device cache evicts them, "
-                            "finish = when their request finishes (default: %(default)s)")
+                            "finish = when their request finishes, auto = finish when a tier is "
+                            "persistent (disk, redis), else evict; on shutdown the cached device "
+                            "blocks are written to persistent tiers too (default: %(default)s)")
     tiers.add_argument("--kv-tier-write-policy", choices=["write_through", "demote"], default="write_through",
                        help="write_through = every save goes to every tier; demote = to the first tier, "
                             "whose evictions move down a tier (default: %(default)s)")
