@@ -6,6 +6,8 @@ model's own HF greedy continuation, also after rolling back rejected drafts.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,6 +52,18 @@ def test_dense_runner_chunks_equal_one_pass(target_runner):
     assert torch.allclose(torch.cat(parts), full, atol=1e-4)
 
 
+def test_ensure_keeps_only_the_agreeing_prefix(target_runner):
+    """A cache holding other tokens past position 3 is cut there, not reused."""
+    a = PROMPTS[1][:12]
+    b = a[:3] + [7, 8, 9, 10, 11, 12]
+    seq = target_runner.new_sequence()
+    target_runner.ensure(seq, a, logits_from=len(a) - 1)
+    got = target_runner.ensure(seq, b, logits_from=len(b) - 1)
+    fresh = target_runner.extend(target_runner.new_sequence(), b)[-1:]
+    assert torch.allclose(got, fresh, atol=1e-4)
+    assert seq.token_ids == b
+
+
 def test_draft_proposals_are_the_draft_models_greedy_continuation(models):
     _, draft_dir = models
     proposer = DraftModelProposer.load(draft_dir)
@@ -77,7 +91,17 @@ def test_draft_vocabulary_must_fit_the_target(models):
         make_proposer("draft:")
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix", "draft", "self"])
+def noisy_copy(runner: DenseModelRunner, std: float) -> DenseModelRunner:
+    """The target with perturbed weights: a draft that agrees often but not always."""
+    model = copy.deepcopy(runner.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return DenseModelRunner(model, runner.cfg)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft", "self", "noisy_self"])
 def test_greedy_outputs_equal_non_speculative_and_hf(method, models, target_runner, hf_target):
     target_dir, draft_dir = models
     proposer = {
@@ -85,6 +109,7 @@ def test_greedy_outputs_equal_non_speculative_and_hf(method, models, target_runn
         "suffix": lambda: make_proposer("suffix", max_depth=12, max_match=6),
         "draft": lambda: make_proposer(f"draft:{draft_dir}"),
         "self": lambda: DraftModelProposer(DenseModelRunner.load(target_dir)),  # the target drafts for itself
+        "noisy_self": lambda: DraftModelProposer(noisy_copy(target_runner, 0.005)),
     }[method]()
     for prompt, (hf_tokens, hf_lp) in zip(PROMPTS, hf_target):
         plain = speculative_generate(target_runner, None, prompt, NEW)
@@ -97,6 +122,8 @@ def test_greedy_outputs_equal_non_speculative_and_hf(method, models, target_runn
         if method == "self":  # a perfect draft: every draft accepted
             assert spec.metrics.acceptance_rate == 1.0
             assert spec.num_target_steps == -(-NEW // 5)
+        if method == "noisy_self":  # partial acceptance: accepted prefixes and rolled-back drafts
+            assert 0.2 < spec.metrics.acceptance_rate < 0.8
     assert spec.metrics.num_drafts > 0
 
 
