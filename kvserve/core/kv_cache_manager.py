@@ -4,6 +4,9 @@
     allocate_slots(request, n, computed_blocks, loaded_hashes)
                                   -> room for n more tokens (and for blocks loaded
                                      from an offload tier), or None
+    allocate_plans(request, n, plans)
+                                  -> the same for the plans of KV sources (core/kv_sources.py):
+                                     the block ids each plan got, or None
     free(request)                 -> release everything (cached blocks stay evictable)
     fork(parent, child)           -> share the parent's full prompt blocks (n > 1)
 
@@ -12,11 +15,14 @@ uses to address the per-layer pools.  Pure Python, unit-tested on exact state.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from kvserve.core.block_pool import BlockPool, KVBlock
 from kvserve.hashing import BlockHash
 from kvserve.request import Request
+
+if TYPE_CHECKING:
+    from kvserve.core.kv_sources import KVPlan
 
 
 def cdiv(a: int, b: int) -> int:
@@ -35,6 +41,22 @@ class KVCacheManager:
         # Prefix-cache statistics (in tokens), for metrics.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self._evict_listeners: list[Callable[[BlockHash, int], None]] = []
+
+    def add_evict_listener(self, listener: Callable[[BlockHash, int], None]) -> None:
+        """Call `listener(block_hash, block_id)` just before a cached block's content is
+        dropped for reuse (its KV is intact until the next forward pass)."""
+        self._evict_listeners.append(listener)
+        # One listener (the usual case) is called directly: no dispatch on the allocation path.
+        self.pool.on_evict = listener if len(self._evict_listeners) == 1 else self._notify_evict
+
+    def _notify_evict(self, block_hash: BlockHash, block_id: int) -> None:
+        for listener in self._evict_listeners:
+            listener(block_hash, block_id)
+
+    def holds_blocks(self, request_id: str) -> bool:
+        """True while the request holds a block table (a running request, or a forked sample)."""
+        return request_id in self.req_blocks
 
     @property
     def num_blocks(self) -> int:
@@ -74,7 +96,7 @@ class KVCacheManager:
         return blocks, len(blocks) * self.block_size
 
     def num_blocks_needed(self, request: Request, num_new_tokens: int,
-                          new_computed_blocks: list[KVBlock] = (), num_loaded_blocks: int = 0) -> int:
+                          new_computed_blocks: Sequence[KVBlock] = (), num_loaded_blocks: int = 0) -> int:
         """Free blocks that allocate_slots would take from the pool."""
         have = len(self.req_blocks.get(request.request_id, ())) + len(new_computed_blocks) + num_loaded_blocks
         total = request.num_computed_tokens + num_new_tokens
@@ -87,7 +109,7 @@ class KVCacheManager:
         self,
         request: Request,
         num_new_tokens: int,
-        new_computed_blocks: list[KVBlock] = (),
+        new_computed_blocks: Sequence[KVBlock] = (),
         loaded_hashes: Sequence[BlockHash] = (),
     ) -> Optional[list[KVBlock]]:
         """Make room for `num_new_tokens` tokens after `request.num_computed_tokens`.
@@ -125,6 +147,32 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         self._cache_full_blocks(request, total)
         return new_blocks
+
+    def allocate_plans(self, request: Request, num_new_tokens: int,
+                       plans: Sequence[KVPlan]) -> Optional[list[list[int]]]:
+        """Execute KV-source plans and make room for `num_new_tokens` more tokens.
+
+        `request.num_computed_tokens` must already count the plans' tokens.  Plans
+        sharing device blocks come before plans filling fresh ones (kv_sources.py).
+        Returns the device block ids each plan got, in plan order, or None (and
+        changes nothing) if the pool is short.
+        """
+        shared: list[KVBlock] = []
+        fills: list[BlockHash] = []
+        for plan in plans:
+            assert not (plan.shared_blocks and fills), "a plan sharing device blocks after one filling blocks"
+            shared.extend(plan.shared_blocks)
+            fills.extend(plan.fill_hashes)
+        first = len(self.req_blocks.get(request.request_id, ()))
+        if self.allocate_slots(request, num_new_tokens, shared, fills) is None:
+            return None
+        table = self.req_blocks[request.request_id]
+        placed = []
+        for plan in plans:
+            n = len(plan.shared_blocks) + len(plan.fill_hashes)
+            placed.append([b.block_id for b in table[first:first + n]])
+            first += n
+        return placed
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register blocks that are full once `num_tokens` tokens are written.

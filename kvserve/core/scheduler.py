@@ -6,24 +6,26 @@ admitted, all under one per-step token budget.  When blocks run out, the
 policy's victim is preempted by recompute; it resumes with whatever prefix is
 still cached.
 
-With KV offload tiers (an optional KVOffloadManager), admission also counts
-blocks some tier holds after the device hit.  Such a request leaves the queue
-for WAITING_FOR_KV while a background thread fetches the blocks; the other
-requests keep running.  When the load is ready it re-enters the queue, and its
-admission allocates device blocks for the loaded content (SchedulerOutput.kv_loads)
-which the runner copies in before the step's forward.  Blocks leaving the
-device pool for the tiers are listed in SchedulerOutput.kv_saves.
+Where a request's already-computed tokens come from is the KV sources' business
+(core/kv_sources.py): at admission the scheduler asks them in order (the device
+prefix cache, then e.g. the offload tiers) and keeps only the rule.  If every
+plan is ready the request starts with the tokens they supply; if one is not
+(a tier fetch), the request leaves the queue for WAITING_FOR_KV while that
+source fetches, the others keep running, and it re-enters the queue when the
+fetch is done.  Blocks to copy in (SchedulerOutput.kv_loads) and out (kv_saves)
+come from the sources too and travel in the step.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.clock import Clock, wall_clock
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_offload import KVOffloadManager
+from kvserve.core.kv_sources import DevicePrefixCache, KVPlan, KVSource, OffloadTiers
 from kvserve.core.policies import SchedulingPolicy, make_policy
-from kvserve.protocol import KVLoad, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from kvserve.protocol import KVSave, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.request import Request, RequestStatus
 
 # The step types live in kvserve.protocol; re-exported here for older imports.
@@ -32,10 +34,11 @@ __all__ = ["Scheduler", "ModelRunnerOutput", "SampledToken", "ScheduledRequest",
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 offload: Optional[KVOffloadManager] = None, *, policy: Optional[SchedulingPolicy] = None,
-                 clock: Clock = wall_clock) -> None:
-        """`policy`: an instance to use instead of `config.policy`'s; `clock`: where every
-        time the scheduler records comes from (first token, finish)."""
+                 offload: Optional[KVOffloadManager] = None, *, sources: Sequence[KVSource] = (),
+                 policy: Optional[SchedulingPolicy] = None, clock: Clock = wall_clock) -> None:
+        """`sources`: KV sources asked after the device prefix cache (`offload` adds the
+        offload tiers last); `policy`: an instance to use instead of `config.policy`'s;
+        `clock`: where every time the scheduler records comes from (first token, finish)."""
         self.config = config
         self.kv = kv_manager
         self.clock = clock
@@ -44,13 +47,14 @@ class Scheduler:
         self.policy = policy if policy is not None else make_policy(config.policy, clock)
         self.waiting = self.policy
         self.running: list[Request] = []
-        # Requests whose prefix blocks are being fetched from an offload tier.
+        # Requests waiting while a KV source fetches their blocks.
         self.waiting_for_kv: dict[str, Request] = {}
-        self.offload = offload
+        # Back from a fetch and not admitted yet: their next lookup repeats one admission.
+        self._fetched: set[str] = set()
+        self.sources: list[KVSource] = [DevicePrefixCache(kv_manager), *sources]
+        self.offload = offload  # kept for inspection; the scheduler talks to its source
         if offload is not None:
-            if not kv_manager.enable_prefix_caching:
-                raise ValueError("KV offload tiers need prefix caching (blocks are found by hash)")
-            kv_manager.pool.on_evict = offload.on_evict
+            self.sources.append(OffloadTiers(offload, kv_manager, clock))
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
@@ -100,9 +104,9 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         request.finish_time = self.clock()
-        if self.offload is not None:
-            self.offload.on_request_finished(request, self.kv.cached_blocks(request))
-            self.offload.cancel(request.request_id)
+        for source in self.sources:
+            source.on_finished(request, self.kv)
+        self._fetched.discard(request.request_id)
         self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_since_last_step.append(request.request_id)
@@ -127,8 +131,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        if self.offload is not None:
-            self._requeue_loaded()
+        self._requeue_fetched()
         num_new_tokens: dict[str, int] = {}
 
         # 1. Running requests, in the policy's order (by default decodes first, then
@@ -163,36 +166,30 @@ class Scheduler:
             assert request is not None
             if request.request_id in preempted_now:
                 break  # it just lost its blocks for lack of room; don't thrash
-            loaded: list = []  # block hashes whose content comes from an offload tier
-            load_first = 0
-            if request.request_id in self.kv.req_blocks:
-                # A forked n > 1 sample: it already holds its shared prompt blocks.
-                computed_blocks: list = []
+            rid = request.request_id
+            plans: list[KVPlan] = []
+            if self.kv.holds_blocks(rid):
+                pass  # a forked n > 1 sample: it already holds its shared prompt blocks
             elif request.sampling_params.prompt_logprobs is not None:
                 # Prompt logprobs need the logits of every prompt position, so such a
-                # request never reads cached KV (device or tier); vLLM does the same.
-                computed_blocks = []
+                # request never reads cached KV (from any source); vLLM does the same.
                 request.num_computed_tokens = 0
             else:
-                returning = self.offload is not None and self.offload.has_ready_load(request.request_id)
-                computed_blocks, num_cached = self.kv.get_computed_blocks(request, count_stats=not returning)
-                if self.offload is not None:
-                    if not returning and self._start_tier_load(request, len(computed_blocks)):
-                        continue  # it waits for its blocks; admit the next request
-                    loaded, load_first = self.offload.usable_load(request.request_id, len(computed_blocks))
-                request.num_computed_tokens = num_cached + len(loaded) * self.kv.block_size
+                plans = self._find_plans(request)
+                if plans and not plans[-1].ready:
+                    self._wait_for_kv(request, plans[-1])
+                    continue  # it waits for its blocks; admit the next request
+                request.num_computed_tokens = sum(p.num_tokens for p in plans)
             n = self._num_tokens_to_run(request, budget)
-            if n <= 0 or self.kv.allocate_slots(request, n, computed_blocks, loaded) is None:
-                if request.request_id not in self.kv.req_blocks:
+            placed = self.kv.allocate_plans(request, n, plans) if n > 0 else None
+            if placed is None:
+                if not self.kv.holds_blocks(rid):
                     request.num_computed_tokens = 0
                 break
             self.waiting.pop()
-            if self.offload is not None and self.offload.has_ready_load(request.request_id):
-                self.offload.consume_load(request.request_id, len(loaded), load_first)
-                if loaded:
-                    d = len(computed_blocks)
-                    ids = self.kv.block_ids(request.request_id)[d:d + len(loaded)]
-                    out.kv_loads.append(KVLoad(request.request_id, load_first, ids))
+            self._fetched.discard(rid)
+            for plan, block_ids in zip(plans, placed):
+                out.kv_loads.extend(plan.source.placed(request, plan, block_ids))
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = request.num_computed_tokens
             request.status = RequestStatus.RUNNING
@@ -226,45 +223,57 @@ class Scheduler:
             self.policy.on_scheduled(request, n)
         out.finished_ids = self._finished_since_last_step
         self._finished_since_last_step = []
-        if self.offload is not None:
-            # Evictions of this schedule and finishes since the last one.
-            out.kv_saves = self.offload.take_pending_saves()
+        out.kv_saves = self._take_saves()  # evictions of this schedule, finishes since the last one
         return out
 
     def flush(self) -> SchedulerOutput:
         """A step with no requests, carrying the KV saves queued since the last schedule()
         (blocks of requests that just finished): the executor copies them out now, while
         their content is intact.  Empty without offload tiers."""
-        out = SchedulerOutput()
-        if self.offload is not None:
-            out.kv_saves = self.offload.take_pending_saves()
-        return out
+        return SchedulerOutput(kv_saves=self._take_saves())
 
-    # --------------------------------------------------------------- offload
-    def _start_tier_load(self, request: Request, num_device_blocks: int) -> bool:
-        """If a tier holds blocks after the device hit, move the (head) request to
-        WAITING_FOR_KV and start fetching them; it holds no device blocks meanwhile."""
-        assert self.offload is not None
-        start, hashes = self.offload.plan_load(request, num_device_blocks)
-        if not hashes:
-            return False
+    # ------------------------------------------------------------ KV sources
+    def _find_plans(self, request: Request) -> list[KVPlan]:
+        """Ask the sources in order; stop after a plan that is not ready (a fetch)."""
+        repeat = request.request_id in self._fetched
+        plans: list[KVPlan] = []
+        supplied = 0
+        for source in self.sources:
+            plan = source.plan(request, supplied, repeat)
+            if plan is None:
+                continue
+            plans.append(plan)
+            if not plan.ready:
+                break
+            supplied += plan.num_tokens
+        return plans
+
+    def _wait_for_kv(self, request: Request, plan: KVPlan) -> None:
+        """Move the (head) request to WAITING_FOR_KV while `plan`'s source fetches;
+        it holds no device blocks meanwhile."""
         popped = self.waiting.pop()
         assert popped is request
         request.status = RequestStatus.WAITING_FOR_KV
         request.num_computed_tokens = 0
         self.waiting_for_kv[request.request_id] = request
-        self.offload.start_load(request.request_id, start, hashes)
-        return True
+        plan.source.fetch(request, plan)
 
-    def _requeue_loaded(self) -> None:
-        """Requests whose tier load finished go back to the queue, in their policy place
+    def _requeue_fetched(self) -> None:
+        """Requests whose fetch finished go back to the queue, in their policy place
         (FCFS: the front, where they were when they left)."""
-        assert self.offload is not None
-        ready = [self.waiting_for_kv.pop(rid) for rid in self.offload.poll() if rid in self.waiting_for_kv]
+        ready = [self.waiting_for_kv.pop(rid) for source in self.sources for rid in source.poll()
+                 if rid in self.waiting_for_kv]
         # Latest arrival first, so that FCFS's add-to-front leaves the earliest at the head.
         for request in sorted(ready, key=lambda r: r.arrival_time, reverse=True):
             request.status = RequestStatus.WAITING
+            self._fetched.add(request.request_id)
             self.waiting.add_preempted(request)
+
+    def _take_saves(self) -> list[KVSave]:
+        saves: list[KVSave] = []
+        for source in self.sources:
+            saves.extend(source.take_saves())
+        return saves
 
     def _num_tokens_to_run(self, request: Request, budget: int) -> int:
         n = min(request.num_tokens - request.num_computed_tokens, budget)

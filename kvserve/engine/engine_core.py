@@ -18,12 +18,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.kv_sources import KVSource
 from kvserve.core.scheduler import Scheduler
 from kvserve.models.loader import load_model
 from kvserve.models.model_config import ModelArchConfig
@@ -80,7 +81,9 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, executor: Executor, *, num_kv_blocks: int, vocab_size: int,
                  eos_token_ids: frozenset[int] = frozenset(), kv_tiers: Optional[KVTiers] = None,
-                 clock: Clock = time.time) -> None:
+                 kv_sources: Sequence[KVSource] = (), clock: Clock = time.time) -> None:
+        """`kv_sources`: KV sources the scheduler asks after the device prefix cache
+        (before the tiers of `kv_tiers`)."""
         self.config = config
         self.executor = executor
         self.clock = clock
@@ -93,7 +96,8 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_kv_blocks, cc.block_size, cc.enable_prefix_caching)
         self.kv_tiers = kv_tiers
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
-                                   offload=kv_tiers.manager if kv_tiers is not None else None, clock=clock)
+                                   offload=kv_tiers.manager if kv_tiers is not None else None,
+                                   sources=kv_sources, clock=clock)
         self.stats = EngineStats()
         # Set by from_config (None for an executor built elsewhere).
         self.model: Optional[torch.nn.Module] = None
