@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,11 +101,12 @@ class DenseModelRunner:
     """A model loaded with kvserve's loader, run per sequence on a `DenseSequence`."""
 
     def __init__(self, model: torch.nn.Module, cfg: ModelArchConfig) -> None:
-        self.model = model
+        # A kvserve model class (forward(ids, positions, ctx), compute_logits, rotary tables).
+        self.model: Any = cast(Any, model)
         self.cfg = cfg
-        p = next(model.parameters())
+        p = next(self.model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        self.max_positions = int(model.rotary.cos.shape[0])
+        self.max_positions = int(self.model.rotary.cos.shape[0])
         self.attn = DenseAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     @classmethod
