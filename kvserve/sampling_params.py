@@ -83,6 +83,13 @@ class SamplingParams:
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}] or None")
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a token id named here is outside the model's vocabulary."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be token ids below the vocabulary size "
+                             f"{vocab_size}, got {bad[:5]!r}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5

@@ -273,6 +273,16 @@ class AsyncEngine:
         if live and self.dead_reason is None:
             self._outbox.put(AbortRequests(live))
 
+    def fail_in_flight(self, exc: BaseException) -> int:
+        """Abort every in-flight request in the engine and raise `exc` from their streams
+        (the drain deadline at shutdown).  Returns the number of streams failed."""
+        num_streams = len({id(t.stream) for t in self._requests.values()})
+        request_ids = list(self._requests)
+        self._fail_all(exc)
+        if request_ids and self.dead_reason is None:
+            self._outbox.put(AbortRequests(request_ids))
+        return num_streams
+
     # ------------------------------------------------- event loop callbacks
     def _on_message(self, msg: Any) -> None:
         if not isinstance(msg, StepOutputs):

@@ -18,10 +18,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from kvserve.entrypoints.openai.defaults import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from kvserve.utils import sizes
 
 logger = logging.getLogger("kvserve.serve")
@@ -82,6 +84,16 @@ def check_kv_tier_options(tiers: Optional[str], codec: str) -> Optional[str]:
     return None
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if not 0 <= value <= 65535:
@@ -107,13 +119,20 @@ def register(subparsers: Any) -> None:
                      help="model name(s) clients use in the 'model' field; the first is reported in responses "
                           "(default: the built-in model's name, else MODEL as given)")
     net.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' on every route except /health and /metrics "
+                     help="require 'Authorization: Bearer KEY' on every route except /health and /metrics, "
+                          "/openapi.json, /docs, /redoc and /version included "
                           "(default: $KVSERVE_API_KEY; none means no authentication)")
+    net.add_argument("--max-request-bytes", type=parse_size, default=DEFAULT_MAX_REQUEST_BYTES, metavar="SIZE",
+                     help="largest request body; larger ones get 413 (default: 4MiB)")
+    net.add_argument("--body-read-timeout", type=_positive_float, default=DEFAULT_BODY_READ_TIMEOUT_S,
+                     metavar="SECONDS", help="a request body must arrive within this long of its headers, "
+                                             "or the request gets 408 (default: %(default)g)")
     net.add_argument("--max-queue-len", type=_positive_int, default=None,
                      help="most requests that may wait for their first token; beyond it requests get 503 with "
                           "Retry-After (default: unbounded)")
-    net.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
-                     help="on SIGTERM, wait at most this long for in-flight requests (default: until they finish)")
+    net.add_argument("--drain-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                     help="on SIGTERM, wait at most this long for in-flight requests, then end each with an "
+                          "OpenAI error (503; streams: an error event, then [DONE]) (default: until they finish)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log level of the server and the engine (default: %(default)s)")
     net.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
@@ -204,17 +223,40 @@ def run_serve(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         sys.stderr.write(GETTING_STARTED.format(problem=exc) if args.model is None else f"kvserve serve: {exc}\n")
         return 2
+    # Bound before the model loads: a port in use fails in a second, not after a long load.
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        sys.stderr.write(f"kvserve serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+                         "(is another server running there? choose another --port)\n")
+        return 1
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool next to the engine
-    return asyncio.run(_serve(args, model_dir, args.served_model_name or [default_name], level))
+    with sock:
+        return asyncio.run(_serve(args, model_dir, args.served_model_name or [default_name], level, sock))
 
 
-async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], log_level: int) -> int:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), as uvicorn would bind it; uvicorn listens on it later."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], log_level: int,
+                 sock: socket.socket) -> int:
     import uvicorn
 
     from kvserve.engine.async_engine import AsyncEngine, EngineStartupError
     from kvserve.engine.engine_process import DEFAULT_ENGINE_FACTORY, EngineProcessConfig
+    from kvserve.entrypoints.openai.drain import DrainingServer
+    from kvserve.entrypoints.openai.guard import DrainState
     from kvserve.entrypoints.openai.server import build_app
     from kvserve.entrypoints.openai.serving import ServerContext
     from kvserve.metrics import ServerMetrics
@@ -232,6 +274,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
     engine = AsyncEngine(EngineProcessConfig(engine_kwargs, engine_factory=factory, log_level=log_level),
                          observer=metrics)
     tokenizer_task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, args.tokenizer or str(model_dir)))
+    ctx: Optional[ServerContext] = None
     try:
         try:
             info = await engine.start()
@@ -239,24 +282,43 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
             sys.stderr.write(f"kvserve serve: the engine could not start: {exc}\n")
             return 1
         tokenizer = await tokenizer_task
+        _warn_if_vocab_mismatch(tokenizer, info.vocab_size)
         ctx = ServerContext(engine=engine, info=info, tokenizer=tokenizer, served_model_names=names,
                             metrics=metrics, max_queue_len=args.max_queue_len,
-                            api_key=args.api_key or os.environ.get("KVSERVE_API_KEY") or None)
+                            api_key=args.api_key or os.environ.get("KVSERVE_API_KEY") or None,
+                            max_request_bytes=args.max_request_bytes, body_read_timeout_s=args.body_read_timeout,
+                            drain=DrainState(args.drain_timeout))
         logger.info("serving %s from %s: max_model_len=%d, KV cache %d blocks x %d tokens, engine pid %d",
                     names, info.model_dir, info.max_model_len, info.num_kv_blocks, info.block_size, info.pid)
         config = uvicorn.Config(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level,
-                                access_log=args.access_log, timeout_graceful_shutdown=args.drain_timeout,
-                                lifespan="off")
-        server = uvicorn.Server(config)
+                                access_log=args.access_log, lifespan="off")
+        server = DrainingServer(config, ctx, backstop_s=_DRAIN_BACKSTOP_S)
         # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found
         # installed; make that a no-op so we get to stop the engine and exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        await server.serve()
+        await server.serve(sockets=[sock])
         return 0 if server.started else 1
     finally:
         tokenizer_task.cancel()
         await engine.shutdown()
+        if ctx is not None:
+            ctx.tokenizers.shutdown()
+
+
+def _warn_if_vocab_mismatch(tokenizer: Any, model_vocab_size: int) -> None:
+    if tokenizer is None:
+        return
+    size = len(tokenizer)
+    if size > model_vocab_size:
+        logger.warning("the tokenizer has %d tokens but the model's vocabulary only %d: is it the model's own "
+                       "tokenizer? Prompts that encode to ids >= %d are refused with a 400", size,
+                       model_vocab_size, model_vocab_size)
+
+
+# After the drain deadline has ended every request, uvicorn cancels what still runs this
+# much later (a handler blocked on a client that stopped reading).
+_DRAIN_BACKSTOP_S = 5.0
 
 
 def _load_tokenizer(path: str) -> Any:

@@ -48,6 +48,27 @@ def test_api_key_required(guarded: ServerProcess) -> None:
     assert httpx.get(guarded.base_url + "/metrics").status_code == 200
 
 
+def test_api_key_covers_every_route_but_health_and_metrics(guarded: ServerProcess) -> None:
+    from kvserve.entrypoints.serve_cli import register
+
+    # FastAPI's own routes and /version too, and unknown paths (nothing is revealed without the key).
+    for path in ("/openapi.json", "/docs", "/redoc", "/version", "/v1/models/tiny", "/no/such/route"):
+        resp = httpx.get(guarded.base_url + path)
+        assert resp.status_code == 401, path
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/openapi.json", "/docs", "/redoc", "/version"):
+        assert httpx.get(guarded.base_url + path, headers=AUTH).status_code == 200, path
+    for path in ("/health", "/metrics"):
+        assert httpx.get(guarded.base_url + path).status_code == 200, path
+    # The help says so.
+    import argparse
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    help_text = " ".join(sub.choices["serve"].format_help().split())
+    assert "every route except /health and /metrics, /openapi.json, /docs, /redoc and /version included" in help_text
+
+
 def test_queue_full_gets_503_with_retry_after(guarded: ServerProcess) -> None:
     url = guarded.base_url + "/v1/completions"
     long_body = dict(BODY, max_tokens=1000, ignore_eos=True, stream=True)  # several seconds anywhere

@@ -15,25 +15,28 @@ from kvserve.entrypoints.openai.prompts import Prompt, chat_prompt, check_prompt
 from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_chat
 from kvserve.entrypoints.openai.serving import (
-    SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas, parse_body,
+    SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas,
     raise_for_delta, sse_error, sse_event, unless_disconnected, usage_dict,
 )
 
 
 async def create_chat_completion(ctx: ServerContext, request: Request) -> Response:
     arrival = time.time()
-    req = parse_body(ChatCompletionRequest, await request.body())
+    body = await request.body()
+    req = await ctx.parse(ChatCompletionRequest, body)
     check_chat(req)
     model = ctx.resolve_model(req.model)
-    # Off the event loop: a long conversation must not hold up the streams in flight.
-    prompt = await ctx.run_tokenizer(
-        chat_prompt, ctx.tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
+    # Off the event loop, on the lane for this body's size: a long conversation must hold up
+    # neither the streams in flight nor the small requests behind it.
+    prompt = await ctx.tokenizers.run(len(body), lambda tok: chat_prompt(
+        tok, req.messages, add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
-        add_special_tokens=req.add_special_tokens)
+        add_special_tokens=req.add_special_tokens))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_prompt_fits(prompt, max_tokens, ctx.info, "messages")
     num_top = req.top_logprobs or 0
-    params = build_sampling_params(req, max_tokens=max_tokens, logprobs=num_top if req.logprobs else None)
+    params = build_sampling_params(req, vocab_size=ctx.info.vocab_size, max_tokens=max_tokens,
+                                   logprobs=num_top if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.submit([prompt.token_ids], params, request_id, arrival)
     view = _ChatView(req, model, request_id, prompt, stream, num_top)

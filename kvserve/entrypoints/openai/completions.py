@@ -15,27 +15,33 @@ from kvserve.engine.async_engine import EngineDeadError, RequestStream
 from kvserve.engine.engine_ipc import PositionLogprobs
 from kvserve.entrypoints.openai.errors import OpenAIError
 from kvserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder
-from kvserve.entrypoints.openai.prompts import Prompt, check_prompt_fits, completion_prompts
+from kvserve.entrypoints.openai.prompts import Prompt, check_prompt_fits, completion_prompts, has_text
 from kvserve.entrypoints.openai.protocol import CompletionRequest, CompletionResponse
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_completion
 from kvserve.entrypoints.openai.serving import (
-    SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas, parse_body,
+    SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas,
     raise_for_delta, sse_error, sse_event, unless_disconnected, usage_dict,
 )
 
 
 async def create_completion(ctx: ServerContext, request: Request) -> Response:
     arrival = time.time()
-    req = parse_body(CompletionRequest, await request.body())
+    body = await request.body()
+    req = await ctx.parse(CompletionRequest, body)
     check_completion(req)
     model = ctx.resolve_model(req.model)
-    # Off the event loop: tokenizing a long prompt must not hold up the streams in flight.
-    prompts = await ctx.run_tokenizer(completion_prompts, req.prompt, ctx.tokenizer, req.add_special_tokens)
+    if has_text(req.prompt):
+        # Off the event loop, on the lane for this body's size: a huge prompt must hold up
+        # neither the streams in flight nor the small requests behind it.
+        prompts = await ctx.tokenizers.run(
+            len(body), lambda tok: completion_prompts(req.prompt, tok, req.add_special_tokens))
+    else:
+        prompts = completion_prompts(req.prompt, None, req.add_special_tokens)
     for p in prompts:
         check_prompt_fits(p, req.max_tokens, ctx.info, "prompt")
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = build_sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                   prompt_logprobs=echo_logprobs)
+    params = build_sampling_params(req, vocab_size=ctx.info.vocab_size, max_tokens=req.max_tokens,
+                                   logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     stream = ctx.submit([p.token_ids for p in prompts], params, request_id, arrival)
     view = _CompletionView(ctx, req, model, request_id, prompts, stream)

@@ -10,9 +10,10 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ _TYPE_BY_STATUS = {
     401: "invalid_request_error",  # OpenAI reports a bad key as invalid_request_error/invalid_api_key
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -114,6 +116,13 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         return OpenAIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, _: ClientDisconnect) -> Response:
+        # The client went away before its body arrived: not the server's error, and no one
+        # reads the answer (uvicorn drops sends on a closed connection).
+        logger.debug("client disconnected before sending its whole body: %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

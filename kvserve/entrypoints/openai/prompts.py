@@ -32,6 +32,11 @@ def require_tokenizer(tokenizer: Any, what: str) -> Any:
     return tokenizer
 
 
+def has_text(prompt: str | list[Any]) -> bool:
+    """Whether a (schema-checked) completion prompt has text to tokenize, rather than token ids."""
+    return isinstance(prompt, str) or isinstance(prompt[0], str)
+
+
 def completion_prompts(prompt: str | list[Any], tokenizer: Any, add_special_tokens: bool) -> list[Prompt]:
     """OpenAI's four prompt shapes: str, [str], [int], [[int]] (already shape-checked by the schema)."""
     if isinstance(prompt, str):
@@ -85,14 +90,15 @@ def check_prompt_fits(prompt: Prompt, max_tokens: Optional[int], info: EngineInf
     n = len(prompt.token_ids)
     if n == 0:
         raise bad_request("The prompt is empty (it encodes to zero tokens).", param)
-    bad = [t for t in prompt.token_ids if not 0 <= t < info.vocab_size]
-    if bad:
-        raise bad_request(f"Token ids must be in [0, {info.vocab_size}); got {bad[:5]}.", param, "invalid_value")
     limit = info.max_model_len
     if n >= limit:
         raise bad_request(f"This model's maximum context length is {limit} tokens. However, your prompt has "
                           f"{n} tokens, which leaves no room for the completion. Please shorten the prompt.",
                           param, "context_length_exceeded")
+    # After the length check, so this scan (on the event loop) covers at most max_model_len ids.
+    bad = [t for t in prompt.token_ids if not 0 <= t < info.vocab_size]
+    if bad:
+        raise bad_request(f"Token ids must be in [0, {info.vocab_size}); got {bad[:5]}.", param, "invalid_value")
     if max_tokens is not None and n + max_tokens > limit:
         raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
                           f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "

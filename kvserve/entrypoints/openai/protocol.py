@@ -53,7 +53,7 @@ class SamplingFields(RequestModel):
     model: Optional[str] = None  # None: the (first) served model, as vLLM allows
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)  # 0 would keep no token: refused, as vLLM does
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
@@ -294,6 +294,10 @@ class TokenizeResponse(ResponseModel):
 
 class DetokenizeResponse(ResponseModel):
     prompt: str
+
+
+class VersionResponse(ResponseModel):
+    version: str
 
 
 class ErrorInfo(ResponseModel):

@@ -8,8 +8,6 @@ from kvserve.entrypoints.openai.errors import bad_request
 from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvserve.sampling_params import SamplingParams
 
-# OpenAI allows top_p = 0 ("only the most likely token"); SamplingParams needs top_p > 0.
-_MIN_TOP_P = 1e-9
 _FIELD_IN_ERROR = re.compile(r"SamplingParams\.(\w+)")
 
 
@@ -48,15 +46,14 @@ def check_chat(req: ChatCompletionRequest) -> None:
         raise _unsupported("function_call")
 
 
-def build_sampling_params(req: SamplingFields, *, max_tokens: Optional[int], logprobs: Optional[int],
-                          prompt_logprobs: Optional[int] = None) -> SamplingParams:
+def build_sampling_params(req: SamplingFields, *, vocab_size: int, max_tokens: Optional[int],
+                          logprobs: Optional[int], prompt_logprobs: Optional[int] = None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    top_p = 1.0 if req.top_p is None else max(req.top_p, _MIN_TOP_P)
     try:
-        return SamplingParams(
+        params = SamplingParams(
             n=req.n,
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=top_p,
+            top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0 if req.top_k is None else req.top_k,
             min_p=0.0 if req.min_p is None else req.min_p,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
@@ -73,6 +70,8 @@ def build_sampling_params(req: SamplingFields, *, max_tokens: Optional[int], log
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
         )
+        params.check_vocab(vocab_size)
+        return params
     except ValueError as exc:
         match = _FIELD_IN_ERROR.search(str(exc))
         field = match.group(1) if match else None

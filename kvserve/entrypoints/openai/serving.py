@@ -6,7 +6,7 @@ tokenizer, limits, metrics); endpoints get it from `app.state.ctx`.
 from __future__ import annotations
 
 import asyncio
-import functools
+import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +19,8 @@ from pydantic import BaseModel, ValidationError
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kvserve.engine.engine_ipc import AddRequest, EngineInfo, PositionLogprobs, RequestDelta, SampleDelta
 from kvserve.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from kvserve.entrypoints.openai.defaults import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
+from kvserve.entrypoints.openai.guard import DrainState
 from kvserve.metrics import ServerMetrics
 from kvserve.sampling_params import SamplingParams
 
@@ -30,6 +32,38 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Bodies at least this large are parsed and tokenized on the "large" lane (see TokenizerLanes).
+LARGE_BODY_BYTES = 64 * 1024
+
+
+class TokenizerLanes:
+    """Tokenizer work (JSON parsing of large bodies, encode, chat template) off the event loop.
+
+    Two single-thread lanes, each with its own copy of the tokenizer: bodies under
+    LARGE_BODY_BYTES go to the small lane, larger ones to the large lane.  A huge prompt
+    (seconds to encode) therefore delays only other huge prompts, never a small request;
+    and no two threads ever call into one (stateful) HF tokenizer at once.  The encode of
+    HF fast tokenizers releases the GIL, so the event loop keeps serving meanwhile.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._lanes = [(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvserve-tokenizer-{name}"),
+                        copy.deepcopy(tokenizer) if tokenizer is not None else None)
+                       for name in ("small", "large")]
+
+    def lane(self, size: int) -> int:
+        return int(size >= LARGE_BODY_BYTES)
+
+    async def run(self, size: int, fn: Callable[[Any], T]) -> T:
+        """`fn(tokenizer)` on the lane for a body of `size` bytes (tokenizer: that lane's copy, or None)."""
+        executor, tokenizer = self._lanes[self.lane(size)]
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, tokenizer)
+
+    def shutdown(self) -> None:
+        for executor, _ in self._lanes:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class ServerContext:
     engine: AsyncEngine
@@ -39,14 +73,20 @@ class ServerContext:
     metrics: ServerMetrics
     max_queue_len: Optional[int] = None  # None: unbounded
     api_key: Optional[str] = None
-    # One thread for tokenizer work (encode, chat template): off the event loop, and never two
-    # calls into the (stateful) HF tokenizer at once.
-    _tokenizer_thread: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvserve-tokenizer"))
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
+    tokenizers: TokenizerLanes = field(init=False)
+    drain: DrainState = field(default_factory=lambda: DrainState())
 
-    async def run_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread,
-                                                                functools.partial(fn, *args, **kwargs))
+    def __post_init__(self) -> None:
+        self.tokenizers = TokenizerLanes(self.tokenizer)
+
+    async def parse(self, model: type[M], body: bytes) -> M:
+        """`parse_body`, on the large lane for a large body (parsing megabytes of token ids takes
+        a noticeable fraction of a second; the event loop must not stall for it)."""
+        if self.tokenizers.lane(len(body)) == 0:
+            return parse_body(model, body)
+        return await self.tokenizers.run(len(body), lambda _tok: parse_body(model, body))
 
     @property
     def model_name(self) -> str:
@@ -63,6 +103,8 @@ class ServerContext:
     def submit(self, prompts: list[list[int]], params: SamplingParams, id_prefix: str,
                arrival_time: float) -> RequestStream:
         """Admit one API call's prompts (each becomes one engine request) or raise 503/400."""
+        if self.drain.expired:
+            raise self.drain.error()
         if not self.engine.is_healthy():
             raise OpenAIError(503, f"The engine is not available: {self.engine.dead_reason or 'shutting down'}.",
                               code="engine_unavailable")
@@ -80,6 +122,16 @@ class ServerContext:
                                              for rid, ids_ in zip(ids, prompts)])
         except EngineDeadError as exc:
             raise OpenAIError(503, f"The engine is not available: {exc}.", code="engine_unavailable") from None
+
+    def expire_in_flight(self) -> int:
+        """The drain deadline has passed: end every in-flight request with a 503 error object.
+
+        Non-streaming requests answer 503 JSON, streams send a final `error` event and
+        `[DONE]` (their handlers see the error on their engine stream), requests still
+        reading their body get a 503 from the guard, and later ones from `submit`.
+        Returns the number of API calls ended."""
+        self.drain.expire()
+        return self.engine.fail_in_flight(self.drain.error())
 
 
 def parse_body(model: type[M], body: bytes) -> M:
