@@ -186,7 +186,7 @@ class KVTierIO:
             pending = self._pending_save_bytes
         t0 = time.perf_counter()
         if pending:
-            logger.info("KV tier I/O: writing %.1f MiB of queued saves (waiting up to %.0f s)",
+            logger.info("KV tier I/O: writing %.1f MiB of queued saves (waiting up to %.1f s)",
                         pending / 2**20, timeout)
         drained = self.drain(timeout)
         with self._cond:
@@ -200,7 +200,7 @@ class KVTierIO:
         if alive:  # a store call stuck past its own timeouts; nothing more can be done safely
             logger.error("KV tier I/O: thread(s) %s did not stop within %.0f s", alive, _JOIN_TIMEOUT_S)
         if not drained:
-            logger.warning("KV tier I/O: gave up after %.0f s; %d queued blocks were not written",
+            logger.warning("KV tier I/O: gave up after %.1f s; %d queued blocks were not written",
                            timeout, self.stats.saves_abandoned)
         elif pending:
             logger.info("KV tier I/O: queued saves written in %.2f s", time.perf_counter() - t0)

@@ -115,8 +115,8 @@ class KVTiers:
                 logger.warning("KV tiers: %d device blocks not written (flush timed out after %.0f s)",
                                len(todo) - sent, timeout)
                 break
-            host = gather_blocks(self.transfer.kv_caches, [block_id for _, block_id in chunk])
-            self.io.submit_saves([(h, host[j]) for j, (h, _) in enumerate(chunk)], persist=True)
+            host = gather_blocks(self.transfer.kv_caches, [s.block_id for s in chunk])
+            self.io.submit_saves([(s.block_hash, host[j]) for j, s in enumerate(chunk)], persist=True)
             sent += len(chunk)
         self.blocks_flushed_on_close += sent
         return sent

@@ -116,3 +116,89 @@ def test_close_writes_queued_saves_first():
                            orig_close())
     io.close()
     assert hits_before_close == [8]
+
+
+class GatedStore:
+    """A cpu-tier store whose put_many waits for `gate` (a slow disk or Redis)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.inner = build_kv_store("cpu:1MiB", NS)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.persisted: list[bytes] = []
+        self.written: list[bytes] = []
+
+    def put_many(self, items):
+        self.entered.set()
+        self.gate.wait(30)
+        self.inner.put_many(items)
+        self.written.extend(k for k, _ in items)
+
+    def persist_many(self, items):
+        self.persisted.extend(k for k, _ in items)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_close_gives_up_after_its_timeout_and_still_stops_both_threads():
+    import threading
+
+    store = GatedStore()
+    io = KVTierIO(store)
+    io.submit_saves([(h(i), blk(i)) for i in range(12)])   # 3 chunks of 4
+    assert store.entered.wait(10)
+    threading.Timer(0.3, store.gate.set).start()          # the chunk in hand finishes later
+    assert io.close(timeout=0.1) is False
+    assert not any(t.is_alive() for t in io._threads)
+    # The chunk being written completed; the rest was abandoned, never half-written.
+    assert io.stats.saves == 4 and io.stats.saves_abandoned == 8
+    assert store.written == [h(i) for i in range(4)]
+    io.submit_saves([(h(20), blk(20))])                   # after close: dropped, not queued
+    assert io.stats.saves_dropped == 1
+
+
+def test_persist_saves_go_to_persist_many():
+    store = GatedStore()
+    io = KVTierIO(store)
+    try:
+        io.submit_saves([(h(1), blk(1))], persist=True)
+        assert io.drain(10) and store.persisted == [h(1)] and not store.entered.is_set()
+    finally:
+        io.close()
+
+
+def test_wait_for_room_waits_for_the_saver():
+    store = GatedStore()
+    io = KVTierIO(store, max_pending_save_bytes=2 * NS.block_nbytes)
+    try:
+        io.submit_saves([(h(1), blk(1)), (h(2), blk(2))])
+        assert io.wait_for_room(NS.block_nbytes, timeout=0.05) is False   # full, saver stuck
+        store.gate.set()
+        assert io.wait_for_room(NS.block_nbytes, timeout=10) is True
+    finally:
+        store.gate.set()
+        io.close()
+
+
+def test_exit_hook_closes_an_io_nobody_closed():
+    store = build_kv_store("cpu:1MiB", NS)
+    io = KVTierIO(store)
+    io.submit_saves([(h(i), blk(i)) for i in range(8)])
+    hook = io._exit_hook
+    assert hook.alive and hook.atexit   # weakref.finalize: called at interpreter exit
+    written = []
+    orig_close = store.close
+    store.close = lambda: (written.append(sum(store.contains_many([h(i) for i in range(8)]))), orig_close())
+    hook()                              # what interpreter exit does
+    assert io.closed and written == [8] and not any(t.is_alive() for t in io._threads)
+    io.close()                          # idempotent; the hook was used up
+    assert written == [8]
+
+
+def test_close_detaches_the_exit_hook():
+    io = KVTierIO(build_kv_store("cpu:1MiB", NS))
+    io.close()
+    assert not io._exit_hook.alive

@@ -159,3 +159,44 @@ def test_cancel_drops_in_flight_and_ready_loads():
     # A late completion of a cancelled load is ignored.
     c._events.loads["a"] = 3
     assert m.poll() == []
+
+
+def seed_known(m: KVOffloadManager, c: FakeTierClient, hashes: list) -> None:
+    """Make `hashes` confirmed saves (what a tier most likely holds)."""
+    for i, hh in enumerate(hashes):
+        m.on_evict(hh, i)
+    m.take_pending_saves()
+    c.confirm_saves(hashes)
+    m.poll()
+
+
+def test_a_truncated_load_forgets_the_hints_of_every_block_it_did_not_read():
+    """The blocks after a miss were never read: a hint for them may be as wrong as the
+    miss, so their recomputed blocks are saved again (rewriting a corrupt entry)."""
+    m, c = make("evict")
+    r = req("a", 21)
+    seed_known(m, c, r.block_hashes[:5])
+    start, hashes = m.plan_load(r, 0)
+    assert hashes == r.block_hashes[:5]
+    m.start_load("a", start, hashes)
+    c.finish_load("a", 1)                 # block 1 came back corrupt
+    m.poll()
+    assert r.block_hashes[0] in m.known
+    assert not any(hh in m.known for hh in r.block_hashes[1:5])
+    m.consume_load("a", 1)
+    for i, hh in enumerate(r.block_hashes[:5]):   # the recomputed blocks leave the device
+        m.on_evict(hh, i)
+    assert [s.block_hash for s in m.take_pending_saves()] == r.block_hashes[1:5]
+
+
+def test_unsaved_lists_what_no_tier_holds_whatever_the_policy():
+    m, c = make("finish")
+    hs = [bytes([i]) * 32 for i in range(5)]
+    m.policy = OffloadPolicy.EVICT
+    seed_known(m, c, hs[:1])              # confirmed
+    m.on_evict(hs[1], 1)
+    m.take_pending_saves()                # handed to the saver, not confirmed
+    m.on_evict(hs[2], 2)                  # queued, not copied out yet
+    m.policy = OffloadPolicy.FINISH
+    assert m.unsaved([(h, i) for i, h in enumerate(hs)]) == [KVSave(hs[3], 3), KVSave(hs[4], 4)]
+    assert m.pending_saves == [KVSave(hs[2], 2)]   # unsaved() queues nothing

@@ -279,3 +279,93 @@ def test_lossy_codec_on_disk(tmp_path: Path) -> None:
         got = tier.get(key(7))
         assert got is not None and got.dtype == torch.bfloat16
         assert float((got.float() - b.float()).norm() / b.float().norm()) < 0.05
+
+
+# ---------------------------------------------------------------- healing (issue 12, item 3)
+
+
+def test_put_rewrites_an_entry_the_scan_found_until_it_is_read(ns: KVNamespace, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    tier = DiskTier(ns, get_codec("raw"), root, 1 << 20)
+    for i in range(3):
+        tier.put(key(i), make_block(ns, i))
+    tier.close()
+    bad = tier.path_for(key(1))
+    data = bytearray(bad.read_bytes())
+    data[-3] ^= 0x40                      # corrupt, but never read: the index still holds it
+    bad.write_bytes(bytes(data))
+
+    again = DiskTier(ns, get_codec("raw"), root, 1 << 20)
+    assert again.num_unverified == 3
+    assert again.get(key(0)) is not None  # read: verified
+    assert again.num_unverified == 2
+    used = again.used_bytes
+    for i in range(3):                    # the engine re-saves recomputed blocks
+        again.put(key(i), make_block(ns, i))
+    # key 0 was verified: only its recency moved; keys 1 and 2 were rewritten.
+    assert again.stats.bytes_written == 2 * bad.stat().st_size
+    assert again.num_unverified == 0 and again.used_bytes == used == dir_bytes(root)
+    got = again.get(key(1))
+    assert got is not None and torch.equal(got, make_block(ns, 1)) and again.stats.corrupt == 0
+    again.put(key(1), make_block(ns, 1))  # now verified: no more writes
+    assert again.stats.bytes_written == 2 * bad.stat().st_size
+
+
+def test_a_key_found_corrupt_is_dropped_and_written_by_the_next_put(ns: KVNamespace, tmp_path: Path) -> None:
+    tier, path = _stored(ns, tmp_path)
+    path.write_bytes(path.read_bytes()[:-1])
+    assert tier.get(key(1)) is None and not tier.contains(key(1))
+    tier.put(key(1), make_block(ns, 1))
+    got = tier.get(key(1))
+    assert got is not None and torch.equal(got, make_block(ns, 1))
+
+
+# ---------------------------------------------------------------- one tier per directory (item 4)
+
+
+def test_a_second_tier_on_the_directory_is_refused_until_the_first_closes(ns: KVNamespace, tmp_path: Path) -> None:
+    from kvserve.kv_store.dir_lock import DiskTierLockedError
+
+    root = tmp_path / "c"
+    first = DiskTier(ns, get_codec("raw"), root, 1 << 20)
+    with pytest.raises(DiskTierLockedError, match="in use by another disk tier of this process"):
+        DiskTier(make_ns(model_id="other"), get_codec("raw"), root, 1 << 20)  # any namespace
+    first.close()
+    first.close()  # idempotent
+    DiskTier(ns, get_codec("raw"), root, 1 << 20).close()
+
+
+def test_a_tier_dropped_without_close_releases_the_directory(ns: KVNamespace, tmp_path: Path) -> None:
+    import gc
+
+    root = tmp_path / "c"
+    tier = DiskTier(ns, get_codec("raw"), root, 1 << 20)
+    del tier
+    gc.collect()
+    DiskTier(ns, get_codec("raw"), root, 1 << 20).close()
+
+
+def test_another_process_holding_the_directory_gets_a_clear_error(ns: KVNamespace, tmp_path: Path) -> None:
+    """Two processes on one directory used to overrun its cap (each counts only its own files)."""
+    import subprocess
+    import sys
+
+    from kvserve.kv_store.dir_lock import DiskTierLockedError
+
+    root = tmp_path / "c"
+    code = ("import sys; from kvserve.kv_store import DiskTier, get_codec; "
+            "from tests.unit.kv_store.kvstore_helpers import make_ns; "
+            f"t = DiskTier(make_ns(), get_codec('raw'), {str(root)!r}, 1 << 20); "
+            "print('open', flush=True); sys.stdin.read(); t.close()")
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(DiskTierLockedError, match=f"in use by process {holder.pid}"):
+            DiskTier(ns, get_codec("raw"), root, 1 << 20)
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    DiskTier(ns, get_codec("raw"), root, 1 << 20).close()   # free once it closed

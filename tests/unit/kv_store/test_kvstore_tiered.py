@@ -227,3 +227,12 @@ def test_concurrent_use_keeps_bounds_and_data_intact(tmp_path: Path) -> None:
     for i in range(24):   # every block is somewhere (disk is large enough for all)
         got = store.get(key(i))
         assert got is not None and torch.equal(got, blocks[i])
+
+
+@pytest.mark.parametrize("write_policy", ["write_through", "demote"])
+def test_persist_many_writes_only_the_persistent_tiers(ns: KVNamespace, tmp_path: Path, write_policy: str) -> None:
+    store = two_tiers(ns, tmp_path, write_policy=write_policy)
+    cpu, disk = store.tiers
+    assert [t.persistent for t in store.tiers] == [False, True] and store.persistent_tiers == [disk]
+    store.persist_many([(key(1), make_block(ns, 1))])   # under demote a put would stop at cpu
+    assert disk.contains(key(1)) and not cpu.contains(key(1)) and store.stats.puts == 1
