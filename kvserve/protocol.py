@@ -15,7 +15,7 @@ checking only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 from kvserve.hashing import BlockHash
 from kvserve.sampling_params import SamplingParams
@@ -51,7 +51,11 @@ class ScheduledRequest:
 
     request_id: str
     token_ids: list[int]  # the tokens whose K/V are computed this step
-    start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
+    # The position of each of token_ids: range(num_computed_tokens, +len(token_ids))
+    # for prefill chunks and decodes (a `range`, so building it costs nothing); later
+    # k+1 positions for speculative verification, a chosen subset for blending.
+    positions: Sequence[int]
+    start_pos: int  # positions[0] == num_computed_tokens before the step
     block_ids: list[int]  # the request's whole block table
     sample: bool  # this chunk reaches the end of the sequence: sample a token
     sampling_params: SamplingParams
@@ -93,6 +97,11 @@ class ModelRunnerOutput:
     sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
     # request_id -> logprob dicts for the prompt positions computed this step.
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    # request_id -> how many of its scheduled positions, from the first, hold valid KV
+    # after the step (the scheduler commits num_computed_tokens from this).  Sparse: a
+    # request not listed had all of them accepted, which is every request of a step
+    # without speculation; a verifier lists the ones whose drafts it rejected.
+    num_accepted: dict[str, int] = field(default_factory=dict)
 
 
 class Executor(Protocol):

@@ -198,7 +198,8 @@ class Scheduler:
             num_new_tokens[request.request_id] = n
             budget -= n
 
-        # 3. Emit the step and advance num_computed_tokens (the step is committed).
+        # 3. Emit the step.  num_computed_tokens is committed later, from the
+        # executor's output (update_from_output): the tokens it accepted.
         for request in scheduled:
             n = num_new_tokens[request.request_id]
             start = request.num_computed_tokens
@@ -208,6 +209,7 @@ class Scheduler:
                 ScheduledRequest(
                     request_id=request.request_id,
                     token_ids=request.all_token_ids[start:end],
+                    positions=range(start, end),
                     start_pos=start,
                     block_ids=self.kv.block_ids(request.request_id),
                     sample=end == request.num_tokens,
@@ -218,7 +220,6 @@ class Scheduler:
                     prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
                 )
             )
-            request.num_computed_tokens = end
             out.num_batched_tokens += n
             self.policy.on_scheduled(request, n)
         out.finished_ids = self._finished_since_last_step
@@ -307,6 +308,11 @@ class Scheduler:
             request = self.requests.get(sr.request_id)
             if request is None:
                 continue  # aborted while the step ran
+            # Commit the KV the executor kept: all scheduled positions unless it says
+            # fewer (positions are contiguous from start_pos until blending arrives).
+            accepted = result.num_accepted.get(sr.request_id, len(sr.positions))
+            assert 0 <= accepted <= len(sr.positions), f"{sr.request_id}: {accepted} accepted positions"
+            request.num_computed_tokens = sr.start_pos + accepted
             plp = result.prompt_logprobs.get(sr.request_id)
             if plp is not None:
                 self._record_prompt_logprobs(request, sr, plp)

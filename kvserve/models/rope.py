@@ -2,8 +2,11 @@
 
 The inverse frequencies are computed in float32 exactly as HF transformers
 does, so cos/sin tables agree bit for bit.  Keys are stored in the KV cache
-*after* rotation; `rotate` can be re-applied to cached keys by position delta
-(for non-prefix reuse), since RoPE rotations compose additively.
+*after* rotation.  RoPE rotations compose additively (R(p + d) = R(d) R(p),
+every scaling rule here included: they only change the frequencies), so a
+cached key can be moved from one position to another by rotating it by the
+difference: `rerotate_keys` (for non-prefix reuse, where a cached chunk is
+placed at a position other than the one it was computed at).
 """
 from __future__ import annotations
 
@@ -59,10 +62,15 @@ class RotaryEmbedding(torch.nn.Module):
         # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2] float32
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `positions` [T] as [T, 1, head_dim] in `dtype`."""
         return (self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1))
+
+    def rerotate(self, k: torch.Tensor, from_positions: torch.Tensor, to_positions: torch.Tensor) -> torch.Tensor:
+        """Cached keys computed at `from_positions` as if computed at `to_positions` (see rerotate_keys)."""
+        return rerotate_keys(k, to_positions - from_positions, self.inv_freq)  # type: ignore[arg-type]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -73,3 +81,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, 1, head_dim]."""
     return x * cos + rotate_half(x) * sin
+
+
+def rerotate_keys(k: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys rotated at position p -> the same keys rotated at p + delta.
+
+    k: [T, heads, head_dim] (rotated, as stored in the KV cache); delta: [T] integer
+    position differences (any sign; positions beyond the cos/sin tables are fine:
+    the angles are computed here, in float32); inv_freq: [head_dim / 2].
+    """
+    angles = delta.to(torch.float32)[:, None] * inv_freq.to(delta.device)[None, :]  # [T, head_dim / 2]
+    emb = torch.cat((angles, angles), dim=-1)
+    cos = emb.cos().to(k.dtype).unsqueeze(1)  # [T, 1, head_dim]
+    sin = emb.sin().to(k.dtype).unsqueeze(1)
+    return apply_rope(k, cos, sin)

@@ -27,6 +27,22 @@ def kv_block_bytes(cfg: ModelArchConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def positions_array(r: ScheduledRequest) -> np.ndarray:
+    """The step's positions of `r` as int64.  This runner computes contiguous runs
+    (prefill chunks, decodes); a subset of positions (blending) is refused clearly."""
+    p = r.positions
+    n = len(r.token_ids)
+    if isinstance(p, range):
+        if p.step == 1 and len(p) == n and p.start == r.start_pos:
+            return np.arange(p.start, p.stop, dtype=np.int64)
+    else:
+        arr = np.asarray(p, dtype=np.int64)
+        if arr.shape == (n,) and n > 0 and arr[0] == r.start_pos and (n == 1 or bool((np.diff(arr) == 1).all())):
+            return arr
+    raise ValueError(f"request {r.request_id}: the model runner computes contiguous positions from "
+                     f"start_pos={r.start_pos} for its {n} tokens, got {list(p)[:8]}")
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: frozenset[int],
@@ -73,7 +89,7 @@ class ModelRunner:
         for r in ordered:
             n = len(r.token_ids)
             input_ids[off:off + n] = r.token_ids
-            pos = np.arange(r.start_pos, r.start_pos + n, dtype=np.int64)
+            pos = positions_array(r)
             positions[off:off + n] = pos
             table = np.asarray(r.block_ids, dtype=np.int64)
             slots[off:off + n] = table[pos // bs] * bs + pos % bs
