@@ -1,13 +1,16 @@
 """Suffix decoding (Oliaro et al., 2024, "SuffixDecoding"): speculate from suffix trees.
 
-Two trees (kvserve.spec_decode.suffix_tree.SuffixTrie):
+Two trees:
 - a per-request tree over the request's prompt and output so far, updated
   as tokens are committed (catches copying from the prompt and repetition
-  inside the output, like n-gram lookup, but with frequencies);
+  inside the output, like n-gram lookup, but with frequencies):
+  kvserve.spec_decode.suffix_index.CompactSuffixIndex, about one node per
+  token of novel text;
 - optionally a global tree over the outputs of recently finished requests,
   bounded to `global_max_tokens` tokens: the oldest request's output is
   uncounted when the window is full (agentic and templated workloads
-  repeat earlier answers).
+  repeat earlier answers): kvserve.spec_decode.suffix_tree.SuffixTrie, which
+  supports removal (max_depth nodes per token, bounded by the window).
 
 A proposal matches the longest suffix of the request's tokens (between
 `min_match` and `max_match` long) that occurs earlier with a continuation,
@@ -24,19 +27,19 @@ from collections import deque
 from typing import Optional, Sequence
 
 from kvserve.spec_decode.base import Proposer, ProposerState, check_k, check_tokens
+from kvserve.spec_decode.suffix_index import CompactSuffixIndex
 from kvserve.spec_decode.suffix_tree import SequenceCursor, SuffixTrie, longest_match
 
 
 class SuffixState(ProposerState):
     def __init__(self, max_depth: int, num_prompt_tokens: int) -> None:
         super().__init__(num_prompt_tokens)
-        self.trie = SuffixTrie(max_depth)  # over this request's prompt + output
-        self.cursor = SequenceCursor()
+        # Over this request's prompt + output; it holds the token list itself.
+        self.index = CompactSuffixIndex(max_depth)
+        self.token_ids = self.index.tokens
 
     def append(self, token_ids: Sequence[int]) -> None:
-        ids = check_tokens(token_ids)
-        self.token_ids.extend(ids)
-        self.trie.extend(self.cursor, ids)
+        self.index.extend(check_tokens(token_ids))
 
 
 class SuffixProposer(Proposer):
@@ -79,20 +82,19 @@ class SuffixProposer(Proposer):
             raise TypeError(f"SuffixProposer got a {type(state).__name__}")
         if k == 0:
             return []
-        tokens, score = self._from_tree(state.trie, state.token_ids, k, state.cursor.active)
+        index = state.index
+        node, m = index.match(self.min_match, self.max_match)
+        tokens, score = index.continuation(node, m, self._limit(k, m), self.min_prob) if m else ([], 0.0)
         if self.global_tree is not None and self._window:
-            g_tokens, g_score = self._from_tree(self.global_tree, state.token_ids, k, None)
-            if g_score > score:
-                tokens = g_tokens
+            g_node, g_m = longest_match(self.global_tree, state.token_ids, self.min_match, self.max_match)
+            if g_m:
+                g_tokens, g_score = self.global_tree.continuation(g_node, g_m, self._limit(k, g_m), self.min_prob)
+                if g_score > score:
+                    tokens = g_tokens
         return tokens
 
-    def _from_tree(self, trie: SuffixTrie, context: list[int], k: int,
-                   active: Optional[list[int]]) -> tuple[list[int], float]:
-        node, m = longest_match(trie, context, self.min_match, self.max_match, active)
-        if m == 0:
-            return [], 0.0
-        limit = min(k, max(1, math.floor(self.max_spec_factor * m)))
-        return trie.continuation(node, m, limit, self.min_prob)
+    def _limit(self, k: int, match_len: int) -> int:
+        return min(k, max(1, math.floor(self.max_spec_factor * match_len)))
 
     def finish(self, state: ProposerState) -> None:
         """Add the finished request's output to the global tree (evicting the oldest outputs)."""

@@ -81,11 +81,14 @@ def test_cost_per_call_does_not_grow_with_length():
     long = p.new_state([rng.randrange(1000) for _ in range(20000)])
     short = p.new_state([rng.randrange(1000) for _ in range(200)])
 
-    def per_call(s):
-        t = time.perf_counter()
-        for _ in range(300):
-            p.propose(s, 8)
-        return (time.perf_counter() - t) / 300
+    def per_call(s):  # the best of several rounds: robust to a busy machine
+        best = float("inf")
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(100):
+                p.propose(s, 8)
+            best = min(best, (time.perf_counter() - t) / 100)
+        return best
 
     # The reference scan is O(len); the index must not be (generous factor for noisy CI).
     assert per_call(long) < 5 * per_call(short) + 20e-6

@@ -101,9 +101,9 @@ def test_active_nodes_match_walking_from_the_root():
     rng = random.Random(3)
     for _ in range(30):
         toks = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
-        p = SuffixProposer(max_depth=6, max_match=5)
-        s = p.new_state(toks)
-        assert longest_match(s.trie, toks, 1, 5, s.cursor.active) == longest_match(s.trie, toks, 1, 5, None)
+        trie, cur = SuffixTrie(6), SequenceCursor()
+        trie.extend(cur, toks)
+        assert longest_match(trie, toks, 1, 5, cur.active) == longest_match(trie, toks, 1, 5, None)
 
 
 def test_global_tree_helps_a_new_request_and_stays_bounded():
