@@ -48,7 +48,8 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
-    max_model_len: int = 4096
+    # None: the model's own limit, capped by what the KV pool holds (EngineCore.from_config resolves it).
+    max_model_len: Optional[int] = None
     policy: str = "fcfs"  # "fcfs" | "priority"
     # Prefill chunks are limited to this many tokens per request per step
     # (0: only the step budget limits them).
@@ -61,7 +62,7 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
-        if self.max_model_len < 1:
+        if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
 
@@ -164,7 +165,7 @@ class EngineArgs:
     num_kv_blocks: Optional[int] = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    max_model_len: Optional[int] = None  # None: the scheduler's default, capped by the model's own limit
+    max_model_len: Optional[int] = None  # None: the model's own limit, capped by what the KV pool holds
     scheduling_policy: str = "fcfs"
     attention_backend: str = "auto"
     long_prefill_token_threshold: int = 0

@@ -63,6 +63,7 @@ def num_kv_blocks(cache: CacheConfig, scheduler: SchedulerConfig, block_bytes: i
         return cache.num_kv_blocks
     budget = cache.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
     num_blocks = budget // block_bytes
+    assert scheduler.max_model_len is not None, "resolved by EngineCore.from_config"
     cap = scheduler.max_num_seqs * -(-scheduler.max_model_len // cache.block_size)
     num_blocks = min(num_blocks, cap)
     if num_blocks < 1:
@@ -89,6 +90,8 @@ class EngineCore:
         self.clock = clock
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        if config.scheduler.max_model_len is None:
+            raise ValueError("config.scheduler.max_model_len must be set (from_config resolves it from the model)")
         self.max_model_len = config.scheduler.max_model_len
         self.scheduler_config = config.scheduler
         self.cache_config = config.cache
@@ -127,13 +130,22 @@ class EngineCore:
             logger.warning("model uses a sliding window of %d tokens; max_model_len is capped to it",
                            arch.sliding_window)
             limit = arch.sliding_window
-        max_model_len = min(config.scheduler.max_model_len, limit)
+        requested = config.scheduler.max_model_len
+        max_model_len = limit if requested is None else min(requested, limit)
         config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
                                                                            max_model_len=max_model_len))
         model, arch = load_model(model_dir, dtype, device, max_positions=max_model_len)
         cc = config.cache
         block_bytes = kv_block_bytes(arch, cc.block_size, dtype)
         num_blocks = num_kv_blocks(cc, config.scheduler, block_bytes)
+        if requested is None and num_blocks * cc.block_size < max_model_len:
+            # The default must be a length one request can really reach (an explicit one is kept).
+            logger.warning("max_model_len=%d: what the KV cache holds (%d blocks of %d tokens), below the "
+                           "model's own %d; give the KV cache more memory for longer requests",
+                           num_blocks * cc.block_size, num_blocks, cc.block_size, max_model_len)
+            max_model_len = num_blocks * cc.block_size
+            config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                               max_model_len=max_model_len))
         kv_tiers = None
         if config.kv_tiers.enabled:
             if not cc.enable_prefix_caching:
