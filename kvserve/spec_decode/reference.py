@@ -10,6 +10,7 @@ draft both run on kvserve.spec_decode.dense_runner.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -27,6 +28,9 @@ class SpecGenerateResult:
     token_ids: list[int]
     num_target_steps: int  # target forward passes (a step emits 1 + accepted tokens)
     metrics: SpecDecodeMetrics = field(default_factory=SpecDecodeMetrics)
+    first_step_s: float = 0.0  # wall time of the first step (the prefill and first token(s))
+    first_step_tokens: int = 0  # tokens the first step emitted
+    decode_s: float = 0.0  # wall time of the steps after it
 
 
 def _cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:
@@ -55,6 +59,7 @@ def speculative_generate(target: DenseModelRunner, proposer: Optional[Proposer],
     out: list[int] = []
     result = SpecGenerateResult(out, 0)
     while len(out) < max_new_tokens:
+        t0 = time.perf_counter()
         k = min(num_spec_tokens, max_new_tokens - len(out) - 1)  # never draft past the budget
         drafts = proposer.propose(state, k) if proposer is not None and state is not None and k > 0 else []
         if policy is not None and drafts:
@@ -74,6 +79,11 @@ def speculative_generate(target: DenseModelRunner, proposer: Optional[Proposer],
         out.extend(new)
         if state is not None:
             state.append(new)
+        if result.num_target_steps == 1:
+            result.first_step_s = time.perf_counter() - t0
+            result.first_step_tokens = len(new)
+        else:
+            result.decode_s += time.perf_counter() - t0
         if stopped:
             break
     if proposer is not None and state is not None:
