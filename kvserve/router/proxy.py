@@ -131,7 +131,7 @@ class Forwarder:
             except BaseException:
                 release()
                 raise
-            return self._commit(outcome, decision, route, release)
+            return self._commit(outcome, decision, route, release, buffer)
         if last_failure is not None:
             self.metrics.requests.labels(last_failure.inst.url).inc()
             return last_failure if buffer else last_failure.response()
@@ -192,7 +192,7 @@ class Forwarder:
                            type="server_error")
 
     def _commit(self, outcome: Buffered | _Streaming, decision: RouteDecision, route: RouteRequest,
-                release: "_Release") -> Response | Buffered:
+                release: "_Release", buffer: bool) -> Response | Buffered:
         inst = outcome.inst
         self.metrics.requests.labels(inst.url).inc()
         status = outcome.status if isinstance(outcome, Buffered) else outcome.upstream.status_code
@@ -201,7 +201,7 @@ class Forwarder:
                 callback(inst, decision, route)
         if isinstance(outcome, Buffered):
             release()
-            return outcome
+            return outcome if buffer else outcome.response()
         return _PassThrough(outcome, self.metrics, release)
 
 
