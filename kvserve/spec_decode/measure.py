@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,16 @@ def workload_prompts(name: str, n: int, data_dir: Path) -> list[str]:
     raise ValueError(f"unknown workload {name!r} (edit, sharegpt)")
 
 
+@dataclass
+class _Totals:
+    metrics: SpecDecodeMetrics = field(default_factory=SpecDecodeMetrics)
+    steps: int = 0
+    tokens: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    same: bool = True
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvserve.bench.paths import shared_data_dir
     from kvserve.engine.tokenizer import load_tokenizer
@@ -59,8 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods = ["none"] + args.methods
     report: dict[str, Any] = {"model": str(path), "workload": args.workload, "num_prompts": len(prompts),
                               "max_tokens": args.max_tokens, "k": args.k, "methods": {}}
-    acc = {m: {"metrics": SpecDecodeMetrics(), "steps": 0, "tokens": 0, "decode_tokens": 0, "decode_s": 0.0,
-               "same": True} for m in methods}
+    acc = {m: _Totals() for m in methods}
     for ids in prompts:  # methods interleaved per prompt: a busy machine slows them alike
         baseline: list[int] = []
         for method in methods:
@@ -68,20 +77,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res = speculative_generate(target, proposer, ids, args.max_tokens, num_spec_tokens=args.k,
                                        eos_token_ids=eos)
             a = acc[method]
-            a["metrics"].merge(res.metrics)
-            a["steps"] += res.num_target_steps
-            a["tokens"] += len(res.token_ids)
-            a["decode_tokens"] += len(res.token_ids) - res.first_step_tokens
-            a["decode_s"] += res.decode_s
+            a.metrics.merge(res.metrics)
+            a.steps += res.num_target_steps
+            a.tokens += len(res.token_ids)
+            a.decode_tokens += len(res.token_ids) - res.first_step_tokens
+            a.decode_s += res.decode_s
             if method == "none":
                 baseline = res.token_ids
             else:
-                a["same"] = a["same"] and res.token_ids == baseline
+                a.same = a.same and res.token_ids == baseline
     for method, a in acc.items():
         report["methods"][method] = {
-            "tokens": a["tokens"], "target_steps": a["steps"], "steps_per_token": a["steps"] / a["tokens"],
-            "decode_tokens_per_s": a["decode_tokens"] / a["decode_s"] if a["decode_s"] else 0.0,
-            "same_as_greedy": a["same"], **a["metrics"].as_dict(),
+            "tokens": a.tokens, "target_steps": a.steps, "steps_per_token": a.steps / max(a.tokens, 1),
+            "decode_tokens_per_s": a.decode_tokens / a.decode_s if a.decode_s else 0.0,
+            "same_as_greedy": a.same, **a.metrics.as_dict(),
         }
     base = report["methods"]["none"]["decode_tokens_per_s"]
     for m in report["methods"].values():
