@@ -1,8 +1,10 @@
-"""`kvserve eval [MODEL_DIR]`: what an engine configuration costs in accuracy.
+"""`kvserve eval [MODEL]`: what an engine configuration costs in accuracy.
 
-    kvserve eval                                   # the demo model, default engine
+    kvserve eval                                   # the demo model (kvserve-demo), default engine
     kvserve eval --kv-tiers cpu:1GiB --kv-codec int8 --json int8.json
     kvserve eval /path/to/random-model --no-accuracy --lengths 512,1024
+    kvserve eval smollm2-135m-instruct --no-accuracy --kv-tiers cpu:1GiB --kv-codec cachegen
+                                                   # real model, real (ShareGPT) prompts
 
 See kvserve/eval/runner.py for what is measured.  Bad input: one line on stderr, exit 2.
 """
@@ -62,12 +64,13 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"unknown format {f!r}; choose from {', '.join(tasks.FORMATS)}")
         if min(args.lengths) < 64:
             raise ValueError("--lengths must be >= 64 tokens")
-        if args.num_per_cell < 1 or args.token_prompts < 1 or args.token_len < 1:
-            raise ValueError("--num-per-cell, --token-prompts and --token-len must be >= 1")
+        if args.num_per_cell < 1 or args.token_prompts < 1 or args.token_len < 1 or args.sharegpt_max_len < 8:
+            raise ValueError("--num-per-cell, --token-prompts and --token-len must be >= 1, --sharegpt-max-len >= 8")
         settings = EvalSettings(tasks=args.tasks, lengths=args.lengths, formats=args.formats,
                                 num_per_cell=args.num_per_cell, seed=args.seed, accuracy=not args.no_accuracy,
                                 token_metrics=not args.no_token_metrics, token_prompts=args.token_prompts,
-                                token_len=args.token_len, batch=args.batch)
+                                token_len=args.token_len, batch=args.batch, token_source=args.token_source,
+                                sharegpt=args.sharegpt, sharegpt_max_len=args.sharegpt_max_len)
         if not settings.accuracy and not settings.token_metrics:
             raise ValueError("nothing to do: both --no-accuracy and --no-token-metrics")
         kwargs = engine_kwargs(args)
@@ -87,9 +90,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", help="task accuracy and token agreement of an engine configuration",
         description="Exact-match accuracy on held-out synthetic tasks (per task, format and context length) and "
-                    "token-level agreement (top-1, KL, greedy match length) with a full-precision reference.  "
-                    "Seeded and deterministic.  Default model: the built-in demo model.")
-    p.add_argument("model", nargs="?", default=None, help="HF model directory (default: the demo model)")
+                    "token-level agreement (top-1, KL, greedy match length, reference perplexity) with a "
+                    "full-precision reference, on retrieval prompts or real ShareGPT prompts.  Seeded and "
+                    "deterministic.  Default model: the built-in demo model (kvserve-demo).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory, .gguf file or built-in name (smollm2-135m-instruct, kvserve-demo); "
+                        "default: kvserve-demo")
     g = p.add_argument_group("suite")
     g.add_argument("--tasks", type=_csv(str), default=list(tasks.TASK_NAMES), help="comma-separated task names")
     g.add_argument("--lengths", type=_csv(int), default=[256, 512, 1024, 2048], help="context lengths in tokens")
@@ -100,6 +106,13 @@ def register(subparsers: Any) -> None:
     g.add_argument("--no-token-metrics", action="store_true", help="skip the token metrics against the reference")
     g.add_argument("--token-prompts", type=int, default=8, help="prompts per length for the token metrics")
     g.add_argument("--token-len", type=int, default=32, help="continuation tokens scored per prompt")
+    g.add_argument("--token-source", choices=("auto", "retrieval", "sharegpt"), default="auto",
+                   help="prompts of the token metrics: kv_retrieval prompts per --lengths, or real ShareGPT "
+                        "prompts through the chat template (auto: sharegpt for a chat model other than kvserve-demo)")
+    g.add_argument("--sharegpt", default=None, metavar="FILE",
+                   help="ShareGPT JSON for --token-source sharegpt (default: the 64 prompts packaged in "
+                        "kvserve/eval/data/sharegpt_sample.json)")
+    g.add_argument("--sharegpt-max-len", type=int, default=512, help="tokens per templated ShareGPT prompt")
     g.add_argument("--batch", type=int, default=16, help="requests submitted together")
     g.add_argument("--json", default=None, help="write the full results as JSON here")
     e = p.add_argument_group("engine under test (kvserve.LLM options)")

@@ -6,9 +6,13 @@ Two measurements, both seeded and deterministic (greedy decoding):
    (`kvserve.eval.tasks`) per task, format and context length.  Meaningful for
    a model trained on them (the demo model).
 2. Token-level agreement with a full-precision reference (fp32, SDPA attention,
-   no prefix cache, no tiers) on the kv-retrieval prompts of each context length:
-   top-1 agreement, KL divergence and greedy match length
-   (`kvserve.eval.token_metrics`).  Meaningful for any model, random weights included.
+   no prefix cache, no tiers): top-1 agreement, KL divergence, greedy match length and
+   the reference perplexity of the candidate's continuation (`kvserve.eval.token_metrics`),
+   on either the kv-retrieval prompts of each context length (`token_source="retrieval"`)
+   or real ShareGPT prompts through the chat template (`"sharegpt"`, one cell;
+   `kvserve.eval.real_prompts`).  "auto": ShareGPT for a model with a chat template other
+   than the demo model, retrieval otherwise.
+   Meaningful for any model, random weights included.
 
 KV tiers: with `kv_tiers` set, every measured request first runs once to fill the
 tiers, the device prefix cache is then emptied, and the measured request loads
@@ -41,6 +45,9 @@ class EvalSettings:
     token_prompts: int = 8  # kv-retrieval prompts per context length for the token metrics
     token_len: int = 32  # continuation tokens scored per prompt
     batch: int = 16  # requests submitted together (and, with tiers, one fill/measure round)
+    token_source: str = "auto"  # auto | retrieval | sharegpt
+    sharegpt: Optional[str] = None  # prompts file for "sharegpt" (default: the packaged sample)
+    sharegpt_max_len: int = 512  # tokens per chat-templated ShareGPT prompt
 
 
 @dataclass
@@ -49,8 +56,9 @@ class EvalResult:
     engine: dict[str, Any]
     settings: dict[str, Any]
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # "task/fmt/len" -> counts
-    token_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "len" -> summary
+    token_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "len" or "sharegpt" -> summary
     kv_tier_stats: Optional[dict[str, Any]] = None
+    kv_codec: Optional[dict[str, Any]] = None  # stored bytes per block vs raw, with tiers
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -127,63 +135,120 @@ def _reference_logprobs(llm: Any, prompt: list[int], continuation: list[int]) ->
     return torch.stack([rows[first + t] for t in range(len(continuation))])
 
 
+def _token_source(settings: EvalSettings, model_dir: str, tok: Any) -> str:
+    """auto: real prompts for a chat model (a chat template, and not the demo model, which was
+    trained on the synthetic tasks), the retrieval prompts otherwise."""
+    from kvserve.models.builtin import DEMO_NAME, builtin_name_of
+
+    source = settings.token_source
+    if source == "auto":
+        chat = bool(getattr(tok, "chat_template", None))
+        return "sharegpt" if chat and builtin_name_of(model_dir) != DEMO_NAME else "retrieval"
+    if source not in ("retrieval", "sharegpt"):
+        raise ValueError(f"unknown token source {source!r}; choose auto, retrieval or sharegpt")
+    return source
+
+
+def _token_cells(settings: EvalSettings, source: str, tok: Any) -> list[tuple[str, list[list[int]]]]:
+    """(cell name, prompts) for the token metrics."""
+    from kvserve.eval.real_prompts import sharegpt_token_prompts
+
+    if source == "sharegpt":
+        return [("sharegpt", sharegpt_token_prompts(tok, settings.token_prompts, settings.sharegpt_max_len,
+                                                    settings.sharegpt))]
+    cells = []
+    for length in settings.lengths:
+        suite = tasks.generate_suite(["kv_retrieval"], [length], settings.token_prompts,
+                                     settings.seed + 1, tok, ["plain"])
+        cells.append((str(length), [i.prompt_token_ids(tok) for i in suite]))
+    return cells
+
+
+def _codec_size(cand: _Candidate) -> Optional[dict[str, Any]]:
+    """Stored bytes per block in the first tier against the engine's raw block."""
+    stats = cand.llm.engine.kv_tier_stats()
+    if not stats or not stats.get("tiers"):
+        return None
+    name, tier = next(iter(stats["tiers"].items()))
+    puts = int(tier.get("puts", 0))
+    raw = cand.core.kv_tiers.namespace.block_nbytes
+    if not puts:
+        return None
+    per_block = tier["bytes_written"] / puts
+    return {"tier": name, "blocks": puts, "bytes_per_block": per_block, "raw_block_bytes": raw,
+            "ratio_vs_raw": raw / per_block}
+
+
+def _accuracy(cand: _Candidate, tok: Any, settings: EvalSettings, result: EvalResult,
+              log: Callable[[str], None]) -> None:
+    from kvserve import SamplingParams
+
+    for task in settings.tasks:
+        for fmt in settings.formats:
+            for length in settings.lengths:
+                suite = tasks.generate_suite([task], [length], settings.num_per_cell, settings.seed, tok, [fmt])
+                ok = 0
+                for group in _chunks(suite, settings.batch):
+                    max_new = max(len(tok(i.answer, add_special_tokens=False)["input_ids"]) for i in group) + 8
+                    outs = cand.generate([i.prompt_token_ids(tok) for i in group],
+                                         SamplingParams(temperature=0, max_tokens=max_new))
+                    ok += sum(tasks.score(i, o.outputs[0].text) for i, o in zip(group, outs))
+                key = f"{task}/{fmt}/{length}"
+                result.accuracy[key] = {"correct": ok, "total": len(suite), "accuracy": ok / len(suite)}
+                log(f"accuracy {key}: {ok}/{len(suite)} = {ok / len(suite):.3f}")
+
+
 def run_eval(model: Optional[str], engine_kwargs: dict[str, Any], settings: EvalSettings,
              log: Callable[[str], None] = print) -> EvalResult:
+    """`model`: a directory, .gguf file or built-in name; None is the demo model (kvserve-demo)."""
     from kvserve import LLM, SamplingParams
     from kvserve.engine.llm_engine import resolve_model_dir
+    from kvserve.models.builtin import DEMO_NAME
 
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model_dir(model or DEMO_NAME)
     t0 = time.time()
-    result = EvalResult(model_dir, dict(engine_kwargs), asdict(settings))
     cand = _Candidate(model_dir, engine_kwargs)
     tok = cand.llm.get_tokenizer()
     if tok is None:
         cand.close()
         raise ValueError(f"{model_dir} has no tokenizer; pass --tokenizer (the task prompts are text)")
-    token_jobs: list[tuple[int, list[int], list[int], torch.Tensor]] = []
+    try:
+        source = _token_source(settings, model_dir, tok)
+    except ValueError:
+        cand.close()
+        raise
+    result = EvalResult(model_dir, dict(engine_kwargs), {**asdict(settings), "token_source": source})
+    token_jobs: list[tuple[str, list[int], list[int], torch.Tensor]] = []
     try:
         if settings.accuracy:
-            for task in settings.tasks:
-                for fmt in settings.formats:
-                    for length in settings.lengths:
-                        suite = tasks.generate_suite([task], [length], settings.num_per_cell, settings.seed, tok, [fmt])
-                        ok = 0
-                        for group in _chunks(suite, settings.batch):
-                            max_new = max(len(tok(i.answer, add_special_tokens=False)["input_ids"]) for i in group) + 8
-                            outs = cand.generate([i.prompt_token_ids(tok) for i in group],
-                                                 SamplingParams(temperature=0, max_tokens=max_new))
-                            ok += sum(tasks.score(i, o.outputs[0].text) for i, o in zip(group, outs))
-                        key = f"{task}/{fmt}/{length}"
-                        result.accuracy[key] = {"correct": ok, "total": len(suite), "accuracy": ok / len(suite)}
-                        log(f"accuracy {key}: {ok}/{len(suite)} = {ok / len(suite):.3f}")
+            _accuracy(cand, tok, settings, result, log)
         if settings.token_metrics:
-            for length in settings.lengths:
-                suite = tasks.generate_suite(["kv_retrieval"], [length], settings.token_prompts,
-                                             settings.seed + 1, tok, ["plain"])
-                prompts = [i.prompt_token_ids(tok) for i in suite]
-                params = SamplingParams(temperature=0, max_tokens=settings.token_len, ignore_eos=True)
+            params = SamplingParams(temperature=0, max_tokens=settings.token_len, ignore_eos=True)
+            for cell, prompts in _token_cells(settings, source, tok):
                 for group in _chunks(prompts, settings.batch):
                     cand.rows.clear()
                     outs = cand.generate(group, params, capture=True)
                     for p, o in zip(group, outs):
                         toks = list(o.outputs[0].token_ids)
-                        token_jobs.append((length, p, toks, torch.stack(cand.rows[o.request_id][:len(toks)])))
+                        token_jobs.append((cell, p, toks, torch.stack(cand.rows[o.request_id][:len(toks)])))
         result.kv_tier_stats = cand.llm.engine.kv_tier_stats()
+        if cand.roundtrip:
+            result.kv_codec = _codec_size(cand)
     finally:
         cand.close()
         del cand
     if token_jobs:
         ref = LLM(model_dir, **REFERENCE_ENGINE)
         try:
-            per_len: dict[int, TokenMetrics] = {}
-            for length, prompt, toks, cand_lp in token_jobs:
+            per_cell: dict[str, TokenMetrics] = {}
+            for cell, prompt, toks, cand_lp in token_jobs:
                 ref_lp = _reference_logprobs(ref, prompt, toks)
-                per_len.setdefault(length, TokenMetrics()).add(compare_sequence(ref_lp, cand_lp, toks))
-            for length, m in per_len.items():
-                result.token_metrics[str(length)] = m.summary()
-                s = result.token_metrics[str(length)]
-                log(f"tokens @{length}: top-1 {s['top1_agreement']:.4f}, KL {s['kl_mean']:.2e} nats, "
-                    f"greedy match {s['greedy_match_mean']:.1f}/{settings.token_len}")
+                per_cell.setdefault(cell, TokenMetrics()).add(compare_sequence(ref_lp, cand_lp, toks))
+            for cell, m in per_cell.items():
+                result.token_metrics[cell] = s = m.summary()
+                log(f"tokens @{cell}: top-1 {s['top1_agreement']:.4f}, KL {s['kl_mean']:.2e} nats, "
+                    f"greedy match {s['greedy_match_mean']:.1f}/{settings.token_len}, "
+                    f"reference perplexity {s['ref_perplexity']:.3f}")
         finally:
             ref.engine.close()
     result.seconds = time.time() - t0
@@ -191,7 +256,7 @@ def run_eval(model: Optional[str], engine_kwargs: dict[str, Any], settings: Eval
 
 
 def format_tables(result: EvalResult) -> str:
-    """Markdown tables: accuracy (%) per task/format x length, then the token metrics per length."""
+    """Markdown tables: accuracy (%) per task/format x length, then the token metrics per prompt cell."""
     lines: list[str] = []
     lengths = list(result.settings["lengths"])
     if result.accuracy:
@@ -203,12 +268,17 @@ def format_tables(result: EvalResult) -> str:
                 lines.append(f"| {task} | {fmt} | " + " | ".join(
                     "-" if c is None else f"{100 * c['accuracy']:.1f}" for c in cells) + " |")
     if result.token_metrics:
-        lines += ["", "| context | sequences | top-1 agreement | KL mean (nats) | KL max | greedy match | full match |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
-        for L in lengths:
-            s = result.token_metrics.get(str(L))
-            if s and s.get("tokens"):
-                lines.append(f"| {L} | {s['sequences']} | {s['top1_agreement']:.4f} | {s['kl_mean']:.2e} | "
+        lines += ["", "| prompts | sequences | top-1 agreement | KL mean (nats) | KL max | greedy match | full match "
+                      "| ref. perplexity |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for cell, s in result.token_metrics.items():
+            if s.get("tokens"):
+                label = f"kv_retrieval @{cell}" if cell.isdigit() else cell
+                lines.append(f"| {label} | {s['sequences']} | {s['top1_agreement']:.4f} | {s['kl_mean']:.2e} | "
                              f"{s['kl_max']:.2e} | {s['greedy_match_mean']:.1f}/{result.settings['token_len']} | "
-                             f"{100 * s['full_match_fraction']:.0f}% |")
+                             f"{100 * s['full_match_fraction']:.0f}% | {s.get('ref_perplexity', float('nan')):.3f} |")
+    if result.kv_codec:
+        c = result.kv_codec
+        lines += ["", f"KV codec {result.engine.get('kv_codec', 'raw')}: {c['bytes_per_block'] / 1024:.2f} KiB per "
+                      f"stored block (raw {c['raw_block_bytes'] / 1024:.2f} KiB), {c['ratio_vs_raw']:.2f}x smaller, "
+                      f"over {c['blocks']} blocks"]
     return "\n".join(lines)

@@ -12,10 +12,15 @@ For each continuation position t (both conditioned on the same prefix):
 - greedy match length: the number of leading positions where the reference's
   greedy token equals the candidate's token.  Since both are conditioned on the
   candidate's prefix, this is exactly the length of the common prefix of the two
-  configurations' greedy outputs.
+  configurations' greedy outputs;
+- perplexity of the candidate's continuation under the reference (full-precision KV):
+  exp(mean over tokens of -log p_ref(token | prefix)).  For the reference's own greedy
+  output this is its floor; a lossy candidate that drifts onto tokens the reference finds
+  unlikely raises it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +35,7 @@ class SequenceComparison:
     kl_sum: float  # nats, summed over positions
     kl_max: float
     greedy_match: int
+    ref_nll_sum: float = 0.0  # nats: -sum_t log p_ref(cand_tokens[t])
 
 
 def compare_sequence(ref_logprobs: torch.Tensor, cand_logprobs: torch.Tensor,
@@ -46,10 +52,12 @@ def compare_sequence(ref_logprobs: torch.Tensor, cand_logprobs: torch.Tensor,
     # p*(log p - log q) with 0*log0 = 0; clamp tiny negatives from rounding.
     p = ref.exp()
     kl = torch.where(p > 0, p * (ref - cand), torch.zeros_like(p)).sum(-1).clamp(min=0.0)
-    mismatch = (ref_top != torch.tensor(cand_tokens, dtype=torch.long)).nonzero()
+    tokens = torch.tensor(cand_tokens, dtype=torch.long)
+    mismatch = (ref_top != tokens).nonzero()
     match = int(mismatch[0, 0]) if mismatch.numel() else len(cand_tokens)
+    nll = float(-ref.gather(-1, tokens[:, None]).sum()) if len(cand_tokens) else 0.0
     return SequenceComparison(len(cand_tokens), int(agree.sum()), float(kl.sum()),
-                              float(kl.max()) if len(cand_tokens) else 0.0, match)
+                              float(kl.max()) if len(cand_tokens) else 0.0, match, nll)
 
 
 @dataclass(slots=True)
@@ -74,4 +82,5 @@ class TokenMetrics:
             "kl_max": max(c.kl_max for c in self.sequences),
             "greedy_match_mean": sum(c.greedy_match for c in self.sequences) / n_seq,
             "full_match_fraction": sum(c.greedy_match == c.num_tokens for c in self.sequences) / n_seq,
+            "ref_perplexity": math.exp(sum(c.ref_nll_sum for c in self.sequences) / n_tok),
         }
