@@ -39,7 +39,11 @@ class Scheduler:
         """`sources`: KV sources asked after the device prefix cache (`offload` adds the
         offload tiers last); `policy`: an instance to use instead of `config.policy`'s;
         `clock`: where every time the scheduler records comes from (first token, finish)."""
+        if config.max_model_len is None:
+            raise ValueError("SchedulerConfig.max_model_len must be set for the scheduler "
+                             "(EngineCore.from_config resolves it from the model)")
         self.config = config
+        self.max_model_len: int = config.max_model_len
         self.kv = kv_manager
         self.clock = clock
         # The policy is the waiting queue (in service order) and also orders the
@@ -66,10 +70,10 @@ class Scheduler:
         """Refuse a request that could never be served (instead of hanging)."""
         if request.num_prompt_tokens == 0:
             raise ValueError("the prompt is empty; at least one token is required")
-        if request.num_prompt_tokens >= self.config.max_model_len:
+        if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {request.num_prompt_tokens} tokens, which leaves no room to "
-                f"generate within max_model_len={self.config.max_model_len}"
+                f"generate within max_model_len={self.max_model_len}"
             )
         needed_blocks = -(-(request.num_prompt_tokens + 1) // self.kv.block_size)
         if needed_blocks > self.kv.num_blocks:
@@ -162,8 +166,9 @@ class Scheduler:
         # prompts by short ones).
         preempted_now = set(out.preempted_ids)
         while budget > 0 and len(self.running) < self.config.max_num_seqs and len(self.waiting):
-            request = self.waiting.peek()
-            assert request is not None
+            head = self.waiting.peek()
+            assert head is not None
+            request = head
             if request.request_id in preempted_now:
                 break  # it just lost its blocks for lack of room; don't thrash
             rid = request.request_id
@@ -363,7 +368,7 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
         if sp.max_tokens is not None and n_out >= sp.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
+        if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -67,7 +67,7 @@ class LLM:
         ids = []
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                ids.append(self.engine.add_request(prompt, sp, priority=priority[i] if priority else 0))
+                ids.append(self.engine.add_request(prompt, sp, priority=priority[i] if priority else 0))  # type: ignore[arg-type]
         except Exception:
             for rid in ids:  # leave nothing queued behind a failed batch
                 self.engine.abort(rid)

@@ -101,7 +101,9 @@ class OutputProcessor:
             state.metrics.num_preemptions = max(state.metrics.num_preemptions, req.num_preemptions)
             if req.prompt_logprobs and state.params.prompt_logprobs is not None and state.prompt_logprobs is None \
                     and len(req.prompt_logprobs) == len(req.prompt_token_ids):
-                state.prompt_logprobs = [None] + [to_logprobs(d, self._decode_one) for d in req.prompt_logprobs[1:]]
+                plp: list[Optional[dict[int, Logprob]]] = [None]
+                plp += [to_logprobs(d, self._decode_one) if d is not None else None for d in req.prompt_logprobs[1:]]
+                state.prompt_logprobs = plp
             if self._append_tokens(state, sample, req, new_ids):
                 result.stopped.append(req.request_id)
             if req.status == RequestStatus.FINISHED_ERROR:
@@ -130,8 +132,10 @@ class OutputProcessor:
         if sample.logprobs is not None:
             for raw in req.output_logprobs[first:first + len(new_ids)]:
                 sample.logprobs.append(to_logprobs(raw, self._decode_one))
+            cumulative = sample.cumulative_logprob or 0.0  # set whenever logprobs are
             for tid, raw in zip(new_ids, req.output_logprobs[first:first + len(new_ids)]):
-                sample.cumulative_logprob += raw.get(tid, 0.0)
+                cumulative += raw.get(tid, 0.0)
+            sample.cumulative_logprob = cumulative
         if sample.detok is None or sample.detok.stopped_on is not None:
             return False
         for i, tid in enumerate(new_ids):

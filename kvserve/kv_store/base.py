@@ -26,7 +26,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Protocol, Sequence, TypeAlias, runtime_checkable
 
 import torch
 
@@ -35,7 +35,7 @@ from kvserve.kv_store.codecs.base import Codec
 from kvserve.kv_store.namespace import KVNamespace
 
 # [num_layers, 2, block_size, num_kv_heads, head_dim], host memory, namespace dtype.
-KVBlock = torch.Tensor
+KVBlock: TypeAlias = torch.Tensor
 
 BLOCK_HASH_BYTES = 32
 

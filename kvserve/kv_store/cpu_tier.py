@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import TypeAlias
 
 import torch
 
@@ -21,7 +22,7 @@ from kvserve.kv_store.namespace import KVNamespace
 
 logger = logging.getLogger(__name__)
 
-_Stored = torch.Tensor | bytes
+_Stored: TypeAlias = torch.Tensor | bytes
 
 
 class CpuTier(KVTier):
