@@ -98,11 +98,12 @@ def greedy_verify(target_scores: torch.Tensor, draft_token_ids: torch.Tensor | S
 
 
 def _draw_noise(B: int, k: torch.Tensor, V: int, generators: Optional[Sequence[Optional[torch.Generator]]],
-                generator: Optional[torch.Generator], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator], device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniforms [sum k] and exponentials [B, V]; per-request generators where given."""
     K = int(k.sum())
-    u = torch.empty(K, dtype=torch.float64, device=device)
-    e = torch.empty((B, V), dtype=torch.float64, device=device)
+    u = torch.empty(K, dtype=dtype, device=device)
+    e = torch.empty((B, V), dtype=dtype, device=device)
     gens = list(generators) if generators is not None else [None] * B
     if len(gens) != B:
         raise ValueError(f"{len(gens)} generators for {B} requests")
@@ -119,9 +120,9 @@ def _draw_noise(B: int, k: torch.Tensor, V: int, generators: Optional[Sequence[O
             mask = torch.zeros(K, dtype=torch.bool)
             for i in shared:
                 mask[starts[i]:starts[i] + ks[i]] = True
-            u[mask.to(device)] = torch.empty(int(mask.sum()), dtype=torch.float64, device=device).uniform_(
+            u[mask.to(device)] = torch.empty(int(mask.sum()), dtype=dtype, device=device).uniform_(
                 generator=generator)
-            e[rows.to(device)] = torch.empty((len(shared), V), dtype=torch.float64,
+            e[rows.to(device)] = torch.empty((len(shared), V), dtype=dtype,
                                              device=device).exponential_(generator=generator)
     for i, g in enumerate(gens):
         if g is not None:
@@ -147,13 +148,15 @@ def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor |
     B, V = k_cpu.numel(), target_probs.shape[1]
     k, d_off = k_cpu.to(device), d_off_cpu.to(device)
     t_off = d_off + torch.arange(B, device=device)
-    p = target_probs.double()
-    u, e = _draw_noise(B, k_cpu, V, generators, generator, device)
+    # Computed in the probabilities' dtype (float32 from the sampler): a float64 copy of
+    # [sum(k+1), V] would cost more than the verification itself at large vocabularies.
+    p = target_probs if target_probs.is_floating_point() else target_probs.float()
+    u, e = _draw_noise(B, k_cpu, V, generators, generator, device, p.dtype)
 
     draft_rows = torch.repeat_interleave(t_off - d_off, k) + torch.arange(draft.numel(), device=device)
     p_tok = p[draft_rows, draft]  # target prob of each draft token
-    q_tok = draft_probs.double()[torch.arange(draft.numel(), device=device), draft] if draft_probs is not None \
-        else torch.ones_like(p_tok)
+    q_tok = draft_probs.to(p.dtype)[torch.arange(draft.numel(), device=device), draft] \
+        if draft_probs is not None else torch.ones_like(p_tok)
     accept = u * q_tok < p_tok  # u ~ U[0, 1): P(accept) = min(1, p / q)
     acc = _num_accepted(accept, k, d_off)
 
@@ -164,7 +167,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor |
     if rej_idx.numel():
         d_rows = d_off[rej_idx] + acc[rej_idx]
         if draft_probs is not None:
-            q_rows = draft_probs.double()[d_rows]
+            q_rows = draft_probs.to(p.dtype)[d_rows]
         else:
             q_rows = torch.zeros((rej_idx.numel(), V), dtype=p.dtype, device=device)
             q_rows[torch.arange(rej_idx.numel(), device=device), draft[d_rows]] = 1.0

@@ -173,3 +173,15 @@ def test_shape_errors_are_clear():
         greedy_verify(torch.ones(1, 4), [], [-1])
     with pytest.raises(ValueError, match="generators"):
         rejection_sample(torch.ones(2, 4) / 4, [1], [1], generators=[None, None])
+
+
+def test_inputs_are_not_modified():
+    P, Q = chain_tables(7)
+    target = P[torch.tensor([0, 1, 2, 3, 1])]  # k = 2, then k = 1
+    drafts = torch.tensor([1, 2, 3])
+    probs = Q[torch.tensor([0, 1, 3])]
+    t0, q0 = target.clone(), probs.clone()
+    for seed in range(20):  # enough draws that some rejections write a residual row
+        rejection_sample(target, drafts, [2, 1], draft_probs=probs, generator=torch.Generator().manual_seed(seed))
+        rejection_sample(target, drafts, [2, 1], generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(target, t0) and torch.equal(probs, q0)
