@@ -135,3 +135,14 @@ def test_validation():
         SuffixTrie(max_depth=1)
     with pytest.raises(TypeError):
         SuffixProposer().propose(make_proposer("ngram").new_state([1, 2]), 2)
+
+
+def test_forked_state_proposes_like_the_original():
+    """n > 1: a sample forked mid-output gets a fresh state from the tokens so far."""
+    for method in ("ngram", "suffix"):
+        p = make_proposer(method)
+        s = p.new_state([1, 2, 3, 4, 5, 1, 2])
+        s.append([3, 4, 9, 1, 2])
+        fork = p.new_state(s.token_ids, num_prompt_tokens=s.num_prompt_tokens)
+        assert fork.output_token_ids == [3, 4, 9, 1, 2] and fork.token_ids == s.token_ids
+        assert p.propose(fork, 4) == p.propose(s, 4) != []
