@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 import httpx
 from fastapi import Request
@@ -29,6 +29,7 @@ from kvserve.router.prompts import PromptHasher, RouteRequest
 from kvserve.router.proxy import Buffered, Forwarder, request_headers
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Router:
@@ -108,8 +109,11 @@ class Router:
         if self.pd is not None:
             if parsed is None:
                 raise OpenAIError(400, "The request body must be a JSON object.")
-            return await self.pd.handle(path, parsed, headers, route)
-        return _response(await self.forwarders["any"].send("any", "POST", path, body, headers, route))
+            work = self.pd.handle(path, parsed, headers, route)
+        else:
+            work = self.forwarders["any"].send("any", "POST", path, body, headers, route)
+        response = await unless_disconnected(request, work)
+        return Response(status_code=499) if response is None else _response(response)
 
     async def passthrough(self, request: Request, path: str) -> Response:
         """Other API routes (/v1/models, /tokenize, ...): any healthy instance, in turn, with retries."""
@@ -158,6 +162,32 @@ class Router:
         if result.gap:
             self.metrics.kv_events.labels("gap").inc()
         return {"stored": result.stored, "removed": result.removed, "cleared": result.cleared, "gap": result.gap}
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[T]:
+    """Run `work` (routing up to the answer or a stream's first byte); if the client goes away
+    first, cancel it, which closes the instance's connection so that it aborts the request.
+    Call after the body is read: from then on `receive()` only reports the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise  # we ourselves are being cancelled
+        logger.debug("client of %s went away before the answer", request.url.path)
+        return None
 
 
 def _json_object(body: bytes) -> Optional[dict[str, Any]]:

@@ -149,6 +149,22 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event(setup: Setup) -> None:
         list(setup.client().completions.create(model="fake", prompt="x", max_tokens=3, stream=True))
 
 
+def test_a_client_that_leaves_early_abandons_the_instances_stream(setup: Setup) -> None:
+    a = setup.states[0]
+    a.first_delay_s = 5.0  # a slow prefill: the router is still waiting for the first byte
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(setup.url + "/v1/completions", json={"prompt": "x", "stream": True}, timeout=0.5)
+    wait_until(lambda: a.streams_abandoned == 1, timeout_s=2.5)  # well before the 5 s prefill ends
+    wait_until(lambda: setup.router.pool.instances[0].inflight == 0, timeout_s=2)
+    a.first_delay_s = 0.0
+    for st in setup.states:  # and after the first byte (round-robin: this one goes to b)
+        st.chunk_delay_s = 0.5
+    with httpx.stream("POST", setup.url + "/v1/completions", json={"prompt": "x", "stream": True,
+                                                                    "max_tokens": 5}) as r:
+        next(r.iter_raw())
+    wait_until(lambda: setup.states[1].streams_abandoned == 1, timeout_s=2)  # before its 2.5 s of chunks end
+
+
 def test_health_checks_remove_and_readmit() -> None:
     s = Setup(health_interval_s=0.05, unhealthy_after=1)
     try:

@@ -35,6 +35,8 @@ class BackendState:
     waiting: int = 0
     kv_usage: float = 0.0
     chunk_delay_s: float = 0.0
+    first_delay_s: float = 0.0  # before the first chunk (a slow prefill)
+    streams_abandoned: int = 0  # streams whose reader went away before the end
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     give_transfer_params: bool = True
 
@@ -100,13 +102,21 @@ def make_app(state: BackendState) -> FastAPI:
             return JSONResponse(answer)
 
         async def events() -> Any:
-            for i, c in enumerate(chunks):
-                if state.cut_after is not None and i == state.cut_after:
-                    raise RuntimeError("injected connection drop")
-                if state.chunk_delay_s:
-                    await asyncio.sleep(state.chunk_delay_s)
-                yield ("data: " + json.dumps(c) + "\n\n").encode()
-            yield b"data: [DONE]\n\n"
+            finished = False
+            try:
+                if state.first_delay_s:
+                    await asyncio.sleep(state.first_delay_s)
+                for i, c in enumerate(chunks):
+                    if state.cut_after is not None and i == state.cut_after:
+                        raise RuntimeError("injected connection drop")
+                    if state.chunk_delay_s:
+                        await asyncio.sleep(state.chunk_delay_s)
+                    yield ("data: " + json.dumps(c) + "\n\n").encode()
+                yield b"data: [DONE]\n\n"
+                finished = True
+            finally:
+                if not finished and state.cut_after is None:
+                    state.streams_abandoned += 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

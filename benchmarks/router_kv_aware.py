@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""KV-aware routing against round-robin: prefix-cache hit rate and TTFT on the Mooncake conversation trace.
+
+Setup: four `kvserve serve` instances of the tiny test model (tests/helpers/tiny_models.py, llama-tied
+with the gpt2 tokenizer, context raised to 4,096) and two `kvserve router` processes, one
+`--policy round-robin` over instances 1-2 and one `--policy kv-aware` over instances 3-4, all started
+before measuring.  The same requests then go through each router in turn (round-robin first), so
+both policies start from cold caches and see identical prompts in identical order.
+
+Workload: the first --num-requests records of the trace, in order, --concurrency at a time.  A
+record's prompt is synthesized from its `hash_ids` (kvserve.bench.tokens.prefix_block_prompt): hash
+id h becomes a fixed block of --block-tokens random token ids, so records sharing leading hash ids
+share exactly those leading blocks; the prompt length is the record's input_length scaled by
+--block-tokens / 512 (Mooncake's block is 512 tokens).  With --block-tokens equal to the engine's
+block size (16), one trace block is one KV block.  Prompts go as token ids; each request streams
+--output-tokens tokens (ignore_eos).
+
+Hit rate = the instances' own counters, summed over the pair: increase of
+vllm:prefix_cache_hits_total / increase of vllm:prefix_cache_queries_total (prompt tokens).  TTFT is
+the client's time from sending to the first streamed token.  Also shown: the kv-aware router's
+predicted hit rate (kvserve:router_kv_predicted_hit_rate) and how requests split over the instances.
+
+    python benchmarks/router_kv_aware.py                      # 400 requests, concurrency 4
+    python benchmarks/router_kv_aware.py --num-requests 800 --json router.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TRACE = REPO.parent / "shared" / "data" / "traces" / "mooncake" / "conversation_trace.jsonl"
+MOONCAKE_BLOCK = 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A `kvserve ...` subprocess on 127.0.0.1 with its log in a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log = open(log, "wb")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.log} exited:\n{self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url} not ready after {timeout_s}s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def build_model(out: Path) -> Path:
+    if (out / "model.safetensors").is_file():
+        return out
+    from tests.helpers.tiny_models import build_tiny_model
+
+    return build_tiny_model("llama-tied", out, tokenizer="gpt2", overrides={"max_position_embeddings": 4096})
+
+
+def make_prompts(trace: Path, num: int, block_tokens: int, max_prompt: int, vocab: int, seed: int) -> list[list[int]]:
+    import numpy as np
+
+    from kvserve.bench.tokens import IdsRenderer, prefix_block_prompt
+    from kvserve.bench.traces import read_mooncake
+
+    pool = IdsRenderer(vocab, low=1000).pool  # ordinary ids (away from gpt2's special/byte tokens)
+    prompts = []
+    for rec in read_mooncake(trace)[:num]:
+        length = min(max_prompt, max(1, math.ceil(rec.input_len * block_tokens / MOONCAKE_BLOCK)))
+        fill = np.random.default_rng([seed, 1 << 20, rec.line])
+        prompts.append(prefix_block_prompt(pool, rec.hash_ids, length, block_tokens, seed, fill))
+    return prompts
+
+
+async def replay(url: str, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[float]:
+    """Send every prompt (in order, `concurrency` at a time); return each request's TTFT."""
+    import httpx
+
+    ttfts: list[float] = [0.0] * len(prompts)
+    next_index = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < len(prompts):
+            i = next_index
+            next_index += 1
+            body = {"model": "tiny", "prompt": prompts[i], "max_tokens": output_tokens, "ignore_eos": True,
+                    "temperature": 0, "stream": True}
+            t0 = time.perf_counter()
+            async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"request {i}: {resp.status_code} {(await resp.aread())[:300]!r}")
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {") and '"text"' in line and not ttfts[i]:
+                        ttfts[i] = time.perf_counter() - t0
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return ttfts
+
+
+def scrape(url: str) -> dict[str, float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            key = s.name + ("{" + s.labels["instance"] + "}" if "instance" in s.labels else "")
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def run_policy(name: str, router: Proc, pair: list[Proc], prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    before = [scrape(p.url) for p in pair]
+    t0 = time.perf_counter()
+    ttfts = asyncio.run(replay(router.url, prompts, args.output_tokens, args.concurrency))
+    wall = time.perf_counter() - t0
+    after = [scrape(p.url) for p in pair]
+
+    def grew(key: str) -> float:
+        return sum(a.get(key, 0.0) - b.get(key, 0.0) for a, b in zip(after, before))
+
+    hits, queries = grew("vllm:prefix_cache_hits_total"), grew("vllm:prefix_cache_queries_total")
+    rmetrics = scrape(router.url)
+    split = [int(rmetrics.get(f"kvserve:router_requests_total{{{p.url}}}", 0)) for p in pair]
+    return {"policy": name, "requests": len(prompts), "prefix_hit_tokens": hits, "prompt_tokens": queries,
+            "hit_rate": hits / queries if queries else 0.0, "ttft_mean_s": statistics.mean(ttfts),
+            "ttft_p50_s": statistics.median(ttfts), "wall_s": wall, "requests_per_instance": split,
+            "router_predicted_hit_rate": rmetrics.get("kvserve:router_kv_predicted_hit_rate")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--num-requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--block-tokens", type=int, default=16, help="tokens per trace hash id (default: %(default)s)")
+    ap.add_argument("--output-tokens", type=int, default=2)
+    ap.add_argument("--max-prompt-tokens", type=int, default=4000)
+    ap.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size of each instance (default: the "
+                    "server's own sizing)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/kvserve-router-bench"))
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args()
+
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.cache_dir / "model")
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(args.trace, args.num_requests, args.block_tokens, args.max_prompt_tokens, vocab, args.seed)
+    print(f"{len(prompts)} requests, {sum(map(len, prompts))} prompt tokens "
+          f"(mean {statistics.mean(map(len, prompts)):.0f}, max {max(map(len, prompts))})", flush=True)
+    serve = ["serve", str(model), "--served-model-name", "tiny", "--no-access-log", "--block-size", str(args.block_tokens)]
+    if args.num_kv_blocks:
+        serve += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    logs = args.cache_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    instances = [Proc(serve, logs / f"instance{i}.log") for i in range(4)]
+    routers: list[Proc] = []
+    try:
+        for p in instances:
+            p.wait_ready(600)
+        for name, pair in (("round-robin", instances[:2]), ("kv-aware", instances[2:])):
+            routers.append(Proc(["router", "--policy", name, "--tokenizer", str(model), "--block-size",
+                                 str(args.block_tokens), *[a for p in pair for a in ("--instance", p.url)]],
+                                logs / f"router-{name}.log"))
+        for r in routers:
+            r.wait_ready(120)
+        results = [run_policy(name, r, pair, prompts, args) for name, r, pair in
+                   (("round-robin", routers[0], instances[:2]), ("kv-aware", routers[1], instances[2:]))]
+    finally:
+        for p in routers + instances:
+            p.stop()
+    print(f"\n{'policy':<12} {'hit rate':>9} {'hit tokens':>11} {'prompt tokens':>14} {'TTFT mean':>10} "
+          f"{'TTFT p50':>9} {'wall':>7}  split")
+    for r in results:
+        print(f"{r['policy']:<12} {r['hit_rate']:>9.3f} {r['prefix_hit_tokens']:>11.0f} {r['prompt_tokens']:>14.0f} "
+              f"{r['ttft_mean_s'] * 1000:>8.1f}ms {r['ttft_p50_s'] * 1000:>7.1f}ms {r['wall_s']:>6.1f}s  "
+              f"{r['requests_per_instance']}")
+    rr, kv = results
+    ratio = kv["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] else float("inf")
+    print(f"\nkv-aware / round-robin hit rate: {ratio:.2f}x (target >= 1.5x); kv-aware router's predicted hit "
+          f"rate {kv['router_predicted_hit_rate']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                                         "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
