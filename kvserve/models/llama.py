@@ -7,32 +7,22 @@ delegated to the backend in the forward context, which reads and writes the
 paged KV cache.
 
 Projections are fused at load time (q|k|v into `qkv_proj`, gate|up into
-`gate_up_proj`) to halve the number of matmul launches per layer.
+`gate_up_proj`) to halve the number of matmul launches per layer.  Layers come
+from kvserve.models.layers; `packed_modules` tells the loader which checkpoint
+tensors are shards of a fused layer.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.models import layers
+from kvserve.models.layers import RMSNorm, RotaryEmbedding, apply_rope
 from kvserve.models.model_config import ModelArchConfig
-from kvserve.models.rope import RotaryEmbedding, apply_rope
 from kvserve.protocol import ForwardContext
-
-
-class RMSNorm(nn.Module):
-    """Computed in float32 and cast back, as HF transformers does."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
 
 
 class Attention(nn.Module):
@@ -44,8 +34,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = layers.MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                            bias=cfg.attention_bias)
+        self.o_proj = layers.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -71,12 +62,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = layers.MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.down_proj = layers.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(layers.silu_and_mul(self.gate_up_proj(x), self.intermediate_size))
 
 
 class DecoderLayer(nn.Module):
@@ -93,6 +83,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # The weight mapping (kvserve.models.loader.WeightMapping): checkpoint names start with
+    # this prefix (dropped), and these fused layers take their shards from these names.
+    checkpoint_prefix: ClassVar[str] = "model."
+    packed_modules: ClassVar[dict[str, tuple[str, ...]]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+    # Checkpoint tensors that are not parameters (recomputed here).
+    ignored_checkpoint_tensors: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
     def __init__(self, cfg: ModelArchConfig, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -101,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = layers.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

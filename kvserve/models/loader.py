@@ -1,16 +1,18 @@
 """Load a model from a local Hugging Face directory (config.json + safetensors).
 
 Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json`)
-checkpoints are supported.  Every error names the file and, where it applies,
+checkpoints are supported, and .gguf files (kvserve/models/gguf yields their
+tensors under HF names).  HF names reach parameters through the model's own
+weight mapping (`WeightMapping`: what the model class declares), so the loader
+has no per-architecture code.  Every error names the file and, where it applies,
 the tensor: a missing file, a missing tensor, or a shape mismatch.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -19,16 +21,54 @@ from kvserve.models.model_config import ModelArchConfig, parse_model_config
 from kvserve.models.registry import model_class
 from kvserve.models.rope import RotaryEmbedding
 
-# HF tensor name -> (our parameter name, slice index into a fused parameter or None).
-# Fused: qkv_proj = [q; k; v] rows, gate_up_proj = [gate; up] rows.
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
-}
+Checkpoint = Iterable[tuple[str, "Path | str", Callable[[], torch.Tensor]]]  # (HF name, where, read)
+
+
+class WeightMapping:
+    """HF checkpoint names -> this model's parameters, from what the model class declares:
+
+    `checkpoint_prefix`           dropped from names that have it ("model.layers.0..." -> "layers.0...")
+    `packed_modules`              fused layer -> the checkpoint modules that are its shards, in order
+                                  ({"qkv_proj": ("q_proj", "k_proj", "v_proj")}); the fused layer's
+                                  `output_sizes` (kvserve.models.layers.MergedLinear) size the shards
+    `ignored_checkpoint_tensors`  name fragments of tensors that are not parameters
+
+    A new architecture declares these three on its class; the loader has no per-model code.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelArchConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.prefix: str = getattr(model, "checkpoint_prefix", "")
+        self.ignored: tuple[str, ...] = tuple(getattr(model, "ignored_checkpoint_tensors", ()))
+        packed: dict[str, tuple[str, ...]] = dict(getattr(model, "packed_modules", {}))
+        self.shard_of = {shard: (fused, i) for fused, shards in packed.items() for i, shard in enumerate(shards)}
+        self.params = dict(model.named_parameters())
+
+    def skip(self, hf_name: str) -> bool:
+        if any(frag in hf_name for frag in self.ignored):
+            return True
+        return hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings  # tied: the embedding is the head
+
+    def target(self, hf_name: str) -> tuple[str, Optional[int]]:
+        """(our parameter name, shard index within a fused parameter or None)."""
+        name = hf_name[len(self.prefix):] if self.prefix and hf_name.startswith(self.prefix) else hf_name
+        module, _, leaf = name.rpartition(".")  # leaf: "weight" / "bias"
+        parent, _, last = module.rpartition(".")
+        if last in self.shard_of:
+            fused, part = self.shard_of[last]
+            return f"{parent}.{fused}.{leaf}" if parent else f"{fused}.{leaf}", part
+        return name, None
+
+    def shard_sizes(self, param_name: str) -> Optional[list[int]]:
+        """Rows of each shard of a fused parameter, or None for a plain one."""
+        module = self.model.get_submodule(param_name.rpartition(".")[0])
+        sizes = getattr(module, "output_sizes", None)
+        return list(sizes) if sizes is not None else None
+
+    def expected_parts(self, param_name: str) -> set[Optional[int]]:
+        sizes = self.shard_sizes(param_name)
+        return {None} if sizes is None else set(range(len(sizes)))
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -71,29 +111,50 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, Path, Callable[[], t
                 yield name, path, (lambda f=f, name=name: f.get_tensor(name))
 
 
-def _target(hf_name: str) -> tuple[str, int | None]:
-    m = _LAYER_RE.match(hf_name)
-    if m:
-        idx, rest = m.groups()
-        for suffix in (".weight", ".bias"):
-            if rest.endswith(suffix):
-                base = rest[: -len(suffix)]
-                if base in _FUSED:
-                    ours, part = _FUSED[base]
-                    return f"layers.{idx}.{ours}{suffix}", part
-        return f"layers.{idx}.{rest}", None
-    if hf_name.startswith("model."):
-        return hf_name[len("model."):], None
-    if hf_name == "lm_head.weight":
-        return "lm_head.weight", None
-    return hf_name, None
+def load_weights(model: torch.nn.Module, cfg: ModelArchConfig, checkpoint: Checkpoint, dtype: torch.dtype,
+                 source: "Path | str") -> None:
+    """Copy every checkpoint tensor, under its HF name, into `model` through the model's
+    WeightMapping; errors name the file and tensor (unexpected, missing, wrong shape).
+
+    `checkpoint` yields (HF name, file it comes from, read) for safetensors files
+    (iter_checkpoint), a .gguf file (models/gguf) or tensors in memory (named_tensors).
+    """
+    mapping = WeightMapping(model, cfg)
+    params = mapping.params
+    loaded: dict[str, set[Optional[int]]] = {}
+    for hf_name, path, read in checkpoint:
+        if mapping.skip(hf_name):
+            continue
+        name, part = mapping.target(hf_name)
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"{path}: unexpected tensor {hf_name!r} for {cfg.architecture}")
+        tensor = read()
+        if part is None:
+            dest = param.data
+        else:
+            sizes = mapping.shard_sizes(name)
+            assert sizes is not None, f"{name} is not a fused layer"
+            dest = param.data.narrow(0, sum(sizes[:part]), sizes[part])
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise ValueError(
+                f"{path}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(dest.shape)} from config.json"
+            )
+        dest.copy_(tensor.to(dtype))
+        loaded.setdefault(name, set()).add(part)
+    missing = [name for name in params
+               if not (name == "lm_head.weight" and cfg.tie_word_embeddings)
+               and loaded.get(name, set()) != mapping.expected_parts(name)]
+    if missing:
+        raise ValueError(f"{source}: checkpoint is missing tensors for {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
 
 
-def _fused_parts(cfg: ModelArchConfig, param_name: str) -> list[int]:
-    if ".qkv_proj." in param_name:
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [q, kv, kv]
-    return [cfg.intermediate_size, cfg.intermediate_size]
+def named_tensors(tensors: Iterable[tuple[str, torch.Tensor]], source: str = "<tensors>") -> Checkpoint:
+    """(HF name, tensor) pairs (e.g. a state dict, a converter's output) as a Checkpoint."""
+    for name, tensor in tensors:
+        yield name, source, (lambda t=tensor: t)
 
 
 @contextlib.contextmanager
@@ -128,48 +189,13 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.de
     with torch.device(device):
         # cos/sin tables are built (and kept) in float32, as HF does; cast per step.
         model.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-    params = dict(model.named_parameters())
-    loaded: dict[str, set[int | None]] = {}
+    checkpoint: Checkpoint
     if gguf:  # a .gguf file: its tensors under HF names, through the same mapping below
         from kvserve.models.gguf.checkpoint import iter_gguf_checkpoint
 
         checkpoint = iter_gguf_checkpoint(model_dir)
     else:
         checkpoint = iter_checkpoint(model_dir)
-    for hf_name, path, read in checkpoint:
-        if "rotary_emb.inv_freq" in hf_name:
-            continue
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # tied: the embedding is the head
-        name, part = _target(hf_name)
-        param = params.get(name)
-        if param is None:
-            raise ValueError(f"{path}: unexpected tensor {hf_name!r} for {cfg.architecture}")
-        tensor = read()
-        if part is None:
-            dest = param.data
-        else:
-            sizes = _fused_parts(cfg, name)
-            start = sum(sizes[:part])
-            dest = param.data.narrow(0, start, sizes[part])
-        if tuple(tensor.shape) != tuple(dest.shape):
-            raise ValueError(
-                f"{path}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(dest.shape)} from config.json"
-            )
-        dest.copy_(tensor.to(dtype))
-        loaded.setdefault(name, set()).add(part)
-    missing = []
-    for name in params:
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        want = {None} if (".qkv_proj." not in name and ".gate_up_proj." not in name) else set(
-            range(len(_fused_parts(cfg, name)))
-        )
-        if loaded.get(name, set()) != want:
-            missing.append(name)
-    if missing:
-        raise ValueError(f"{model_dir}: checkpoint is missing tensors for {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}")
+    load_weights(model, cfg, checkpoint, dtype, model_dir)
     model.eval()
     return model, cfg
