@@ -7,7 +7,8 @@ with the gpt2 tokenizer, context raised to 4,096) and two `kvserve router` proce
 before measuring.  The same requests then go through each router in turn (round-robin first), so
 both policies start from cold caches and see identical prompts in identical order.
 
-Workload: the first --num-requests records of the trace, in order, --concurrency at a time.  A
+Workload: the first --num-requests records of the trace, sent at the trace's own arrival times
+replayed --speedup times faster (600 records span 210 s of the trace; 70 s at the default 3x).  A
 record's prompt is synthesized from its `hash_ids` (kvserve.bench.tokens.prefix_block_prompt): hash
 id h becomes a fixed block of --block-tokens random token ids, so records sharing leading hash ids
 share exactly those leading blocks; the prompt length is the record's input_length scaled by
@@ -18,10 +19,11 @@ block size (16), one trace block is one KV block.  Prompts go as token ids; each
 Hit rate = the instances' own counters, summed over the pair: increase of
 vllm:prefix_cache_hits_total / increase of vllm:prefix_cache_queries_total (prompt tokens).  TTFT is
 the client's time from sending to the first streamed token.  Also shown: the kv-aware router's
-predicted hit rate (kvserve:router_kv_predicted_hit_rate) and how requests split over the instances.
+predicted hit rate (kvserve:router_kv_predicted_hit_rate), how requests split over the instances,
+and the most requests in flight at once ("peak").
 
-    python benchmarks/router_kv_aware.py                      # 400 requests, concurrency 4
-    python benchmarks/router_kv_aware.py --num-requests 800 --json router.json
+    python benchmarks/router_kv_aware.py                      # 600 requests at 3x the trace's rate
+    python benchmarks/router_kv_aware.py --num-requests 1000 --speedup 5 --json router.json
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TRACE = REPO.parent / "shared" / "data" / "traces" / "mooncake" / "conversation_trace.jsonl"
+SHARED = Path(os.environ.get("KVSERVE_SHARED_DATA", REPO.parent / "shared" / "data"))
+TRACE = SHARED / "traces" / "mooncake" / "conversation_trace.jsonl"
 MOONCAKE_BLOCK = 512
 
 
@@ -98,46 +101,55 @@ def build_model(out: Path) -> Path:
     return build_tiny_model("llama-tied", out, tokenizer="gpt2", overrides={"max_position_embeddings": 4096})
 
 
-def make_prompts(trace: Path, num: int, block_tokens: int, max_prompt: int, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(trace: Path, num: int, block_tokens: int, max_prompt: int, vocab: int,
+                 seed: int) -> tuple[list[list[int]], list[float]]:
+    """(prompt token ids, arrival time in seconds) of the first `num` records."""
     import numpy as np
 
     from kvserve.bench.tokens import IdsRenderer, prefix_block_prompt
     from kvserve.bench.traces import read_mooncake
 
     pool = IdsRenderer(vocab, low=1000).pool  # ordinary ids (away from gpt2's special/byte tokens)
-    prompts = []
+    prompts, stamps = [], []
     for rec in read_mooncake(trace)[:num]:
+        stamps.append(rec.timestamp_s or 0.0)
         length = min(max_prompt, max(1, math.ceil(rec.input_len * block_tokens / MOONCAKE_BLOCK)))
         fill = np.random.default_rng([seed, 1 << 20, rec.line])
         prompts.append(prefix_block_prompt(pool, rec.hash_ids, length, block_tokens, seed, fill))
-    return prompts
+    return prompts, stamps
 
 
-async def replay(url: str, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[float]:
-    """Send every prompt (in order, `concurrency` at a time); return each request's TTFT."""
+async def replay(url: str, prompts: list[list[int]], send_at: list[float], output_tokens: int) -> tuple[list[float], int]:
+    """Send prompt i at `send_at[i]` seconds from the start; return each request's TTFT and the most
+    requests that were in flight at once."""
     import httpx
 
     ttfts: list[float] = [0.0] * len(prompts)
-    next_index = 0
+    inflight = peak = 0
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal next_index
-        while next_index < len(prompts):
-            i = next_index
-            next_index += 1
-            body = {"model": "tiny", "prompt": prompts[i], "max_tokens": output_tokens, "ignore_eos": True,
-                    "temperature": 0, "stream": True}
-            t0 = time.perf_counter()
+    async def one(client: httpx.AsyncClient, i: int, start: float) -> None:
+        nonlocal inflight, peak
+        await asyncio.sleep(max(0.0, start + send_at[i] - time.perf_counter()))
+        body = {"model": "tiny", "prompt": prompts[i], "max_tokens": output_tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        inflight += 1
+        peak = max(peak, inflight)
+        t0 = time.perf_counter()
+        try:
             async with client.stream("POST", url + "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"request {i}: {resp.status_code} {(await resp.aread())[:300]!r}")
                 async for line in resp.aiter_lines():
                     if line.startswith("data: {") and '"text"' in line and not ttfts[i]:
                         ttfts[i] = time.perf_counter() - t0
+        finally:
+            inflight -= 1
 
-    async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    return ttfts
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i, start) for i in range(len(prompts))))
+    return ttfts, peak
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -152,10 +164,11 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def run_policy(name: str, router: Proc, pair: list[Proc], prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+def run_policy(name: str, router: Proc, pair: list[Proc], prompts: list[list[int]], send_at: list[float],
+               args: argparse.Namespace) -> dict[str, Any]:
     before = [scrape(p.url) for p in pair]
     t0 = time.perf_counter()
-    ttfts = asyncio.run(replay(router.url, prompts, args.output_tokens, args.concurrency))
+    ttfts, peak = asyncio.run(replay(router.url, prompts, send_at, args.output_tokens))
     wall = time.perf_counter() - t0
     after = [scrape(p.url) for p in pair]
 
@@ -167,15 +180,17 @@ def run_policy(name: str, router: Proc, pair: list[Proc], prompts: list[list[int
     split = [int(rmetrics.get(f"kvserve:router_requests_total{{{p.url}}}", 0)) for p in pair]
     return {"policy": name, "requests": len(prompts), "prefix_hit_tokens": hits, "prompt_tokens": queries,
             "hit_rate": hits / queries if queries else 0.0, "ttft_mean_s": statistics.mean(ttfts),
-            "ttft_p50_s": statistics.median(ttfts), "wall_s": wall, "requests_per_instance": split,
+            "ttft_p50_s": statistics.median(ttfts), "wall_s": wall, "peak_inflight": peak,
+            "requests_per_instance": split,
             "router_predicted_hit_rate": rmetrics.get("kvserve:router_kv_predicted_hit_rate")}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", type=Path, default=TRACE)
-    ap.add_argument("--num-requests", type=int, default=400)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--num-requests", type=int, default=600)
+    ap.add_argument("--speedup", type=float, default=3.0, help="replay the trace's arrival times this many times "
+                    "faster (default: %(default)s)")
     ap.add_argument("--block-tokens", type=int, default=16, help="tokens per trace hash id (default: %(default)s)")
     ap.add_argument("--output-tokens", type=int, default=2)
     ap.add_argument("--max-prompt-tokens", type=int, default=4000)
@@ -189,9 +204,12 @@ def main() -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(args.cache_dir / "model")
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    prompts = make_prompts(args.trace, args.num_requests, args.block_tokens, args.max_prompt_tokens, vocab, args.seed)
+    prompts, stamps = make_prompts(args.trace, args.num_requests, args.block_tokens, args.max_prompt_tokens, vocab,
+                                   args.seed)
+    send_at = [t / args.speedup for t in stamps]
     print(f"{len(prompts)} requests, {sum(map(len, prompts))} prompt tokens "
-          f"(mean {statistics.mean(map(len, prompts)):.0f}, max {max(map(len, prompts))})", flush=True)
+          f"(mean {statistics.mean(map(len, prompts)):.0f}, max {max(map(len, prompts))}) over {send_at[-1]:.0f} s "
+          f"per policy", flush=True)
     serve = ["serve", str(model), "--served-model-name", "tiny", "--no-access-log", "--block-size", str(args.block_tokens)]
     if args.num_kv_blocks:
         serve += ["--num-kv-blocks", str(args.num_kv_blocks)]
@@ -208,16 +226,16 @@ def main() -> int:
                                 logs / f"router-{name}.log"))
         for r in routers:
             r.wait_ready(120)
-        results = [run_policy(name, r, pair, prompts, args) for name, r, pair in
+        results = [run_policy(name, r, pair, prompts, send_at, args) for name, r, pair in
                    (("round-robin", routers[0], instances[:2]), ("kv-aware", routers[1], instances[2:]))]
     finally:
         for p in routers + instances:
             p.stop()
     print(f"\n{'policy':<12} {'hit rate':>9} {'hit tokens':>11} {'prompt tokens':>14} {'TTFT mean':>10} "
-          f"{'TTFT p50':>9} {'wall':>7}  split")
+          f"{'TTFT p50':>9} {'wall':>7} {'peak':>5}  split")
     for r in results:
         print(f"{r['policy']:<12} {r['hit_rate']:>9.3f} {r['prefix_hit_tokens']:>11.0f} {r['prompt_tokens']:>14.0f} "
-              f"{r['ttft_mean_s'] * 1000:>8.1f}ms {r['ttft_p50_s'] * 1000:>7.1f}ms {r['wall_s']:>6.1f}s  "
+              f"{r['ttft_mean_s'] * 1000:>8.1f}ms {r['ttft_p50_s'] * 1000:>7.1f}ms {r['wall_s']:>6.1f}s {r['peak_inflight']:>5}  "
               f"{r['requests_per_instance']}")
     rr, kv = results
     ratio = kv["hit_rate"] / rr["hit_rate"] if rr["hit_rate"] else float("inf")

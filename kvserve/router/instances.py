@@ -50,7 +50,10 @@ class Instance:
     last_error: Optional[str] = None
     stats: Optional[InstanceStats] = None  # None: never scraped, or /metrics unavailable
     inflight: int = 0  # requests this router has in flight on it
-    inflight_blocks: int = 0  # their prompt KV blocks (the KV-aware policy's load)
+    # Prompt blocks that requests in flight here still have to compute (as the policy predicted:
+    # prompt blocks minus predicted cache hits). Charged when a request is sent, released when its
+    # first token streams back (its prefill is done) or when it ends. The kv-aware policy's load.
+    pending_blocks: int = 0
     inflight_at_scrape: int = 0  # `inflight` when `stats` was scraped
 
     @property

@@ -11,9 +11,12 @@ are kept by the router on the `Instance` objects, not by policies.
                requests seen in the last /metrics scrape), then lowest KV usage, then in turn
   kv-aware     Dynamo's KV router cost, in KV blocks, lowest wins:
                    cost = overlap_weight * (prompt blocks the instance must compute)
-                          + blocks of the requests in flight on it
-               i.e. prefix overlap minus load; ties go to fewer in-flight requests, then in turn.
-               Overlap comes from the global `KVIndex`; the chosen instance is recorded in it.
+                          + prompt blocks still to compute of the requests in flight on it
+               i.e. prefix overlap minus load: roughly the prefill work the request waits for.
+               Ties go to fewer in-flight requests, then in turn.  Overlap comes from the global
+               `KVIndex`; the chosen instance is recorded in it.  (Dynamo's load term counts
+               all active blocks; this counts the blocks still to compute, which the router can
+               follow: a request's are released when its first token streams back.)
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ class RouteDecision:
     instance: Instance
     overlap_blocks: int = 0  # predicted prefix-cache hit, in blocks (kv-aware only)
     cost: Optional[float] = None
+
+    def new_blocks(self, req: RouteRequest, block_size: int) -> int:
+        """Prompt blocks the instance is predicted to compute for `req` (its pending load)."""
+        return max(0, req.num_blocks(block_size) - self.overlap_blocks)
 
     def overlap_tokens(self, block_size: int) -> int:
         return self.overlap_blocks * block_size
@@ -146,7 +153,7 @@ class KVAwarePolicy:
         out = {}
         for inst in candidates:
             overlap = overlaps[inst.url]
-            out[inst.url] = (self.overlap_weight * (prompt_blocks - overlap) + inst.inflight_blocks, overlap)
+            out[inst.url] = (self.overlap_weight * (prompt_blocks - overlap) + inst.pending_blocks, overlap)
         return out
 
     def choose(self, candidates: Sequence[Instance], req: RouteRequest) -> RouteDecision:

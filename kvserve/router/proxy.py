@@ -113,12 +113,9 @@ class Forwarder:
             self.metrics.attempts.labels(inst.url).inc()
             if attempt:
                 self.metrics.retries.labels(inst.url).inc()
-            blocks = route.num_blocks(self.block_size)
-            inst.inflight += 1
-            inst.inflight_blocks += blocks
-            release = _Release(inst, blocks)
+            release = _Release(inst, decision.new_blocks(route, self.block_size))
             try:
-                outcome = await self._attempt(inst, method, path, body, headers, buffer)
+                outcome = await self._attempt(inst, method, path, body, headers, buffer, release)
             except _AttemptFailed as exc:
                 release()
                 self.metrics.failed_attempts.labels(inst.url, exc.reason).inc()
@@ -153,7 +150,7 @@ class Forwarder:
         return OpenAIError(503, msg, code=code, type="service_unavailable", headers={"Retry-After": "1"})
 
     async def _attempt(self, inst: Instance, method: str, path: str, body: bytes, headers: dict[str, str],
-                       buffer: bool) -> Buffered | _Streaming:
+                       buffer: bool, release: "_Release") -> Buffered | _Streaming:
         request = self.client.build_request(method, inst.url + path, content=body, headers=headers)
         try:
             upstream = await self.client.send(request, stream=True)
@@ -168,6 +165,7 @@ class Forwarder:
             streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
             if upstream.status_code < 500 and streaming and not buffer:
                 first = await _first_chunk(chunks)
+                release.prefill_done()  # the first token is out: the prompt is computed
                 return _Streaming(inst, upstream, chunks, first)
             data = b"".join([c async for c in chunks])
         except httpx.TimeoutException:
@@ -223,18 +221,24 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 class _Release:
-    """Undo an attempt's in-flight accounting exactly once, however the request ends."""
+    """An attempt's in-flight accounting on its instance, undone exactly once however it ends."""
 
     def __init__(self, inst: Instance, blocks: int) -> None:
         self.inst = inst
-        self.blocks = blocks
+        self.blocks = blocks  # charged to inst.pending_blocks until the prefill is done
         self.done = False
+        inst.inflight += 1
+        inst.pending_blocks += blocks
+
+    def prefill_done(self) -> None:
+        self.inst.pending_blocks -= self.blocks
+        self.blocks = 0
 
     def __call__(self) -> None:
         if not self.done:
             self.done = True
             self.inst.inflight -= 1
-            self.inst.inflight_blocks -= self.blocks
+            self.prefill_done()
 
 
 class _PassThrough(StreamingResponse):

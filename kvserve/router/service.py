@@ -148,7 +148,7 @@ class Router:
             s = i.stats
             out.append({"url": i.url, "slot": i.slot, "healthy": i.healthy, "routable": i.routable,
                         "checked": i.checked, "reported_role": i.reported_role, "last_error": i.last_error,
-                        "inflight": i.inflight, "inflight_blocks": i.inflight_blocks, "load": i.load(),
+                        "inflight": i.inflight, "pending_blocks": i.pending_blocks, "load": i.load(),
                         "kv_usage": i.kv_usage(), "kv_index_blocks": self.kv_index.num_blocks(i.url),
                         "running": s.running if s else None, "waiting": s.waiting if s else None,
                         "block_size": s.block_size if s else None})

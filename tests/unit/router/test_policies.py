@@ -98,10 +98,10 @@ def test_kv_aware_load_outweighs_overlap() -> None:
     p, index = kv_policy()
     tokens = list(range(160))  # 10 blocks
     index.record_routed(a.url, hash_block_tokens(tokens, BS))
-    a.inflight, a.inflight_blocks = 3, 20  # cost a = (10 - 9) + 20 = 21; b = 10 + 0
+    a.inflight, a.pending_blocks = 3, 20  # cost a = (10 - 9) + 20 = 21; b = 10 + 0
     d = p.choose([a, b], req(tokens))
     assert d.instance is b and d.cost == 10
-    a.inflight_blocks = 8  # cost a = 1 + 8 = 9 < 10
+    a.pending_blocks = 8  # cost a = 1 + 8 = 9 < 10
     assert p.choose([a, b], req(tokens)).instance is a
     # weight 0: overlap is ignored, the least-loaded (in blocks) wins.
     p0, index0 = kv_policy(weight=0.0)

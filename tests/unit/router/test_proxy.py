@@ -74,8 +74,29 @@ def test_connect_error_is_retried_elsewhere_and_removes_the_instance() -> None:
     assert value(m, "kvserve:router_failed_attempts_total", instance=A, reason="connect") == 1
     assert value(m, "kvserve:router_retries_total", instance=B) == 1
     assert value(m, "kvserve:router_requests_total", instance=B) == 1
-    assert (a.inflight, b.inflight, a.inflight_blocks, b.inflight_blocks) == (0, 0, 0, 0)
+    assert (a.inflight, b.inflight, a.pending_blocks, b.pending_blocks) == (0, 0, 0, 0)
     assert pool.routable() == [b]  # later requests skip a until a health check re-admits it
+
+
+def test_pending_blocks_are_charged_while_the_prompt_is_computed() -> None:
+    seen: list[int] = []
+    parts = [b'data: {"a": 1}\n\n', b"data: [DONE]\n\n"]
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(pool.instances[0].pending_blocks)  # while the instance works on it
+        return httpx.Response(200, headers=SSE, stream=Chunks(parts))
+
+    fwd, pool, _ = setup(handler, urls=(A,))
+    route = RouteRequest("/v1/completions", 70, [])  # 5 blocks of 16, none predicted cached
+
+    async def run() -> None:
+        resp = await fwd.send("any", "POST", "/v1/completions", b"{}", {}, route)
+        a = pool.instances[0]
+        assert (a.inflight, a.pending_blocks) == (1, 0)  # first token out: the prefill is done
+        await body_of(resp)
+
+    asyncio.run(run())
+    assert seen == [5]
 
 
 def test_5xx_is_retried_but_keeps_the_instance_and_the_last_5xx_is_passed_on() -> None:
