@@ -162,3 +162,25 @@ def test_eos_stops_and_budget_is_exact(target_runner):
     assert out == plain[:first + 1]
     for n in (1, 2, 7):
         assert speculative_generate(target_runner, make_proposer("suffix"), prompt, n).token_ids == plain[:n]
+
+
+def test_common_prefix_equals_a_plain_scan():
+    import random
+
+    from kvserve.spec_decode.dense_runner import DenseSequence
+
+    class Cfg:
+        num_layers, num_kv_heads, head_dim = 1, 1, 2
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
+        b = [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
+        if rng.random() < 0.5:
+            b = a[:rng.randrange(0, len(a) + 1)] + b
+        seq = DenseSequence(Cfg, torch.float32, torch.device("cpu"), 1)  # type: ignore[arg-type]
+        seq.token_ids = list(a)
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert seq.common_prefix(b) == n
