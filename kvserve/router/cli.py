@@ -128,6 +128,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run_router(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        if config.policy == "kv-aware" and not config.tokenizer:
+            raise ValueError("--policy kv-aware needs --tokenizer DIR (the instances' tokenizer) to hash prompts "
+                             "into the engine's block hashes")
     except ValueError as exc:
         sys.stderr.write(f"kvserve router: {exc}\n")
         return 2

@@ -16,7 +16,7 @@ class RouterConfig:
     prefill: tuple[str, ...] = ()  # --prefill / --decode: a disaggregated pool
     decode: tuple[str, ...] = ()
     policy: str = "round-robin"
-    tokenizer: Optional[str] = None  # directory; required by policies that hash prompts
+    tokenizer: Optional[str] = None  # directory; without it, kv-aware hashes token-id prompts only
     block_size: int = 16  # must equal the instances' --block-size for KV-aware routing to match
     health_interval_s: float = 2.0
     health_timeout_s: float = 2.0
@@ -45,9 +45,6 @@ class RouterConfig:
             raise ValueError(f"instance URL(s) given more than once: {', '.join(dupes)}")
         if self.policy not in policy_names():
             raise ValueError(f"unknown --policy {self.policy!r}; known: {', '.join(policy_names())}")
-        if self.policy == "kv-aware" and not self.tokenizer:
-            raise ValueError("--policy kv-aware needs --tokenizer DIR (the instances' tokenizer) to hash prompts "
-                             "into the engine's block hashes")
         positive = {"block_size": self.block_size, "healthy_after": self.healthy_after,
                     "unhealthy_after": self.unhealthy_after, "max_attempts": self.max_attempts,
                     "kv_index_capacity": self.kv_index_capacity, "max_request_bytes": self.max_request_bytes}

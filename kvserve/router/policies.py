@@ -13,7 +13,8 @@ are kept by the router on the `Instance` objects, not by policies.
                    cost = overlap_weight * (prompt blocks the instance must compute)
                           + prompt blocks still to compute of the requests in flight on it
                i.e. prefix overlap minus load: roughly the prefill work the request waits for.
-               Ties go to fewer in-flight requests, then in turn.  Overlap comes from the global
+               Ties go to fewer in-flight requests, then fewer indexed blocks (so new prefixes
+               spread over the caches, as SGLang's router does), then in turn.  Overlap comes from the global
                `KVIndex`; the chosen instance is recorded in it.  (Dynamo's load term counts
                all active blocks; this counts the blocks still to compute, which the router can
                follow: a request's are released when its first token streams back.)
@@ -158,8 +159,13 @@ class KVAwarePolicy:
 
     def choose(self, candidates: Sequence[Instance], req: RouteRequest) -> RouteDecision:
         costs = self.costs(candidates, req)
-        best = min((costs[i.url][0], i.inflight) for i in candidates)
-        tied = [i for i in candidates if (costs[i.url][0], i.inflight) == best]
+
+        def key(i: Instance) -> tuple[float, int, int]:
+            # Fewer blocks indexed = more of its cache free: new prefixes spread over the caches.
+            return costs[i.url][0], i.inflight, self.index.num_blocks(i.url)
+
+        best = min(key(i) for i in candidates)
+        tied = [i for i in candidates if key(i) == best]
         inst = self._rotation.pick(tied)
         cost, overlap = costs[inst.url]
         return RouteDecision(inst, overlap_blocks=overlap, cost=cost)

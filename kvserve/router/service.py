@@ -49,7 +49,9 @@ class Router:
                             overlap_weight=config.kv_overlap_weight)
         # One policy per slot: round-robin turns and tie-breaks are per pool.
         self.policies = {slot: create_policy(config.policy, ctx) for slot in ("any", "prefill", "decode")}
-        self.hasher = PromptHasher(tokenizer, config.block_size) if tokenizer is not None else None
+        # Token-id prompts hash without a tokenizer; text and chat need one (the CLI requires it).
+        needs_tokens = self.policies["any"].needs_tokens
+        self.hasher = PromptHasher(tokenizer, config.block_size) if needs_tokens else None
         self._transport = transport
         self._transfer = transfer
         self.client: Optional[httpx.AsyncClient] = None
@@ -104,7 +106,7 @@ class Router:
         headers = request_headers(request.headers)
         parsed = _json_object(body) if (self.hasher is not None or self.pd is not None) else None
         route = RouteRequest(path)
-        if self.hasher is not None and parsed is not None and self.policies["any"].needs_tokens:
+        if self.hasher is not None and parsed is not None:
             route = await asyncio.to_thread(self.hasher.route_request, path, parsed)
         if self.pd is not None:
             if parsed is None:

@@ -194,6 +194,23 @@ def test_least_load_avoids_the_busy_instance() -> None:
         s.close()
 
 
+def test_kv_aware_follows_the_prefix_and_counts_predicted_hits() -> None:
+    s = Setup(policy="kv-aware", health_interval_s=30.0)  # token-id prompts: no tokenizer needed
+    try:
+        prefix = list(range(100, 164))  # 4 blocks of 16
+        hosts = [httpx.post(s.url + "/v1/completions", json={"prompt": prefix + [i] * 5}).headers[HEADER]
+                 for i in range(4)]
+        other = httpx.post(s.url + "/v1/completions", json={"prompt": list(range(500, 600))}).headers[HEADER]
+        assert len(set(hosts)) == 1 and other != hosts[0]  # a new prefix goes to the emptier cache
+        assert s.metric("kvserve:router_kv_prompt_tokens_total", instance=hosts[0]) == 4 * 69
+        assert s.metric("kvserve:router_kv_predicted_hit_tokens_total", instance=hosts[0]) == 3 * 64
+        assert s.metric("kvserve:router_kv_predicted_hit_rate") == 3 * 64 / (4 * 69 + 100)
+        inst = {i["url"]: i for i in httpx.get(s.url + "/router/instances").json()["instances"]}
+        assert inst[hosts[0]]["kv_index_blocks"] == 4 and inst[other]["kv_index_blocks"] == 6
+    finally:
+        s.close()
+
+
 def test_kv_events_endpoint(setup: Setup) -> None:
     a = setup.backends[0].url
     batch = {"instance": a, "seq": 0, "events": [{"type": "stored", "block_hashes": ["ab" * 32, "cd" * 32]}]}

@@ -102,7 +102,6 @@ def test_normalize_url() -> None:
     ({"prefill": ("http://b:1",)}, "at least one --prefill and one --decode"),
     ({"instances": ("http://a:1", "http://a:1/")}, "more than once"),
     ({"instances": ("http://a:1",), "policy": "random"}, "unknown --policy"),
-    ({"instances": ("http://a:1",), "policy": "kv-aware"}, "needs --tokenizer"),
     ({"instances": ("http://a:1",), "max_attempts": 0}, "max_attempts"),
     ({"instances": ("http://a:1",), "health_interval_s": 0}, "health_interval_s"),
 ])

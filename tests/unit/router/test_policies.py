@@ -109,10 +109,12 @@ def test_kv_aware_load_outweighs_overlap() -> None:
     assert p0.choose([a, b], req(tokens)).instance is b
 
 
-def test_kv_aware_ties_go_to_fewer_requests_then_in_turn() -> None:
+def test_kv_aware_ties_go_to_fewer_requests_then_the_emptier_cache_then_in_turn() -> None:
     a, b = insts(2)
-    p, _ = kv_policy()
+    p, index = kv_policy()
     a.inflight = 1  # same cost (no overlap, no blocks in flight), one more request
     assert p.choose([a, b], RouteRequest()).instance is b
     a.inflight = 0
     assert {p.choose([a, b], RouteRequest()).instance.url for _ in range(2)} == {a.url, b.url}
+    index.record_routed(b.url, hash_block_tokens(list(range(32)), BS))  # b's cache holds more
+    assert [p.choose([a, b], req(list(range(900, 950)))).instance for _ in range(2)] == [a, a]
