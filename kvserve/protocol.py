@@ -56,7 +56,11 @@ class ScheduledRequest:
     # k+1 positions for speculative verification, a chosen subset for blending.
     positions: Sequence[int]
     start_pos: int  # positions[0] == num_computed_tokens before the step
-    block_ids: list[int]  # the request's whole block table
+    # Block-table diff: the blocks appended to the request's table since the last step
+    # it was in (usually none for a decode), or the whole table when `full_table`
+    # (the request's first step, or its first after a preemption).  The executor keeps
+    # the tables (kvserve/worker/input_batch.py); finished/preempted ids release them.
+    block_ids: list[int]
     sample: bool  # this chunk reaches the end of the sequence: sample a token
     sampling_params: SamplingParams
     # Token history for penalties; shared references, read-only for the runner.
@@ -64,13 +68,14 @@ class ScheduledRequest:
     output_token_ids: list[int]
     generator_key: tuple[str, int]  # (request id, sample index): per-request RNG identity
     prompt_logprobs: bool  # compute logprobs for the prompt positions in this chunk
+    full_table: bool = True  # block_ids is the whole table (see block_ids)
 
 
 @dataclass
 class SchedulerOutput:
     requests: list[ScheduledRequest] = field(default_factory=list)
     num_batched_tokens: int = 0
-    preempted_ids: list[str] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)  # lost their blocks in this schedule
     finished_ids: list[str] = field(default_factory=list)  # freed since last step
     # Offload tiers: the runner first copies kv_saves out of the device pool
     # (their blocks may be reused by this very step), then kv_loads in, then

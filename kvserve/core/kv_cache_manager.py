@@ -69,8 +69,15 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """Ids of the request's blocks from index `start` on (its whole table by default)."""
+        blocks = self.req_blocks.get(request_id)
+        if not blocks:
+            return []
+        return [b.block_id for b in (blocks[start:] if start else blocks)]
+
+    def num_request_blocks(self, request_id: str) -> int:
+        return len(self.req_blocks.get(request_id, ()))
 
     # ---------------------------------------------------------------- lookup
     def get_computed_blocks(self, request: Request, count_stats: bool = True) -> tuple[list[KVBlock], int]:

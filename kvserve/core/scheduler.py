@@ -60,6 +60,8 @@ class Scheduler:
         if offload is not None:
             self.sources.append(OffloadTiers(offload, kv_manager, clock))
         self.requests: dict[str, Request] = {}
+        # request id -> blocks of its table already sent to the executor (steps carry diffs).
+        self._blocks_sent: dict[str, int] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
         # Samples forked during the last update (also returned by it).
@@ -111,6 +113,7 @@ class Scheduler:
         for source in self.sources:
             source.on_finished(request, self.kv)
         self._fetched.discard(request.request_id)
+        self._blocks_sent.pop(request.request_id, None)
         self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_since_last_step.append(request.request_id)
@@ -210,19 +213,23 @@ class Scheduler:
             start = request.num_computed_tokens
             end = start + n
             sp = request.sampling_params
+            rid = request.request_id
+            sent = self._blocks_sent.get(rid)
+            self._blocks_sent[rid] = self.kv.num_request_blocks(rid)
             out.requests.append(
                 ScheduledRequest(
                     request_id=request.request_id,
                     token_ids=request.all_token_ids[start:end],
                     positions=range(start, end),
                     start_pos=start,
-                    block_ids=self.kv.block_ids(request.request_id),
+                    block_ids=self.kv.block_ids(rid, sent or 0),
                     sample=end == request.num_tokens,
                     sampling_params=sp,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
                     generator_key=(request.parent_id or request.request_id, request.sample_index),
                     prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
+                    full_table=sent is None,
                 )
             )
             out.num_batched_tokens += n
@@ -292,6 +299,7 @@ class Scheduler:
         """Preempt by recompute: free every block; the request starts over later."""
         self.running.remove(request)
         self.kv.free(request)
+        self._blocks_sent.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

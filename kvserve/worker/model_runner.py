@@ -1,9 +1,10 @@
 """ModelRunner: execute(SchedulerOutput) -> ModelRunnerOutput.
 
-Owns the model weights, the per-layer KV pools and the sampler; makes no
-policy decisions.  Step inputs are built with NumPy on the host and moved to
-the device once per step; the attention metadata is built once and shared by
-every layer.
+Owns the model weights, the per-layer KV pools, the sampler and persistent
+per-request state (block tables, RNGs) updated by each step's diffs; makes no
+policy decisions.  Step inputs are built with vectorized NumPy on the host
+(kvserve/worker/input_batch.py) and moved to the device once per step; the
+attention metadata is built once and shared by every layer.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kvserve.protocol import (
     AttentionMetadata, ForwardContext, ModelRunnerOutput, PrefillSeq, SampledToken, ScheduledRequest, SchedulerOutput,
 )
 from kvserve.worker.attention import get_attention_backend, resolve_backend_name
+from kvserve.worker.input_batch import BlockTables, build_step_arrays, build_step_arrays_reference
 from kvserve.worker.kv_transfer import KVTransfer
 from kvserve.worker.sampler import Sampler, SamplingRow, top_logprobs
 
@@ -27,20 +29,8 @@ def kv_block_bytes(cfg: ModelArchConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
-def positions_array(r: ScheduledRequest) -> np.ndarray:
-    """The step's positions of `r` as int64.  This runner computes contiguous runs
-    (prefill chunks, decodes); a subset of positions (blending) is refused clearly."""
-    p = r.positions
-    n = len(r.token_ids)
-    if isinstance(p, range):
-        if p.step == 1 and len(p) == n and p.start == r.start_pos:
-            return np.arange(p.start, p.stop, dtype=np.int64)
-    else:
-        arr = np.asarray(p, dtype=np.int64)
-        if arr.shape == (n,) and n > 0 and arr[0] == r.start_pos and (n == 1 or bool((np.diff(arr) == 1).all())):
-            return arr
-    raise ValueError(f"request {r.request_id}: the model runner computes contiguous positions from "
-                     f"start_pos={r.start_pos} for its {n} tokens, got {list(p)[:8]}")
+# Steps with at least this many requests build their inputs vectorized (measured crossover).
+_VECTORIZE_FROM_REQUESTS = 3
 
 
 class ModelRunner:
@@ -63,6 +53,11 @@ class ModelRunner:
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim))
         self.sampler = Sampler(seed=seed, device=device)
         self.generators: dict[str, torch.Generator] = {}
+        # Every running request's block table, kept across steps and updated by the
+        # steps' diffs; inputs are built from it with vectorized ops (input_batch.py),
+        # or request by request when use_reference_inputs (the reference path).
+        self.block_tables = BlockTables()
+        self.use_reference_inputs = False
         # KV offload tiers: block copies to/from host memory, run before each forward.
         self.kv_transfer: Optional[KVTransfer] = None
         # Evaluation hook: called with (request id, start position, full log-softmax
@@ -76,61 +71,41 @@ class ModelRunner:
 
     # --------------------------------------------------------------- inputs
     def _build_inputs(self, reqs: list[ScheduledRequest]):
-        bs = self.block_size
-        decodes = [r for r in reqs if len(r.token_ids) == 1]
-        prefills = [r for r in reqs if len(r.token_ids) > 1]
-        ordered = decodes + prefills
-        lens = np.fromiter((len(r.token_ids) for r in ordered), dtype=np.int64, count=len(ordered))
-        T = int(lens.sum())
-        input_ids = np.empty(T, dtype=np.int64)
-        positions = np.empty(T, dtype=np.int64)
-        slots = np.empty(T, dtype=np.int64)
-        off = 0
-        for r in ordered:
-            n = len(r.token_ids)
-            input_ids[off:off + n] = r.token_ids
-            pos = positions_array(r)
-            positions[off:off + n] = pos
-            table = np.asarray(r.block_ids, dtype=np.int64)
-            slots[off:off + n] = table[pos // bs] * bs + pos % bs
-            off += n
+        # Below ~3 requests the per-request path has less fixed overhead than the vectorized one.
+        small = len(reqs) < _VECTORIZE_FROM_REQUESTS
+        build = build_step_arrays_reference if self.use_reference_inputs or small else build_step_arrays
+        a = build(reqs, self.block_tables, self.block_size)
         dev = self.device
-        D = len(decodes)
+        D = a.num_decodes
         dec_tables = dec_lens = dec_mask = None
         if D:
-            seq_lens = np.fromiter((r.start_pos + 1 for r in decodes), dtype=np.int64, count=D)
-            max_blocks = int(-(-seq_lens.max() // bs))
-            tables = np.zeros((D, max_blocks), dtype=np.int64)
-            for i, r in enumerate(decodes):
-                nb = -(-int(seq_lens[i]) // bs)
-                tables[i, :nb] = r.block_ids[:nb]
-            mask = np.arange(max_blocks * bs)[None, :] < seq_lens[:, None]  # True = attend
-            dec_tables = torch.from_numpy(tables).to(dev)
-            dec_lens = torch.from_numpy(seq_lens).to(dev)
-            dec_mask = torch.from_numpy(mask).to(dev).view(D, 1, 1, -1)
+            assert a.decode_tables is not None and a.decode_seq_lens is not None
+            mask = np.arange(a.decode_tables.shape[1] * self.block_size)[None, :] < a.decode_seq_lens[:, None]
+            dec_tables = torch.from_numpy(a.decode_tables).to(dev)
+            dec_lens = torch.from_numpy(a.decode_seq_lens).to(dev)
+            dec_mask = torch.from_numpy(mask).to(dev).view(D, 1, 1, -1)  # True = attend
         pre = []
         off = D
-        for r in prefills:
-            n = len(r.token_ids)
-            nb = -(-(r.start_pos + n) // bs)
-            pre.append(PrefillSeq(off, n, r.start_pos, torch.tensor(r.block_ids[:nb], dtype=torch.long, device=dev)))
+        for r, n, table in zip(a.ordered[D:], a.lens[D:].tolist(), a.prefill_tables):
+            pre.append(PrefillSeq(off, n, r.start_pos, torch.from_numpy(table).to(dev)))
             off += n
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
+            slot_mapping=torch.from_numpy(a.slots).to(dev),
             num_decode_tokens=D,
             decode_block_tables=dec_tables,
             decode_seq_lens=dec_lens,
             decode_mask=dec_mask,
             prefills=pre,
-            block_size=bs,
+            block_size=self.block_size,
         )
-        return ordered, lens, torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta
+        return a.ordered, a.lens, torch.from_numpy(a.input_ids).to(dev), torch.from_numpy(a.positions).to(dev), meta
 
     # -------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in sched.finished_ids:
             self.generators.pop(req_id, None)
+        self.block_tables.apply(sched.requests, sched.finished_ids + sched.preempted_ids)
         if sched.kv_saves or sched.kv_loads:
             # Saves first: their blocks may be reused (by a load or this forward).
             assert self.kv_transfer is not None, "KV transfers scheduled without offload tiers"

@@ -59,10 +59,19 @@ class CostModelExecutor:
     busy_s: float = 0.0
     max_batched: int = 0
     first_seen: list[str] = field(default_factory=list)
+    tables: dict[str, list[int]] = field(default_factory=dict)  # block tables rebuilt from the steps' diffs
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         assert self.core is not None
         out = ModelRunnerOutput()
+        for rid in step.finished_ids + step.preempted_ids:
+            self.tables.pop(rid, None)
+        for r in step.requests:
+            if r.full_table:
+                self.tables[r.request_id] = list(r.block_ids)
+            else:
+                self.tables[r.request_id] += r.block_ids  # KeyError: a diff before the full table
+            assert self.tables[r.request_id] == self.core.kv_manager.block_ids(r.request_id)
         if step.is_empty:
             return out
         sched = self.core.scheduler
@@ -75,9 +84,10 @@ class CostModelExecutor:
             n = len(r.token_ids)
             assert n > 0 and r.token_ids == req.all_token_ids[r.start_pos:r.start_pos + n]
             assert r.sample == (r.start_pos + n == req.num_tokens)
-            assert len(r.block_ids) * BLOCK >= r.start_pos + n
-            for p in range(r.start_pos, r.start_pos + n):
-                slot = r.block_ids[p // BLOCK] * BLOCK + p % BLOCK
+            table = self.tables[r.request_id]
+            assert len(table) * BLOCK >= r.start_pos + n
+            for p in r.positions:
+                slot = table[p // BLOCK] * BLOCK + p % BLOCK
                 assert slot not in slots, "two tokens of one step write the same KV slot"
                 slots.add(slot)
             if r.request_id not in self.first_seen:
