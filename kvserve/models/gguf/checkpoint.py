@@ -24,9 +24,10 @@ TensorReader = Callable[[], torch.Tensor]
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Dequantization is a chain of small elementwise ops; on a busy 2-core machine torch's
-    2-thread pool spends most of its time at barriers (SmolLM2-135M: 0.8 s on 1 thread,
-    2.7-9.6 s on 2; docs/gguf.md), so it runs on one."""
+    """Dequantization is a chain of small elementwise ops, and loading is memory copies; on a
+    busy 2-core machine torch's 2-thread pool spends most of that time at barriers
+    (SmolLM2-135M dequantization: 0.8 s on 1 thread, 2.7-9.6 s on 2; docs/gguf.md), so both
+    run on one."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -89,8 +90,9 @@ def iter_gguf_checkpoint(path: str | Path, use_cache: bool = True) -> Iterator[t
         return
     from kvserve.models.loader import iter_checkpoint
 
-    for name, _file, read in iter_checkpoint(cached):
-        yield name, path, read
+    with single_thread():  # the loader's copies into fresh parameters: 0.6 s CPU on 1 thread, 1.9 s on 2
+        for name, _file, read in iter_checkpoint(cached):
+            yield name, path, read
 
 
 def gguf_config_dict(path: str | Path, use_cache: bool = True) -> dict[str, Any]:
