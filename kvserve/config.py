@@ -44,16 +44,46 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
 
 
+def parse_tenant_weights(spec: Optional[str]) -> dict[str, float]:
+    """"a=2,b=1" -> {"a": 2.0, "b": 1.0}; a clear ValueError for a bad entry."""
+    out: dict[str, float] = {}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not weight > 0:
+            raise ValueError(f"tenant weights are NAME=WEIGHT pairs with WEIGHT > 0, e.g. 'a=2,b=1'; got {part!r}")
+        out[name.strip()] = weight
+    return out
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     # None: the model's own limit, capped by what the KV pool holds (EngineCore.from_config resolves it).
     max_model_len: Optional[int] = None
-    policy: str = "fcfs"  # "fcfs" | "priority"
+    policy: str = "fcfs"  # "fcfs" | "priority" | "fair" | "slo" (docs/scheduling.md)
     # Prefill chunks are limited to this many tokens per request per step
     # (0: only the step budget limits them).
     long_prefill_token_threshold: int = 0
+    # Policy options (each policy takes those it knows): "fair"'s per-tenant weights
+    # ("a=2,b=1"); "slo"'s default targets for requests without their own, whether to
+    # refuse (429) a request that cannot meet its TTFT, and the age bound.
+    tenant_weights: Optional[str] = None
+    default_slo_ttft_s: Optional[float] = None
+    default_slo_tpot_s: Optional[float] = None
+    slo_reject: bool = False
+    max_wait_s: float = 60.0
+    # Preemption: "recompute", "swap" (to a host buffer of swap_space_bytes) or "auto"
+    # (per victim, whichever the cost model says is cheaper; core/swap.py).
+    preemption_mode: str = "recompute"
+    swap_space_bytes: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -64,6 +94,23 @@ class SchedulerConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.preemption_mode not in ("recompute", "swap", "auto"):
+            raise ValueError(f"preemption_mode must be 'recompute', 'swap' or 'auto', got {self.preemption_mode!r}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+        for name in ("default_slo_ttft_s", "default_slo_tpot_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {v!r}")
+        if not self.max_wait_s > 0:
+            raise ValueError(f"max_wait_s must be > 0 seconds, got {self.max_wait_s!r}")
+        parse_tenant_weights(self.tenant_weights)
+
+    def policy_options(self) -> dict[str, object]:
+        """Keyword arguments for make_policy (each policy takes the ones it knows)."""
+        return dict(tenant_weights=parse_tenant_weights(self.tenant_weights),
+                    default_ttft_s=self.default_slo_ttft_s, default_tpot_s=self.default_slo_tpot_s,
+                    reject=self.slo_reject, max_wait_s=self.max_wait_s)
 
 
 # When blocks go down to the KV tiers (KVTierConfig.offload_policy; the server's --kv-offload-policy).
@@ -167,6 +214,12 @@ class EngineArgs:
     seed: int = 0
     max_model_len: Optional[int] = None  # None: the model's own limit, capped by what the KV pool holds
     scheduling_policy: str = "fcfs"
+    tenant_weights: Optional[str] = None  # "fair": "a=2,b=1"
+    default_slo_ttft_ms: Optional[float] = None  # "slo": targets of requests without their own
+    default_slo_tpot_ms: Optional[float] = None
+    slo_reject: bool = False  # "slo": refuse a request that cannot meet its TTFT
+    preemption_mode: str = "recompute"  # recompute | swap | auto
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks
     attention_backend: str = "auto"
     long_prefill_token_threshold: int = 0
     kv_tiers: Optional[str] = None
@@ -187,7 +240,11 @@ class EngineArgs:
         """Validate every value (ValueError names the bad one) and group them by component."""
         scheduler_kwargs: dict[str, object] = dict(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            policy=self.scheduling_policy, long_prefill_token_threshold=self.long_prefill_token_threshold)
+            policy=self.scheduling_policy, long_prefill_token_threshold=self.long_prefill_token_threshold,
+            tenant_weights=self.tenant_weights, slo_reject=self.slo_reject, preemption_mode=self.preemption_mode,
+            default_slo_ttft_s=None if self.default_slo_ttft_ms is None else self.default_slo_ttft_ms / 1000,
+            default_slo_tpot_s=None if self.default_slo_tpot_ms is None else self.default_slo_tpot_ms / 1000,
+            swap_space_bytes=int(self.swap_space * 1024**3))
         if self.max_model_len is not None:
             scheduler_kwargs["max_model_len"] = self.max_model_len
         return EngineConfig(

@@ -44,6 +44,15 @@ class KVLoad:
     block_ids: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class BlockCopy:
+    """Preemption by swap: copy device blocks `block_ids[i]` <-> host swap slots `host_slots[i]`
+    (kvserve/core/swap.py decides, the executor's host swap space copies)."""
+
+    block_ids: list[int]
+    host_slots: list[int]
+
+
 # ------------------------------------------------------------------- step input
 @dataclass(slots=True)
 class ScheduledRequest:
@@ -82,6 +91,10 @@ class SchedulerOutput:
     # runs the forward.
     kv_saves: list[KVSave] = field(default_factory=list)
     kv_loads: list[KVLoad] = field(default_factory=list)
+    # Preemption by swap, applied after kv_saves and before kv_loads: swap-outs first
+    # (their device blocks may be this step's swap-in or forward targets), then swap-ins.
+    swap_outs: list[BlockCopy] = field(default_factory=list)
+    swap_ins: list[BlockCopy] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -17,13 +17,22 @@ instance to `Scheduler(policy=...)`.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import ClassVar, Iterator, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Optional, Sequence
 
 from kvserve.core.clock import Clock, wall_clock
 from kvserve.request import Request
+
+
+class AdmissionRejected(ValueError):
+    """The policy refuses a request at arrival (the server answers 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def _is_prefilling(request: Request) -> bool:
@@ -82,6 +91,17 @@ class SchedulingPolicy(ABC):
 
     def on_finished(self, request: Request) -> None:
         """`request` finished (any reason) and left the scheduler."""
+
+    # ------------------------------------------------------ budgets, admission
+    def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
+        """The step's token budget given the running requests (default: the configured one)."""
+        return budget
+
+    def check_admission(self, request: Request) -> None:
+        """Raise AdmissionRejected to refuse `request` at arrival (default: admit all)."""
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A step of `num_tokens` tokens took `seconds` (for policies with a step-time model)."""
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -161,7 +181,11 @@ class PriorityPolicy(SchedulingPolicy):
         return max(candidates, key=lambda r: (r.priority, r.arrival_time))
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFSPolicy, "priority": PriorityPolicy}
+from kvserve.core.policies_fair import VTCPolicy  # noqa: E402  (they subclass SchedulingPolicy)
+from kvserve.core.policies_slo import SLOPolicy  # noqa: E402
+
+POLICIES: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFSPolicy, "priority": PriorityPolicy,
+                                               "fair": VTCPolicy, "slo": SLOPolicy}
 
 # Older names.
 WaitingQueue = SchedulingPolicy
@@ -169,12 +193,15 @@ FCFSQueue = FCFSPolicy
 PriorityQueue = PriorityPolicy
 
 
-def make_policy(policy: str, clock: Clock = wall_clock) -> SchedulingPolicy:
+def make_policy(policy: str, clock: Clock = wall_clock, **options: Any) -> SchedulingPolicy:
+    """The named policy; `options` are its keyword arguments (those it does not take are
+    dropped, so one set of engine options serves every policy)."""
     try:
         cls = POLICIES[policy]
     except KeyError:
         raise ValueError(f"unknown scheduling policy {policy!r}; choose from {sorted(POLICIES)}") from None
-    return cls(clock)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(clock, **{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
 def make_waiting_queue(policy: str) -> SchedulingPolicy:

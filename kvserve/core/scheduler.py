@@ -2,9 +2,12 @@
 
 Stall-free continuous batching (Sarathi-Serve): running decodes are scheduled
 first, then running prefills continue in chunks, then waiting requests are
-admitted, all under one per-step token budget.  When blocks run out, the
-policy's victim is preempted by recompute; it resumes with whatever prefix is
-still cached.
+admitted, all under one per-step token budget (which the policy may lower, e.g.
+to keep TPOT targets).  When blocks run out, the policy's victim is preempted:
+by recompute (it resumes with whatever prefix is still cached) or, with a swap
+manager (core/swap.py), by swapping its blocks to host memory, chosen per victim
+by the manager's mode and cost model; a swapped request resumes with all its
+tokens.  Preemptions are counted by cause and mode (`preemptions_by`).
 
 Where a request's already-computed tokens come from is the KV sources' business
 (core/kv_sources.py): at admission the scheduler asks them in order (the device
@@ -25,6 +28,7 @@ from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_offload import KVOffloadManager
 from kvserve.core.kv_sources import DevicePrefixCache, KVPlan, KVSource, OffloadTiers
 from kvserve.core.policies import SchedulingPolicy, make_policy
+from kvserve.core.swap import SwapManager
 from kvserve.protocol import KVSave, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.request import Request, RequestStatus
 
@@ -35,10 +39,12 @@ __all__ = ["Scheduler", "ModelRunnerOutput", "SampledToken", "ScheduledRequest",
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
                  offload: Optional[KVOffloadManager] = None, *, sources: Sequence[KVSource] = (),
-                 policy: Optional[SchedulingPolicy] = None, clock: Clock = wall_clock) -> None:
+                 policy: Optional[SchedulingPolicy] = None, clock: Clock = wall_clock,
+                 swap: Optional[SwapManager] = None) -> None:
         """`sources`: KV sources asked after the device prefix cache (`offload` adds the
         offload tiers last); `policy`: an instance to use instead of `config.policy`'s;
-        `clock`: where every time the scheduler records comes from (first token, finish)."""
+        `clock`: where every time the scheduler records comes from (first token, finish);
+        `swap`: host swap space for preemption by swap (None: recompute only)."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len must be set for the scheduler "
                              "(EngineCore.from_config resolves it from the model)")
@@ -48,7 +54,8 @@ class Scheduler:
         self.clock = clock
         # The policy is the waiting queue (in service order) and also orders the
         # running requests and picks victims (see core/policies.py).
-        self.policy = policy if policy is not None else make_policy(config.policy, clock)
+        self.policy = policy if policy is not None else make_policy(config.policy, clock, **config.policy_options())
+        self.swap = swap
         self.waiting = self.policy
         self.running: list[Request] = []
         # Requests waiting while a KV source fetches their blocks.
@@ -64,6 +71,7 @@ class Scheduler:
         self._blocks_sent: dict[str, int] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self.preemptions_by: dict[tuple[str, str], int] = {}  # (cause, mode) -> count
         # Samples forked during the last update (also returned by it).
         self.new_forks: list[Request] = []
 
@@ -86,7 +94,10 @@ class Scheduler:
             )
 
     def add_request(self, request: Request) -> None:
+        """Queue `request`; ValueError if it can never run, AdmissionRejected (a ValueError)
+        if the policy refuses it now (e.g. `slo` with reject: its TTFT is out of reach)."""
         self.validate_fits(request)
+        self.policy.check_admission(request)
         self.requests[request.request_id] = request
         request.status = RequestStatus.WAITING
         self.waiting.add(request)
@@ -114,6 +125,8 @@ class Scheduler:
             source.on_finished(request, self.kv)
         self._fetched.discard(request.request_id)
         self._blocks_sent.pop(request.request_id, None)
+        if self.swap is not None:
+            self.swap.drop(request.request_id)
         self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_since_last_step.append(request.request_id)
@@ -137,7 +150,9 @@ class Scheduler:
     # -------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self.policy.step_token_budget(self.running, self.config.max_num_batched_tokens)
+        if self.swap is not None:
+            self.swap.begin_step()
         self._requeue_fetched()
         num_new_tokens: dict[str, int] = {}
 
@@ -176,8 +191,11 @@ class Scheduler:
                 break  # it just lost its blocks for lack of room; don't thrash
             rid = request.request_id
             plans: list[KVPlan] = []
+            swapped = self.swap is not None and self.swap.is_swapped(rid)
             if self.kv.holds_blocks(rid):
                 pass  # a forked n > 1 sample: it already holds its shared prompt blocks
+            elif swapped:
+                pass  # swapped out: it resumes with all its computed tokens (swap-in below)
             elif request.sampling_params.prompt_logprobs is not None:
                 # Prompt logprobs need the logits of every prompt position, so such a
                 # request never reads cached KV (from any source); vLLM does the same.
@@ -189,7 +207,12 @@ class Scheduler:
                     continue  # it waits for its blocks; admit the next request
                 request.num_computed_tokens = sum(p.num_tokens for p in plans)
             n = self._num_tokens_to_run(request, budget)
-            placed = self.kv.allocate_plans(request, n, plans) if n > 0 else None
+            if swapped:
+                if n <= 0 or not self._swap_in(request, n, out):
+                    break
+                placed = []
+            else:
+                placed = self.kv.allocate_plans(request, n, plans) if n > 0 else None
             if placed is None:
                 if not self.kv.holds_blocks(rid):
                     request.num_computed_tokens = 0
@@ -295,17 +318,45 @@ class Scheduler:
             n = min(n, threshold)
         return n
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        """Preempt by recompute: free every block; the request starts over later."""
+    def _preempt(self, request: Request, out: SchedulerOutput, cause: str = "kv_blocks") -> None:
+        """Free every block of `request`.  By recompute it starts over later (from what is
+        still cached); by swap its computed blocks are copied to host slots first (this
+        step, before the forward that may reuse them) and it resumes with all its tokens."""
         self.running.remove(request)
+        rid = request.request_id
+        mode = "recompute"
+        if self.swap is not None:
+            num_blocks = -(-request.num_computed_tokens // self.kv.block_size)
+            mode = self.swap.choose(request.num_computed_tokens, num_blocks)
+            if mode == "swap":
+                out.swap_outs.append(self.swap.swap_out(rid, self.kv.block_ids(rid)[:num_blocks]))
         self.kv.free(request)
-        self._blocks_sent.pop(request.request_id, None)
+        self._blocks_sent.pop(rid, None)
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
+        if mode == "recompute":
+            request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self.preemptions_by[(cause, mode)] = self.preemptions_by.get((cause, mode), 0) + 1
         self.waiting.add_preempted(request)
-        out.preempted_ids.append(request.request_id)
+        out.preempted_ids.append(rid)
+
+    def _swap_in(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        """Give a swapped-out request device blocks for its computed tokens and `n` more, and
+        copy its host slots in; leading blocks still in the prefix cache are shared instead
+        of copied.  False (nothing changed) when the pool is short."""
+        assert self.swap is not None
+        bs = self.kv.block_size
+        # Only blocks entirely before num_computed_tokens may be shared: the request writes
+        # into its partial last block.
+        hits, _ = self.kv.get_computed_blocks(request, count_stats=False)
+        hits = hits[:request.num_computed_tokens // bs]
+        if self.kv.allocate_slots(request, n, hits) is None:
+            return False
+        num_swapped = -(-request.num_computed_tokens // bs)
+        targets = self.kv.block_ids(request.request_id)[len(hits):num_swapped]
+        out.swap_ins.append(self.swap.swap_in(request.request_id, targets, skip=len(hits)))
+        return True
 
     # ---------------------------------------------------------------- update
     def update_from_output(

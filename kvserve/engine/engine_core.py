@@ -26,6 +26,7 @@ from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_sources import KVSource
 from kvserve.core.scheduler import Scheduler
+from kvserve.core.swap import SwapManager
 from kvserve.models.loader import load_model
 from kvserve.models.model_config import ModelArchConfig
 from kvserve.protocol import Executor
@@ -82,9 +83,11 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, executor: Executor, *, num_kv_blocks: int, vocab_size: int,
                  eos_token_ids: frozenset[int] = frozenset(), kv_tiers: Optional[KVTiers] = None,
-                 kv_sources: Sequence[KVSource] = (), clock: Clock = time.time) -> None:
+                 kv_sources: Sequence[KVSource] = (), clock: Clock = time.time,
+                 swap: Optional[SwapManager] = None) -> None:
         """`kv_sources`: KV sources the scheduler asks after the device prefix cache
-        (before the tiers of `kv_tiers`)."""
+        (before the tiers of `kv_tiers`); `swap`: host swap space for preemption by swap
+        (the executor must apply the steps' swap copies, e.g. worker.swap_space.SwapExecutor)."""
         self.config = config
         self.executor = executor
         self.clock = clock
@@ -100,7 +103,7 @@ class EngineCore:
         self.kv_tiers = kv_tiers
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
                                    offload=kv_tiers.manager if kv_tiers is not None else None,
-                                   sources=kv_sources, clock=clock)
+                                   sources=kv_sources, clock=clock, swap=swap)
         self.stats = EngineStats()
         # Set by from_config (None for an executor built elsewhere).
         self.model: Optional[torch.nn.Module] = None
@@ -158,8 +161,17 @@ class EngineCore:
                              config.device.attention_backend, config.model.seed)
         if kv_tiers is not None:
             runner.kv_transfer = kv_tiers.attach(runner.kv_caches)
-        core = cls(config, runner, num_kv_blocks=num_blocks, vocab_size=arch.vocab_size, eos_token_ids=eos,
-                   kv_tiers=kv_tiers)
+        from kvserve.engine.swap_setup import build_swap_manager
+
+        swap = build_swap_manager(config.scheduler, model_dir, block_bytes, cc.block_size, device.type,
+                                  torch.cuda.get_device_name(device) if device.type == "cuda" else "")
+        executor: Executor = runner
+        if swap is not None:
+            from kvserve.worker.swap_space import SwapExecutor
+
+            executor = SwapExecutor(runner, swap.num_host_blocks)
+        core = cls(config, executor, num_kv_blocks=num_blocks, vocab_size=arch.vocab_size, eos_token_ids=eos,
+                   kv_tiers=kv_tiers, swap=swap)
         core.model, core.arch = model, arch
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cc.block_size,
                     num_blocks * block_bytes / 2**20)
@@ -203,7 +215,7 @@ class EngineCore:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if sched.finished_ids or sched.kv_saves:
+            if sched.finished_ids or sched.kv_saves or sched.swap_outs:
                 self.executor.execute(sched)  # let the runner drop per-request state, copy saves out
             if self.kv_tiers is not None and self.scheduler.num_waiting_for_kv:
                 self.kv_tiers.io.wait_for_load(_IDLE_LOAD_WAIT_S)  # nothing runnable until a load lands
@@ -223,7 +235,9 @@ class EngineCore:
         changed = self.scheduler.update_from_output(sched, result)
         self.flush_kv_saves()  # blocks of requests that finished in this step
         self.stats.num_steps += 1
-        self.stats.step_time_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.step_time_s += dt
+        self.scheduler.policy.observe_step(sched.num_batched_tokens, dt)  # the slo policy's step-time model
         for sr in sched.requests:
             self.stats.num_prompt_tokens += max(0, min(len(sr.token_ids), len(sr.prompt_token_ids) - sr.start_pos))
         for req in changed:
@@ -271,7 +285,8 @@ class EngineCore:
         return dict(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                     kv_cache_usage=kv.usage(), num_free_blocks=kv.num_free_blocks,
                     prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
-                    num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.num_steps)
+                    num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.num_steps,
+                    preemptions_by={f"{cause}/{mode}": n for (cause, mode), n in self.scheduler.preemptions_by.items()})
 
     def kv_tier_io_pending(self) -> bool:
         """True while KV tier threads still load or save (their counters will move)."""

@@ -100,6 +100,7 @@ class EngineStatsSnapshot:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # tokens found there (cumulative)
     num_preemptions: int = 0  # cumulative
+    preemptions_by: dict[str, int] = field(default_factory=dict)  # "cause/mode" -> cumulative count
     num_steps: int = 0  # cumulative
     num_step_failures: int = 0  # cumulative: steps whose exception escaped the engine
     # LLMEngine.kv_tier_stats(): per-tier counters ("0:cpu" -> hits, bytes_read, ...), the offload

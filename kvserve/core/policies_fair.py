@@ -1,0 +1,145 @@
+"""`fair`: the Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language
+Models", OSDI'24), as a scheduling policy.
+
+Each tenant has a counter of the service it received, in weighted tokens:
+
+    counter[t] += (w_prefill * prompt tokens + w_decode * decoded tokens) / weight[t]
+
+Admission serves the tenant with the *smallest* counter (its earliest waiting request
+first); preemption takes from the tenant with the largest.  Two rules make the bound
+of the paper hold (a backlogged tenant's service lags any other backlogged tenant's
+by at most a constant, so a tenant that floods cannot delay another beyond it):
+
+* counter lift: when a tenant with nothing waiting sends a request, its counter is
+  raised to the smallest counter among tenants that have requests waiting (or, when
+  nobody waits, to the counter of the tenant served last).  Idle time earns no credit;
+* accounting is on tokens actually served: a prompt is charged once when its request
+  is first admitted (recomputation after a preemption is not charged again: the
+  tenant did not ask for it), every decoded token when it is scheduled.
+
+Requests without a tenant are accounted to the tenant None (one shared tenant).
+Weights are per tenant (default 1.0); w_prefill=1, w_decode=2 as in the paper's
+experiments (an output token costs about twice an input token).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator, Mapping, Optional, Sequence
+
+from kvserve.config import parse_tenant_weights  # noqa: F401  (re-exported)
+from kvserve.core.clock import Clock, wall_clock
+from kvserve.core.policies import SchedulingPolicy
+from kvserve.request import Request
+
+Tenant = Optional[str]
+
+
+class VTCPolicy(SchedulingPolicy):
+    """Least-served tenant first, by virtual token counters (module doc)."""
+
+    name = "fair"
+
+    def __init__(self, clock: Clock = wall_clock, tenant_weights: Optional[Mapping[str, float]] = None,
+                 w_prefill: float = 1.0, w_decode: float = 2.0) -> None:
+        super().__init__(clock)
+        self.weights = dict(tenant_weights or {})
+        self.w_prefill = w_prefill
+        self.w_decode = w_decode
+        self.counters: dict[Tenant, float] = {}
+        # Per tenant, its waiting requests in arrival order (preempted ones in front).
+        self._queues: dict[Tenant, deque[Request]] = {}
+        self._len = 0
+        self._last_served: Tenant = None
+        self._charged: set[str] = set()  # requests whose prompt was charged
+
+    def weight(self, tenant: Tenant) -> float:
+        return self.weights.get(tenant, 1.0) if tenant is not None else 1.0
+
+    def _charge(self, tenant: Tenant, cost: float) -> None:
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self.weight(tenant)
+
+    # ------------------------------------------------------- waiting queue
+    def add(self, request: Request) -> None:
+        t = request.tenant
+        q = self._queues.get(t)
+        if not q:
+            self._lift(t)
+        self._queues.setdefault(t, deque()).append(request)
+        self._len += 1
+
+    def _lift(self, tenant: Tenant) -> None:
+        """VTC's rule for a tenant becoming active: no credit for the time it was idle."""
+        waiting = [self.counters.get(u, 0.0) for u, q in self._queues.items() if q and u != tenant]
+        # Nobody else waits: the counter of the tenant served last (0 before any service).
+        floor = min(waiting) if waiting else self.counters.get(self._last_served, 0.0)
+        self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
+
+    def add_preempted(self, request: Request) -> None:
+        # Back to the front of its tenant's queue; no lift (it never left the system).
+        self._queues.setdefault(request.tenant, deque()).appendleft(request)
+        self._len += 1
+
+    def _head_tenant(self) -> Optional[Tenant]:
+        best: Optional[tuple[float, float]] = None
+        best_t: Optional[Tenant] = None
+        found = False
+        for t, q in self._queues.items():
+            if not q:
+                continue
+            key = (self.counters.get(t, 0.0), q[0].arrival_time)
+            if best is None or key < best:
+                best, best_t, found = key, t, True
+        return best_t if found else None
+
+    def peek(self) -> Optional[Request]:
+        if not self._len:
+            return None
+        return self._queues[self._head_tenant()][0]
+
+    def pop(self) -> Request:
+        if not self._len:
+            raise IndexError("pop from an empty queue")
+        t = self._head_tenant()
+        request = self._queues[t].popleft()
+        self._len -= 1
+        self._last_served = t
+        if request.request_id not in self._charged:
+            # The prompt is charged when first admitted (VTC charges at dispatch), so the
+            # next admission of the same step already sees this tenant's new counter.
+            self._charged.add(request.request_id)
+            self._charge(t, self.w_prefill * request.num_prompt_tokens)
+        return request
+
+    def remove(self, request: Request) -> None:
+        self._queues[request.tenant].remove(request)
+        self._len -= 1
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Request]:
+        # Service order if counters stood still: by (counter, arrival), tenants interleaved.
+        items = [(self.counters.get(t, 0.0), i, r) for t, q in self._queues.items() for i, r in enumerate(q)]
+        return (r for _, _, r in sorted(items, key=lambda e: (e[0], e[1], e[2].arrival_time)))
+
+    # ---------------------------------------------------------- preemption
+    def victim(self, candidates: Sequence[Request]) -> Request:
+        # From the most-served tenant, its latest arrival.
+        return max(candidates, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_time))
+
+    # --------------------------------------------------------------- hooks
+    def on_scheduled(self, request: Request, num_tokens: int) -> None:
+        start = request.num_computed_tokens
+        # Decode tokens: positions past the prompt that produce a new token.  A prompt
+        # chunk was charged at admission; a recompute of output tokens is not charged.
+        decodes = num_tokens if num_tokens == 1 and start >= request.num_prompt_tokens else 0
+        if decodes:
+            self._charge(request.tenant, self.w_decode * decodes)
+
+    def on_finished(self, request: Request) -> None:
+        self._charged.discard(request.request_id)
+
+    def served_share(self) -> dict[Tenant, float]:
+        """Each tenant's counter as a fraction of the total (for inspection and benchmarks)."""
+        total = sum(self.counters.values())
+        return {t: c / total for t, c in self.counters.items()} if total else {}
