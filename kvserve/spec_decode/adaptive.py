@@ -65,6 +65,47 @@ def fit_linear_step_time(samples: Sequence[tuple[int, float]]) -> LinearStepTime
     return LinearStepTime(fixed, slope)
 
 
+@dataclass(frozen=True)
+class InterpolatedStepTime:
+    """t(n) from measured points, linear between them and along the last segment beyond.
+
+    For step times a line fits badly: on CPU a 2-token step can cost far more than a
+    1-token one (matrix-vector vs matrix-matrix kernels), then grow slowly.
+    """
+
+    points: tuple[tuple[int, float], ...]  # (tokens, seconds), tokens increasing, seconds non-decreasing
+
+    def __post_init__(self) -> None:
+        ns = [n for n, _ in self.points]
+        if len(ns) < 2 or ns != sorted(set(ns)) or ns[0] < 1:
+            raise ValueError(f"need >= 2 points with distinct increasing token counts >= 1, got {self.points}")
+        if any(t1 < t0 for (_, t0), (_, t1) in zip(self.points, self.points[1:])) or self.points[0][1] <= 0:
+            raise ValueError(f"step times must be positive and non-decreasing in tokens, got {self.points}")
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[tuple[int, float]]) -> "InterpolatedStepTime":
+        """Median per token count, then made non-decreasing (more tokens never cost less)."""
+        by_n: dict[int, list[float]] = {}
+        for n, t in samples:
+            by_n.setdefault(int(n), []).append(float(t))
+        pts, running = [], 0.0
+        for n in sorted(by_n):
+            ts = sorted(by_n[n])
+            running = max(running, ts[len(ts) // 2])
+            pts.append((n, running))
+        return cls(tuple(pts))
+
+    def __call__(self, num_tokens: int) -> float:
+        pts = self.points
+        if num_tokens <= pts[0][0]:
+            return pts[0][1]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+            if num_tokens <= n1:
+                return t0 + (t1 - t0) * (num_tokens - n0) / (n1 - n0)
+        (n0, t0), (n1, t1) = pts[-2], pts[-1]
+        return t1 + (t1 - t0) * (num_tokens - n1) / (n1 - n0)
+
+
 def roofline_step_time(model_spec: object, hardware: object, context: int, w_bytes: float = 2,
                        kv_bytes: Optional[float] = None) -> StepTime:
     """t(n) from the roofline bound of a decode step of n tokens at `context` (kvserve.bench.roofline):

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from kvserve.spec_decode import make_proposer
+from kvserve.spec_decode import Proposer, make_proposer
+from kvserve.spec_decode.adaptive import InterpolatedStepTime, SpecLengthPolicy
 from kvserve.spec_decode.dense_runner import DenseModelRunner
 from kvserve.spec_decode.metrics import SpecDecodeMetrics
 from kvserve.spec_decode.reference import speculative_generate
@@ -54,6 +56,36 @@ class _Totals:
     same: bool = True
 
 
+def measure_step_time(target: DenseModelRunner, prompt: list[int], max_n: int, reps: int = 3) -> InterpolatedStepTime:
+    """t(n) from this process's CPU time for steps of n = 1..max_n tokens after `prompt`."""
+    seq = target.new_sequence(capacity=len(prompt) + max_n)
+    target.extend(seq, prompt)
+    samples = []
+    for _ in range(reps):
+        for n in range(1, max_n + 1):
+            seq.truncate(len(prompt))
+            t0 = time.process_time()
+            target.extend(seq, prompt[-n:])
+            samples.append((n, time.process_time() - t0))
+    return InterpolatedStepTime.from_samples(samples)
+
+
+def _proposer_and_policy(method: str, k: int, step_time: Optional[InterpolatedStepTime],
+                         policies: dict[str, SpecLengthPolicy]) -> tuple[Optional[Proposer], Optional[SpecLengthPolicy]]:
+    """"none", "ngram", "suffix", "draft:PATH", each optionally with "+adaptive"."""
+    if method == "none":
+        return None, None
+    name, _, mode = method.partition("+")
+    if mode not in ("", "adaptive"):
+        raise ValueError(f"unknown mode {mode!r} in {method!r} (use NAME or NAME+adaptive)")
+    policy = None
+    if mode == "adaptive":
+        assert step_time is not None
+        # One policy per method across prompts: its overall acceptance rates carry over.
+        policy = policies.setdefault(method, SpecLengthPolicy(k, step_time=step_time))
+    return make_proposer(name), policy
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvserve.bench.paths import shared_data_dir
     from kvserve.engine.tokenizer import load_tokenizer
@@ -72,13 +104,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods = ["none"] + args.methods
     report: dict[str, Any] = {"model": str(path), "workload": args.workload, "num_prompts": len(prompts),
                               "max_tokens": args.max_tokens, "k": args.k, "methods": {}}
+    step_time = None
+    if any(m.endswith("+adaptive") for m in methods):
+        step_time = measure_step_time(target, prompts[0], args.k + 1)
+        report["step_time_cpu_s"] = [list(p) for p in step_time.points]
+    policies: dict[str, SpecLengthPolicy] = {}
     acc = {m: _Totals() for m in methods}
-    for ids in prompts:  # methods interleaved per prompt: a busy machine slows them alike
+    for p_idx, ids in enumerate(prompts):  # methods interleaved per prompt: a busy machine slows them alike
         baseline: list[int] = []
         for method in methods:
-            proposer = None if method == "none" else make_proposer(method)
+            proposer, policy = _proposer_and_policy(method, args.k, step_time, policies)
             res = speculative_generate(target, proposer, ids, args.max_tokens, num_spec_tokens=args.k,
-                                       eos_token_ids=eos)
+                                       eos_token_ids=eos, policy=policy, request_id=f"p{p_idx}")
             a = acc[method]
             a.metrics.merge(res.metrics)
             a.steps += res.num_target_steps
@@ -112,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step (fixed)")
-    ap.add_argument("--methods", nargs="+", default=["ngram", "suffix"], help="ngram, suffix, draft:PATH")
+    ap.add_argument("--methods", nargs="+", default=["ngram", "suffix", "ngram+adaptive", "suffix+adaptive"],
+                    help="ngram, suffix, draft:PATH; NAME+adaptive picks k per step with the goodput policy and the "
+                         "step times measured at the start of the run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", default=None, help="also write the report as JSON here")
     args = ap.parse_args(argv)
@@ -124,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:10} {m['acceptance_rate']:7.3f} {m['mean_acceptance_length']:8.2f} {m['steps_per_token']:9.3f} "
               f"{m['decode_tokens_per_s']:7.2f} {m['speedup']:7.2f} {m['decode_tokens_per_cpu_s']:9.2f} "
               f"{m['cpu_speedup']:11.2f}  {m['same_as_greedy']}")
+    if "step_time_cpu_s" in report:
+        print("measured step time (CPU ms) by tokens: " +
+              ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in report["step_time_cpu_s"]))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
 

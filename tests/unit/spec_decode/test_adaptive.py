@@ -7,8 +7,8 @@ import random
 import pytest
 
 from kvserve.spec_decode.adaptive import (
-    AcceptanceTracker, LinearStepTime, SpecLengthPolicy, choose_spec_lengths, expected_tokens,
-    fit_linear_step_time, roofline_step_time,
+    AcceptanceTracker, InterpolatedStepTime, LinearStepTime, SpecLengthPolicy, choose_spec_lengths,
+    expected_tokens, fit_linear_step_time, roofline_step_time,
 )
 
 
@@ -105,6 +105,19 @@ def test_fit_linear_step_time():
     assert fit.fixed_s == pytest.approx(0.02) and fit.per_token_s == pytest.approx(0.001)
     with pytest.raises(ValueError):
         fit_linear_step_time([(4, 0.1), (4, 0.2)])
+
+
+def test_interpolated_step_time():
+    t = InterpolatedStepTime.from_samples([(1, 0.12), (1, 0.10), (1, 0.11), (2, 0.20), (4, 0.19), (4, 0.25), (4, 0.24)])
+    # Medians 0.11, 0.20, 0.24; made non-decreasing; linear between and beyond.
+    assert t.points == ((1, 0.11), (2, 0.20), (4, 0.24))
+    assert t(0) == 0.11 and t(3) == pytest.approx(0.22) and t(6) == pytest.approx(0.28)
+    assert InterpolatedStepTime.from_samples([(1, 0.3), (2, 0.2)]).points == ((1, 0.3), (2, 0.3))
+    with pytest.raises(ValueError):
+        InterpolatedStepTime(((2, 0.1), (1, 0.2)))
+    # A 2-token step costing far more than a 1-token one: speculate only when acceptance is high.
+    assert choose_spec_lengths([[0.5] * 4], [4], t) == [0]
+    assert choose_spec_lengths([[0.95] * 4], [4], t) == [4]
 
 
 def test_roofline_step_time_turns_speculation_off_at_high_load():
