@@ -11,6 +11,8 @@ because dashboards in use query either):
   vllm:kv_cache_usage_perc (and older vllm:gpu_cache_usage_perc)  gauge, fraction in [0, 1] as in vLLM
   vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total  counters, in tokens
   vllm:num_preemptions_total                                      counter
+  kvserve:preemptions_total{cause,mode}                           counter: cause kv_blocks (the pool ran
+                                                                  out), mode swap | recompute
   vllm:prompt_tokens_total / vllm:generation_tokens_total         counters
   vllm:request_success_total{finished_reason}                     counter (stop|length|abort|error)
   vllm:time_to_first_token_seconds                                histogram
@@ -90,6 +92,8 @@ class ServerMetrics:
         self.prefix_hit_rate = gauge("kvserve:prefix_cache_hit_rate",
                                      "Prefix-cache hits / queries since start, in tokens.")
         self.preemptions = counter("vllm:num_preemptions", "Requests preempted (KV blocks reclaimed).")
+        self._preemptions_by = Counter("kvserve:preemptions", "Preemptions by cause and mode (swap | recompute).",
+                                       ["model_name", "cause", "mode"], registry=r)
         self.steps = counter("kvserve:engine_steps", "Engine steps run.")
         self.step_failures = counter("kvserve:engine_step_failures",
                                      "Engine steps that raised; their requests were failed.")
@@ -147,6 +151,10 @@ class ServerMetrics:
         self.prefix_queries.inc(max(0, stats.prefix_cache_queries - seen.prefix_cache_queries))
         self.prefix_hits.inc(max(0, stats.prefix_cache_hits - seen.prefix_cache_hits))
         self.preemptions.inc(max(0, stats.num_preemptions - seen.num_preemptions))
+        for key, total in stats.preemptions_by.items():
+            cause, _, mode = key.partition("/")
+            self._preemptions_by.labels(self.model_name, cause, mode).inc(
+                max(0, total - seen.preemptions_by.get(key, 0)))
         self.steps.inc(max(0, stats.num_steps - seen.num_steps))
         self.step_failures.inc(max(0, stats.num_step_failures - seen.num_step_failures))
         if stats.prefix_cache_queries:

@@ -14,6 +14,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from kvserve.request import SLO
 from kvserve.sampling_params import SamplingParams
 
 # (token_id, logprob, rank, decoded_token) for one candidate at one position.
@@ -30,7 +31,9 @@ class AddRequest:
     params: SamplingParams
     prompt_text: Optional[str] = None
     arrival_time: Optional[float] = None  # time.time() when the API received it
-    priority: int = 0
+    priority: int = 0  # lower first (the "priority" policy)
+    tenant: Optional[str] = None  # the OpenAI `user` (or `tenant`) field (the "fair" policy)
+    slo: Optional[SLO] = None  # latency targets (the "slo" policy)
 
 
 @dataclass(slots=True)
@@ -89,6 +92,8 @@ class RequestDelta:
     error: Optional[str] = None
     # True when the engine refused the request at add time (a client error, not a crash).
     rejected: bool = False
+    # Set with `rejected` when the scheduling policy refused it for now (a 429 with Retry-After).
+    retry_after_s: Optional[float] = None
 
 
 @dataclass(slots=True)

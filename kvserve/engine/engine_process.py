@@ -249,9 +249,12 @@ class EngineLoop:
         prompt = {"prompt_token_ids": cmd.prompt_token_ids, "prompt": cmd.prompt_text}
         try:
             self.engine.add_request(prompt, cmd.params, request_id=cmd.request_id,
-                                    arrival_time=cmd.arrival_time, priority=cmd.priority)
+                                    arrival_time=cmd.arrival_time, priority=cmd.priority,
+                                    tenant=cmd.tenant, slo=cmd.slo)
         except Exception as exc:  # noqa: BLE001 - refuse this request, keep serving
-            self.pending.append(RequestDelta(cmd.request_id, finished=True, error=str(exc), rejected=True))
+            # AdmissionRejected (the policy refuses it for now) carries a retry delay: a 429.
+            self.pending.append(RequestDelta(cmd.request_id, finished=True, error=str(exc), rejected=True,
+                                             retry_after_s=getattr(exc, "retry_after_s", None)))
 
     def _step(self) -> list[RequestDelta]:
         try:

@@ -5,10 +5,21 @@ from typing import Any, Optional, Sequence, Union
 
 from kvserve.engine.llm_engine import LLMEngine, PromptType
 from kvserve.outputs import RequestOutput
+from kvserve.request import SLO
 from kvserve.sampling_params import SamplingParams
 
 # Above this many prompts a progress bar is shown (when use_tqdm is left on).
 _TQDM_MIN_PROMPTS = 4
+
+
+def _per_prompt(value: Any, single: type, n: int, what: str) -> list[Any]:
+    """One value for every prompt, or a sequence of exactly one per prompt."""
+    if value is None or isinstance(value, single):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {what} for {n} prompts")
+    return values
 
 
 class LLM:
@@ -53,7 +64,11 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
         priority: Optional[Sequence[int]] = None,
+        tenant: Union[str, Sequence[Optional[str]], None] = None,
+        slo: Union[SLO, Sequence[Optional[SLO]], None] = None,
     ) -> list[RequestOutput]:
+        """`priority` (one per prompt, lower first, as in vLLM), `tenant` and `slo` (one for all
+        prompts or one per prompt) are what the scheduling policy reads (docs/scheduling.md)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -64,10 +79,13 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        tenants = _per_prompt(tenant, str, len(prompts), "tenants")
+        slos = _per_prompt(slo, SLO, len(prompts), "SLOs")
         ids = []
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                ids.append(self.engine.add_request(prompt, sp, priority=priority[i] if priority else 0))  # type: ignore[arg-type]
+                ids.append(self.engine.add_request(prompt, sp, priority=priority[i] if priority else 0,  # type: ignore[arg-type]
+                                                   tenant=tenants[i], slo=slos[i]))
         except Exception:
             for rid in ids:  # leave nothing queued behind a failed batch
                 self.engine.abort(rid)

@@ -128,7 +128,7 @@ def register(subparsers: Any) -> None:
                      metavar="SECONDS", help="a request body must arrive within this long of its headers, "
                                              "or the request gets 408 (default: %(default)g)")
     net.add_argument("--max-queue-len", type=_positive_int, default=None,
-                     help="most requests that may wait for their first token; beyond it requests get 503 with "
+                     help="most requests that may wait for their first token; beyond it requests get 429 with "
                           "Retry-After (default: unbounded)")
     net.add_argument("--drain-timeout", type=_positive_float, default=None, metavar="SECONDS",
                      help="on SIGTERM, wait at most this long for in-flight requests, then end each with an "
@@ -173,6 +173,9 @@ def register(subparsers: Any) -> None:
     tiers.add_argument("--kv-tier-write-policy", choices=["write_through", "demote"], default="write_through",
                        help="write_through = every save goes to every tier; demote = to the first tier, "
                             "whose evictions move down a tier (default: %(default)s)")
+    from kvserve.entrypoints.openai.scheduling import add_scheduling_args
+
+    add_scheduling_args(p)
     p.set_defaults(func=run_serve)
 
 
@@ -258,6 +261,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
     from kvserve.entrypoints.openai.drain import DrainingServer
     from kvserve.entrypoints.openai.guard import DrainState
     from kvserve.entrypoints.openai.server import build_app
+    from kvserve.entrypoints.openai.scheduling import scheduling_engine_kwargs, scheduling_server_kwargs
     from kvserve.entrypoints.openai.serving import ServerContext
     from kvserve.metrics import ServerMetrics
 
@@ -268,6 +272,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_tiers=args.kv_tiers, kv_codec=args.kv_codec,
         kv_offload_policy=args.kv_offload_policy, kv_tier_write_policy=args.kv_tier_write_policy,
+        **scheduling_engine_kwargs(args),
     )
     metrics = ServerMetrics(names[0])
     factory = os.environ.get("KVSERVE_ENGINE_FACTORY") or DEFAULT_ENGINE_FACTORY
@@ -287,7 +292,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
                             metrics=metrics, max_queue_len=args.max_queue_len,
                             api_key=args.api_key or os.environ.get("KVSERVE_API_KEY") or None,
                             max_request_bytes=args.max_request_bytes, body_read_timeout_s=args.body_read_timeout,
-                            drain=DrainState(args.drain_timeout))
+                            drain=DrainState(args.drain_timeout), **scheduling_server_kwargs(args))
         logger.info("serving %s from %s: max_model_len=%d, KV cache %d blocks x %d tokens, engine pid %d",
                     names, info.model_dir, info.max_model_len, info.num_kv_blocks, info.block_size, info.pid)
         config = uvicorn.Config(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level,

@@ -1,4 +1,4 @@
-"""API key, queue limit (503 + Retry-After) and SIGTERM drain, on a server started for this module."""
+"""API key, queue limit (429 + Retry-After) and SIGTERM drain, on a server started for this module."""
 from __future__ import annotations
 
 import threading
@@ -69,7 +69,7 @@ def test_api_key_covers_every_route_but_health_and_metrics(guarded: ServerProces
     assert "every route except /health and /metrics, /openapi.json, /docs, /redoc and /version included" in help_text
 
 
-def test_queue_full_gets_503_with_retry_after(guarded: ServerProcess) -> None:
+def test_queue_full_gets_429_with_retry_after(guarded: ServerProcess) -> None:
     url = guarded.base_url + "/v1/completions"
     long_body = dict(BODY, max_tokens=1000, ignore_eos=True, stream=True)  # several seconds anywhere
     with httpx.Client(timeout=120, headers=AUTH) as http, http.stream("POST", url, json=long_body) as running:
@@ -85,7 +85,7 @@ def test_queue_full_gets_503_with_retry_after(guarded: ServerProcess) -> None:
         wait_for(lambda: metric(get_metrics(guarded.base_url), "kvserve:num_requests_queued_api") == 2,
                  what="two queued requests")
         refused = httpx.post(url, json=BODY, headers=AUTH)
-        assert refused.status_code == 503
+        assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "queue_full"
         # Leaving the block disconnects the long stream; the queued requests then run.

@@ -14,6 +14,7 @@ from kvserve.entrypoints.openai.logprobs import chat_logprobs
 from kvserve.entrypoints.openai.prompts import Prompt, chat_prompt, check_prompt_fits
 from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_chat
+from kvserve.entrypoints.openai.scheduling import request_scheduling
 from kvserve.entrypoints.openai.serving import (
     SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas,
     raise_for_delta, sse_error, sse_event, unless_disconnected, usage_dict,
@@ -38,7 +39,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
     params = build_sampling_params(req, vocab_size=ctx.info.vocab_size, max_tokens=max_tokens,
                                    logprobs=num_top if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = ctx.submit([prompt.token_ids], params, request_id, arrival)
+    stream = ctx.submit([prompt.token_ids], params, request_id, arrival, request_scheduling(req, ctx.scheduling))
     view = _ChatView(req, model, request_id, prompt, stream, num_top)
     if req.stream:
         return EngineStreamingResponse(view.sse(), ctx.engine, stream)

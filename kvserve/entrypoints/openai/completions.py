@@ -18,6 +18,7 @@ from kvserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder
 from kvserve.entrypoints.openai.prompts import Prompt, check_prompt_fits, completion_prompts, has_text
 from kvserve.entrypoints.openai.protocol import CompletionRequest, CompletionResponse
 from kvserve.entrypoints.openai.sampling import build_sampling_params, check_completion
+from kvserve.entrypoints.openai.scheduling import request_scheduling
 from kvserve.entrypoints.openai.serving import (
     SSE_DONE, EngineStreamingResponse, RequestResult, ServerContext, collect, merge_deltas,
     raise_for_delta, sse_error, sse_event, unless_disconnected, usage_dict,
@@ -43,7 +44,8 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
     params = build_sampling_params(req, vocab_size=ctx.info.vocab_size, max_tokens=req.max_tokens,
                                    logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = ctx.submit([p.token_ids for p in prompts], params, request_id, arrival)
+    stream = ctx.submit([p.token_ids for p in prompts], params, request_id, arrival,
+                        request_scheduling(req, ctx.scheduling))
     view = _CompletionView(ctx, req, model, request_id, prompts, stream)
     if req.stream:
         return EngineStreamingResponse(view.sse(), ctx.engine, stream)

@@ -60,8 +60,14 @@ class SamplingFields(RequestModel):
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[str] = None  # also the tenant of the `fair` policy unless `tenant` is given
     logit_bias: Optional[dict[str, float]] = None  # only empty/null is supported
+    # Scheduling (docs/scheduling.md): vLLM's priority (lower first), the tenant the request
+    # is accounted to, and latency targets in milliseconds.
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    tenant: Optional[str] = None
+    slo_ttft_ms: Optional[float] = Field(None, gt=0)
+    slo_tpot_ms: Optional[float] = Field(None, gt=0)
     # vLLM extensions.
     top_k: Optional[int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
@@ -21,6 +22,7 @@ from kvserve.engine.engine_ipc import AddRequest, EngineInfo, PositionLogprobs, 
 from kvserve.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
 from kvserve.entrypoints.openai.defaults import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from kvserve.entrypoints.openai.guard import DrainState
+from kvserve.entrypoints.openai.scheduling import RequestScheduling, SchedulingDefaults
 from kvserve.metrics import ServerMetrics
 from kvserve.sampling_params import SamplingParams
 
@@ -72,6 +74,10 @@ class ServerContext:
     served_model_names: list[str]
     metrics: ServerMetrics
     max_queue_len: Optional[int] = None  # None: unbounded
+    # Admission control on the KV cache: with the cache at least this full (fraction) and
+    # requests already waiting in the engine, new requests get 429 (None: off).
+    admission_kv_limit: Optional[float] = None
+    scheduling: SchedulingDefaults = field(default_factory=SchedulingDefaults)
     api_key: Optional[str] = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
@@ -101,8 +107,9 @@ class ServerContext:
         return requested
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, id_prefix: str,
-               arrival_time: float) -> RequestStream:
-        """Admit one API call's prompts (each becomes one engine request) or raise 503/400."""
+               arrival_time: float, sched: Optional[RequestScheduling] = None) -> RequestStream:
+        """Admit one API call's prompts (each becomes one engine request) or raise 503/429/400.
+        `sched`: the call's priority, tenant and SLO (scheduling.request_scheduling)."""
         if self.drain.expired:
             raise self.drain.error()
         if not self.engine.is_healthy():
@@ -113,12 +120,20 @@ class ServerContext:
                 raise bad_request(f"The request has {len(prompts)} prompts but the server queues at most "
                                   f"{self.max_queue_len}; send fewer prompts per request.", "prompt")
             if self.engine.num_queued + len(prompts) > self.max_queue_len:
-                raise OpenAIError(503, f"The server is at capacity ({self.engine.num_queued} requests waiting); "
+                raise OpenAIError(429, f"The server is at capacity ({self.engine.num_queued} requests waiting); "
                                        "retry later.", code="queue_full",
                                   headers={"Retry-After": str(RETRY_AFTER_S)})
+        stats = self.engine.stats
+        if (self.admission_kv_limit is not None and stats.kv_cache_usage >= self.admission_kv_limit
+                and stats.num_waiting > 0):
+            raise OpenAIError(429, f"The KV cache is full ({stats.kv_cache_usage:.0%} in use, {stats.num_waiting} "
+                                   "requests waiting for room); retry later.", code="kv_cache_full",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+        s = sched or RequestScheduling()
         ids = [id_prefix] if len(prompts) == 1 else [f"{id_prefix}-{i}" for i in range(len(prompts))]
         try:
-            return self.engine.add_requests([AddRequest(rid, ids_, params, arrival_time=arrival_time)
+            return self.engine.add_requests([AddRequest(rid, ids_, params, arrival_time=arrival_time,
+                                                        priority=s.priority, tenant=s.tenant, slo=s.slo)
                                              for rid, ids_ in zip(ids, prompts)])
         except EngineDeadError as exc:
             raise OpenAIError(503, f"The engine is not available: {exc}.", code="engine_unavailable") from None
@@ -183,6 +198,9 @@ def raise_for_delta(delta: RequestDelta) -> None:
     """A delta carrying an error becomes the matching OpenAI error."""
     if delta.error is None:
         return
+    if delta.rejected and delta.retry_after_s is not None:
+        raise OpenAIError(429, delta.error, code="slo_unattainable",
+                          headers={"Retry-After": str(max(1, math.ceil(delta.retry_after_s)))})
     if delta.rejected:
         raise bad_request(delta.error)
     raise OpenAIError(500, f"The request failed in the engine: {delta.error}", code="engine_error")
@@ -221,7 +239,8 @@ def merge_deltas(batch: list[RequestDelta]) -> list[RequestDelta]:
         cur = merged.get(d.request_id)
         if cur is None:
             merged[d.request_id] = RequestDelta(d.request_id, [_copy(s) for s in d.samples], d.finished,
-                                                d.num_cached_tokens, d.prompt_logprobs, d.error, d.rejected)
+                                                d.num_cached_tokens, d.prompt_logprobs, d.error, d.rejected,
+                                                d.retry_after_s)
             continue
         by_index = {s.index: s for s in cur.samples}
         for s in d.samples:
@@ -241,6 +260,7 @@ def merge_deltas(batch: list[RequestDelta]) -> list[RequestDelta]:
         cur.prompt_logprobs = cur.prompt_logprobs or d.prompt_logprobs
         cur.error = cur.error or d.error
         cur.rejected = cur.rejected or d.rejected
+        cur.retry_after_s = cur.retry_after_s if cur.retry_after_s is not None else d.retry_after_s
     return list(merged.values())
 
 
