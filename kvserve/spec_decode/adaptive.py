@@ -183,11 +183,19 @@ class AcceptanceTracker:
     1..a saw an acceptance and position a+1 (if a < k) a rejection; later
     positions were not tried and are not updated (the rates are conditional).
     A new request starts from the overall rates, which start from `prior`.
+
+    Exploration: a rate is only measured while it is used, so a request whose
+    estimate fell (or started) too low to be worth drafting would never be
+    measured again.  `relax` moves the untried positions' rates a step
+    (`recovery`) toward the optimistic `prior`, so an idle request is retried
+    after a while, but only when the load makes drafting at the prior worth
+    it: at high load, where even the prior gives k = 0, it costs nothing.
     """
 
     max_k: int
     ema: float = 0.2  # weight of the newest observation
-    prior: float = 0.5
+    prior: float = 0.8  # optimistic: a request is tried before it is judged
+    recovery: float = 0.02  # per untried step, toward the prior (~80 steps from 0.3 to 0.7)
     overall: list[float] = field(default_factory=list)
     _per_request: dict[str, list[float]] = field(default_factory=dict)
 
@@ -198,6 +206,8 @@ class AcceptanceTracker:
             raise ValueError(f"ema must be in (0, 1], got {self.ema!r}")
         if not 0.0 <= self.prior <= 1.0:
             raise ValueError(f"prior must be in [0, 1], got {self.prior!r}")
+        if not 0.0 <= self.recovery <= 1.0:
+            raise ValueError(f"recovery must be in [0, 1], got {self.recovery!r}")
         if not self.overall:
             self.overall = [self.prior] * self.max_k
 
@@ -215,6 +225,12 @@ class AcceptanceTracker:
             x = 1.0 if j < num_accepted else 0.0
             r[j] += w * (x - r[j])
             self.overall[j] += w * (x - self.overall[j])
+
+    def relax(self, request_id: str, from_position: int = 0) -> None:
+        """Positions >= from_position (0-based) were available but not drafted this step."""
+        r = self._per_request.setdefault(request_id, list(self.overall))
+        for j in range(from_position, self.max_k):
+            r[j] += self.recovery * (self.prior - r[j])
 
     def remove(self, request_id: str) -> None:
         self._per_request.pop(request_id, None)
@@ -239,13 +255,18 @@ class SpecLengthPolicy:
         self.draft_fixed_s = draft_fixed_s
 
     def choose(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0) -> list[int]:
-        """candidates: (request id, most drafts it can take); returns k per candidate."""
+        """candidates: (request id, most drafts it can take); returns k per candidate.
+        Call once per step: positions offered but not drafted relax toward the prior."""
         caps = [max(0, min(m, self.max_k)) for _, m in candidates]
         if not self.adaptive:
             return caps
         assert self.step_time is not None
-        return choose_spec_lengths([self.tracker.rates(rid) for rid, _ in candidates], caps,
-                                   self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
+        ks = choose_spec_lengths([self.tracker.rates(rid) for rid, _ in candidates], caps,
+                                 self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
+        for (rid, _), k, cap in zip(candidates, ks, caps):
+            if k < cap:
+                self.tracker.relax(rid, from_position=k)  # exploration: see AcceptanceTracker
+        return ks
 
     def observe(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
         if num_drafted:

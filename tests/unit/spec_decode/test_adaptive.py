@@ -150,7 +150,7 @@ def test_policy_learns_and_turns_off():
     t = LinearStepTime(1.0, 0.2)
     fixed = SpecLengthPolicy(4, adaptive=False)
     assert fixed.choose([("a", 6), ("b", 2), ("c", 0)]) == [4, 2, 0]
-    pol = SpecLengthPolicy(4, step_time=t, tracker=AcceptanceTracker(4, ema=0.5, prior=0.5))
+    pol = SpecLengthPolicy(4, step_time=t, tracker=AcceptanceTracker(4, ema=0.5, prior=0.5, recovery=0.0))
     start = pol.choose([("a", 4)])[0]
     for _ in range(6):
         pol.observe("a", 4, 4)
@@ -160,3 +160,32 @@ def test_policy_learns_and_turns_off():
     assert pol.choose([("a", 4)]) == [0]
     pol.remove("a")
     assert len(pol.tracker) == 0
+
+
+def test_relax_moves_untried_positions_toward_the_prior():
+    tr = AcceptanceTracker(max_k=3, ema=1.0, prior=0.8, recovery=0.5)
+    tr.observe("a", 3, 0)  # position 1 rejected: [0, 0.8, 0.8]
+    tr.relax("a", from_position=0)
+    assert tr.rates("a") == pytest.approx([0.4, 0.8, 0.8])
+    tr.observe("a", 3, 1)  # [1, 0, 0.8]
+    tr.relax("a", from_position=1)
+    assert tr.rates("a") == pytest.approx([1.0, 0.4, 0.8])
+
+
+def test_a_request_turned_off_is_retried_at_low_load_only():
+    def turned_off(step_time):
+        pol = SpecLengthPolicy(4, step_time=step_time, tracker=AcceptanceTracker(4, ema=0.5))
+        for _ in range(8):
+            pol.observe("a", 4, 0)
+        return pol
+
+    # A draft token costs a third of a step: drafting pays once the estimate passes 1/3,
+    # which relaxing from ~0 toward 0.8 by 2% a step reaches at step 27.
+    low = turned_off(LinearStepTime(1.0, 0.5))
+    ks = [low.choose([("a", 4)])[0] for _ in range(200)]
+    first = next(i for i, k in enumerate(ks) if k > 0)
+    assert first == 27 and ks[first] == 1  # off for a while, then a one-token probe
+    low.observe("a", 1, 0)  # the probe fails: off again
+    assert low.choose([("a", 4)]) == [0]
+    busy = turned_off(LinearStepTime(0.0, 1e-3))  # compute-bound: drafting never pays
+    assert [busy.choose([("a", 4)] * 1)[0] for _ in range(500)] == [0] * 500
