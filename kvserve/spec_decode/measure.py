@@ -2,6 +2,7 @@
 
     python -m kvserve.spec_decode.measure --workload edit --num-prompts 6 --max-tokens 96
     python -m kvserve.spec_decode.measure --workload sharegpt --num-prompts 6 --max-tokens 96
+    python -m kvserve.spec_decode.measure --proposer-cost
 
 Workloads (prompts from the real ShareGPT file in shared/data, through the model's chat template):
   edit      "Rewrite this paragraph with one word changed: <a ShareGPT prompt of 300-1500 chars>"
@@ -142,6 +143,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def proposer_cost(tok: Any, data_dir: Path, prompt_tokens: int = 4000, appended: int = 4000) -> dict[str, Any]:
+    """Time (best of 3) to index a prompt, per appended token and per proposal, on real text:
+    ShareGPT prompts joined and tokenised with the model's tokenizer."""
+    rows = json.loads((data_dir / SHAREGPT).read_text())
+    text = " ".join(c["value"] for r in rows for c in r["conversations"][:1])
+    ids = tok(text)["input_ids"][:prompt_tokens + appended]
+    out: dict[str, Any] = {"tokens": len(ids)}
+    for name in ("ngram", "suffix"):
+        p = make_proposer(name)
+        build = min(_timed(lambda: p.new_state(ids[:prompt_tokens])) for _ in range(3))
+        per_append = float("inf")
+        for _ in range(3):
+            state = p.new_state(ids[:prompt_tokens])
+            t0 = time.perf_counter()
+            for i in range(prompt_tokens, len(ids)):
+                state.append(ids[i:i + 1])
+            per_append = min(per_append, (time.perf_counter() - t0) / max(len(ids) - prompt_tokens, 1))
+        propose = min(_timed(lambda: [p.propose(state, 8) for _ in range(200)]) for _ in range(3)) / 200
+        index = getattr(state, "index", None)
+        out[name] = {"build_ms": build * 1e3, "append_us": per_append * 1e6, "propose_us": propose * 1e6,
+                     "nodes_per_token": index.num_nodes / len(ids) if index is not None else None}
+    return out
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model dir, .gguf or built-in name (default: smollm2-135m-instruct)")
@@ -154,7 +185,17 @@ def main(argv: list[str] | None = None) -> None:
                          "step times measured at the start of the run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", default=None, help="also write the report as JSON here")
+    ap.add_argument("--proposer-cost", action="store_true",
+                    help="only time the n-gram and suffix proposers' indexing and proposals on real text")
     args = ap.parse_args(argv)
+    if args.proposer_cost:
+        from kvserve.bench.paths import shared_data_dir
+        from kvserve.engine.tokenizer import load_tokenizer
+        from kvserve.models.builtin import resolve_model
+
+        cost = proposer_cost(load_tokenizer(resolve_model(args.model)[0]), shared_data_dir())
+        print(json.dumps(cost, indent=1))
+        return
     report = run(args)
     print(f"{report['workload']}: {report['num_prompts']} prompts, up to {report['max_tokens']} tokens, k={report['k']}")
     print(f"{'method':10} {'accept':>7} {'mean len':>8} {'steps/tok':>9} {'tok/s':>7} {'speedup':>7} "
