@@ -47,6 +47,9 @@ class Proposer(ABC):
     """Proposes up to k draft tokens per request from its `ProposerState`."""
 
     name: ClassVar[str] = "abstract"
+    # True: proposing costs next to nothing (lookups), so the engine proposes the most it
+    # may and lets the length policy cut; False (a draft model): the policy decides k first.
+    proposes_for_free: ClassVar[bool] = True
 
     @abstractmethod
     def new_state(self, prompt_token_ids: Sequence[int],

@@ -37,6 +37,7 @@ class DraftState(ProposerState):
 
 class DraftModelProposer(Proposer):
     name = "draft"
+    proposes_for_free = False
 
     def __init__(self, runner: DenseModelRunner, target_vocab_size: Optional[int] = None) -> None:
         if target_vocab_size is not None and runner.vocab_size > target_vocab_size:
