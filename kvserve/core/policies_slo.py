@@ -61,7 +61,7 @@ class StepTimeModel:
 
     def tokens_within(self, seconds: float) -> int:
         """The most tokens one step can hold and still take at most `seconds`."""
-        return max(0, int((seconds - self.base_s) / self.per_token_s))
+        return max(0, int((seconds - self.base_s) / self.per_token_s + 1e-9))  # 1e-9: float rounding
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0 or not seconds > 0:

@@ -1,0 +1,145 @@
+"""The `fair` policy (Virtual Token Counter): exact counters, the counter lift, weights,
+victims, and the latency bound for a light tenant next to a flooding one."""
+from __future__ import annotations
+
+import pytest
+
+from kvserve.config import SchedulerConfig, parse_tenant_weights
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.policies import make_policy
+from kvserve.core.policies_fair import VTCPolicy
+from kvserve.core.scheduler import Scheduler
+from kvserve.protocol import ModelRunnerOutput, SampledToken
+from kvserve.request import Request
+from kvserve.sampling_params import SamplingParams
+
+BS = 4
+
+
+def req(rid: str, n: int, tenant: str, arrival: float, max_tokens: int = 2) -> Request:
+    start = 1000 * (hash(rid) % 50)
+    return Request(rid, list(range(start, start + n)), SamplingParams(max_tokens=max_tokens), arrival_time=arrival,
+                   block_size=BS, tenant=tenant)
+
+
+def sched(policy: VTCPolicy, max_num_seqs: int = 1, blocks: int = 64) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, max_model_len=64),
+                     KVCacheManager(blocks, BS), policy=policy)
+
+
+def step(s: Scheduler) -> list[str]:
+    out = s.schedule()
+    s.update_from_output(out, ModelRunnerOutput(
+        sampled={r.request_id: [SampledToken(7)] for r in out.requests if r.sample}))
+    s.kv.check_integrity()
+    return [r.request_id for r in out.requests]
+
+
+def run(s: Scheduler) -> list[str]:
+    admitted: list[str] = []
+    while s.has_unfinished():
+        admitted += [rid for rid in step(s) if rid not in admitted]
+    return admitted
+
+
+def test_counters_charge_prompts_at_admission_and_decodes_when_scheduled():
+    p = VTCPolicy(w_prefill=1.0, w_decode=2.0)
+    s = sched(p)
+    s.add_request(req("a0", 6, "a", 0.0, max_tokens=3))
+    assert p.counters == {"a": 0.0}
+    assert step(s) == ["a0"]  # prefill: 6 prompt tokens charged when admitted
+    assert p.counters == {"a": 6.0}
+    step(s)
+    step(s)  # two decodes
+    assert p.counters == {"a": 10.0}
+    assert not s.has_unfinished()
+
+
+def test_weights_divide_the_charge():
+    p = VTCPolicy(tenant_weights={"a": 2.0})
+    s = sched(p, max_num_seqs=2)
+    s.add_request(req("a0", 8, "a", 0.0, max_tokens=2))
+    s.add_request(req("b0", 8, "b", 0.0, max_tokens=2))
+    run(s)
+    assert p.counters == {"a": (8 + 2) / 2, "b": 8 + 2.0}
+
+
+def test_a_newly_active_tenant_is_lifted_to_the_least_waiting_counter():
+    p = VTCPolicy()
+    p.counters = {"a": 50.0, "b": 30.0, "c": 5.0}
+    p.add(req("b1", 4, "b", 2.0))  # nobody waits, nobody was served: kept
+    assert p.counters["b"] == 30.0
+    p.add(req("a1", 4, "a", 1.0))  # above the floor (b's 30): kept
+    assert p.counters["a"] == 50.0
+    p.add(req("c1", 4, "c", 3.0))  # c was idle: no credit for it, lifted to min(a, b) waiting
+    assert p.counters["c"] == 30.0
+    p.add(req("c2", 4, "c", 4.0))  # c already has a waiting request: no lift
+    assert p.counters["c"] == 30.0
+    # Service order: b (30, earlier) then c (30), then a.
+    assert [r.request_id for r in p] == ["b1", "c1", "c2", "a1"]
+    p.counters["d"] = 100.0
+    p.add(req("d1", 4, "d", 5.0))  # above the floor: kept
+    assert p.counters["d"] == 100.0
+
+
+def test_lift_with_nobody_waiting_uses_the_tenant_served_last():
+    p = VTCPolicy()
+    p.add(req("a1", 4, "a", 0.0))
+    assert p.pop().request_id == "a1" and p.counters == {"a": 4.0}
+    p.add(req("b1", 4, "b", 1.0))  # nobody waits: lifted to a's counter (a was served last)
+    assert p.counters["b"] == 4.0
+
+
+def test_victim_is_from_the_most_served_tenant():
+    p = VTCPolicy()
+    p.counters = {"a": 10.0, "b": 40.0}
+    a, b1, b2 = req("a", 4, "a", 5.0), req("b1", 4, "b", 1.0), req("b2", 4, "b", 2.0)
+    assert p.victim([a, b1, b2]) is b2
+
+
+def test_preempted_requests_go_back_to_the_front_of_their_tenant_and_are_not_recharged():
+    p = VTCPolicy()
+    r1, r2 = req("a1", 4, "a", 0.0), req("a2", 4, "a", 1.0)
+    p.add(r1)
+    p.add(r2)
+    assert p.pop() is r1 and p.counters["a"] == 4.0
+    p.add_preempted(r1)
+    assert p.peek() is r1 and len(p) == 2
+    assert p.pop() is r1 and p.counters["a"] == 4.0  # its prompt was charged once
+    p.remove(r2)
+    assert len(p) == 0 and p.peek() is None
+
+
+def test_a_flooding_tenant_delays_a_light_one_by_at_most_one_request():
+    """Tenant a floods (12 requests at t=0), b sends one request after a got service.
+    FCFS serves b last; VTC serves it right after the request a is running."""
+    def workload(s: Scheduler) -> None:
+        for i in range(12):
+            s.add_request(req(f"a{i}", 8, "a", 0.0 + i * 1e-3))
+
+    fcfs = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=64),
+                     KVCacheManager(64, BS))
+    workload(fcfs)
+    step(fcfs)
+    fcfs.add_request(req("b0", 8, "b", 1.0))
+    assert run(fcfs)[-1] == "b0"
+
+    p = VTCPolicy()
+    fair = sched(p)
+    workload(fair)
+    step(fair)  # a0 admitted: a's counter 8 (its prompt); nobody else waits
+    fair.add_request(req("b0", 8, "b", 1.0))  # lifted to min(waiting) = a's 8.0
+    assert p.counters["b"] == 8.0
+    order = run(fair)
+    # a0 was running; then a1 (tie at 8.0, earlier head), then b0: bounded, not 12 requests late.
+    assert order.index("b0") <= 2, order
+
+
+def test_registry_and_weights_parsing():
+    p = make_policy("fair", tenant_weights={"x": 3.0})
+    assert isinstance(p, VTCPolicy) and p.weight("x") == 3.0 and p.weight("y") == 1.0
+    assert parse_tenant_weights("a=2, b=0.5") == {"a": 2.0, "b": 0.5}
+    for bad in ("a", "a=0", "=1", "a=x"):
+        with pytest.raises(ValueError, match="tenant weights"):
+            parse_tenant_weights(bad)
+    assert SchedulerConfig(policy="fair", tenant_weights="a=2").policy_options()["tenant_weights"] == {"a": 2.0}

@@ -1,0 +1,155 @@
+"""The `slo` policy on a fake clock: slack ordering, infeasible requests behind, the age
+bound, TPOT-aware step budgets, rejection at arrival, victims, and the step-time model."""
+from __future__ import annotations
+
+import pytest
+
+from kvserve.config import SchedulerConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.policies import AdmissionRejected
+from kvserve.core.policies_slo import SLOPolicy, StepTimeModel
+from kvserve.core.scheduler import Scheduler
+from kvserve.protocol import ModelRunnerOutput, SampledToken
+from kvserve.request import SLO, Request
+from kvserve.sampling_params import SamplingParams
+
+BS = 4
+# 10 ms per step + 1 ms per token: a 90-token prompt takes 0.1 s in one chunk.
+MODEL = dict(base_s=0.01, per_token_s=0.001)
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def req(rid: str, n: int, arrival: float, ttft: float | None = None, tpot: float | None = None,
+        max_tokens: int = 2) -> Request:
+    start = 1000 * (sum(map(ord, rid)) % 40)
+    slo = SLO(ttft_s=ttft, tpot_s=tpot) if ttft or tpot else None
+    return Request(rid, list(range(start, start + n)), SamplingParams(max_tokens=max_tokens), arrival_time=arrival,
+                   block_size=BS, slo=slo)
+
+
+def policy(clock: Clock, **kw: object) -> SLOPolicy:
+    return SLOPolicy(clock, StepTimeModel(**MODEL), **kw)  # type: ignore[arg-type]
+
+
+def test_least_slack_first_with_the_prefill_time_counted():
+    clock = Clock(100.0)
+    p = policy(clock)
+    long_ = req("long", 90, 100.0, ttft=0.5)    # slack 0.5 - 0.1 = 0.4
+    short = req("short", 10, 100.0, ttft=0.35)  # slack 0.35 - 0.02 = 0.33
+    loose = req("loose", 10, 99.0, ttft=5.0)    # slack 3.98
+    none = req("none", 10, 98.0)                # no target: after every one with a target
+    for r in (none, loose, long_, short):
+        p.add(r)
+    assert p.slack(long_, 100.0) == pytest.approx(0.4)
+    assert p.slack(short, 100.0) == pytest.approx(0.33)
+    assert [r.request_id for r in p] == ["short", "long", "loose", "none"]
+    assert p.pop() is short and p.peek() is long_ and len(p) == 3
+
+
+def test_a_request_that_can_no_longer_meet_its_ttft_goes_behind_the_feasible_ones():
+    clock = Clock(100.0)
+    p = policy(clock)
+    late = req("late", 90, 99.0, ttft=1.05)  # deadline 100.05, prefill 0.1: slack -0.05
+    ok = req("ok", 10, 100.0, ttft=10.0)
+    p.add(late)
+    p.add(ok)
+    assert [r.request_id for r in p] == ["ok", "late"]
+    # With no deadline-carrying rival it still runs (deprioritised, not dropped).
+    p.pop()
+    assert p.peek() is late
+
+
+def test_age_bound_puts_the_oldest_first_whatever_its_slack():
+    clock = Clock(100.0)
+    p = policy(clock, max_wait_s=30.0)
+    old = req("old", 10, 60.0)  # no target at all, waiting 40 s
+    urgent = req("urgent", 10, 100.0, ttft=0.1)
+    p.add(urgent)
+    p.add(old)
+    assert p.peek() is old
+    clock.t = 80.0  # before the bound: the urgent one leads
+    assert p.peek() is urgent
+
+
+def test_step_budget_keeps_the_tightest_tpot():
+    clock = Clock(100.0)
+    p = policy(clock, min_prefill_chunk=8)
+    d1 = req("d1", 8, 90.0, tpot=0.05)
+    d2 = req("d2", 8, 90.0, tpot=0.03)
+    for r in (d1, d2):
+        r.num_computed_tokens = r.num_tokens - 1  # decoding
+        r.first_token_time = 95.0
+    pre = req("pre", 200, 100.0)
+    assert p.step_token_budget([pre], 2048) == 2048  # nobody with a TPOT target is decoding
+    # 0.03 s holds (0.03 - 0.01) / 0.001 = 20 tokens.
+    assert p.step_token_budget([d1, d2, pre], 2048) == 20
+    assert p.step_token_budget([d1, d2, pre], 16) == 16
+    tight = req("tight", 8, 90.0, tpot=0.011)  # room for 1 token: decodes + min chunk instead
+    tight.num_computed_tokens, tight.first_token_time = 7, 95.0
+    assert p.step_token_budget([d1, d2, tight], 2048) == 3 + 8
+
+
+def test_scheduler_chunks_a_long_prompt_to_keep_tpot():
+    clock = Clock(100.0)
+    p = policy(clock, min_prefill_chunk=4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512),
+                  KVCacheManager(128, BS), policy=p, clock=clock)
+    s.add_request(req("chat", 8, 100.0, ttft=1.0, tpot=0.02, max_tokens=20))
+    out = s.schedule()
+    s.update_from_output(out, ModelRunnerOutput(sampled={"chat": [SampledToken(5)]}))
+    s.add_request(req("doc", 300, 100.0))  # would take 300 tokens in one step
+    out = s.schedule()
+    # 0.02 s fits (0.02 - 0.01) / 0.001 = 10 tokens: the decode and 9 prompt tokens.
+    assert {r.request_id: len(r.token_ids) for r in out.requests} == {"chat": 1, "doc": 9}
+
+
+def test_reject_refuses_an_unreachable_ttft_at_arrival():
+    clock = Clock(100.0)
+    p = policy(clock, reject=True)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512),
+                  KVCacheManager(256, BS), policy=p, clock=clock)
+    s.add_request(req("q1", 400, 100.0, ttft=0.5))  # 0.41 s of prefill, slack 0.09
+    # slack 0.18: behind q1, so its first token comes after 0.42 s of prefill > 0.2 s.
+    with pytest.raises(AdmissionRejected, match="time-to-first-token") as info:
+        s.add_request(req("tight", 10, 100.0, ttft=0.2))
+    assert info.value.retry_after_s >= 1.0
+    assert "tight" not in s.requests and p.num_rejected == 1
+    s.add_request(req("fine", 10, 100.0, ttft=2.0))  # 0.42 s < 2 s
+    s.add_request(req("first", 10, 100.0, ttft=0.05))  # slack 0.03 < q1's: it goes first, and makes it
+    s.add_request(req("untargeted", 10, 100.0))
+    assert len(s.waiting) == 4 and s.waiting.peek().request_id == "first"
+    off = policy(clock)  # without reject nothing is refused
+    off.check_admission(req("tight", 10, 100.0, ttft=0.001))
+
+
+def test_victim_has_the_latest_next_deadline():
+    clock = Clock(100.0)
+    p = policy(clock)
+    decoding = req("dec", 8, 90.0, tpot=0.1)
+    decoding.first_token_time = 99.0
+    decoding.output_token_ids = [1, 2, 3]  # next token due at 99.3
+    waiting_first = req("pre", 8, 99.0, ttft=2.0)  # due at 101
+    no_target = req("batch", 8, 50.0)
+    assert p.victim([decoding, waiting_first, no_target]) is no_target
+    assert p.victim([decoding, waiting_first]) is waiting_first
+
+
+def test_step_time_model_refits_from_observed_steps():
+    m = StepTimeModel(base_s=0.5, per_token_s=0.5, min_observations=4)
+    for n in (1, 10, 50, 100, 200, 7, 64, 300):
+        m.observe_step(n, 0.002 + 3e-5 * n)
+    assert m.base_s == pytest.approx(0.002, rel=1e-6) and m.per_token_s == pytest.approx(3e-5, rel=1e-6)
+    same = StepTimeModel(base_s=0.5, per_token_s=0.5, min_observations=2)
+    for _ in range(5):
+        same.observe_step(16, 0.01)  # one step size only: the slope is unknown, kept
+    assert same.per_token_s == 0.5
+    assert m.tokens_within(0.002 + 3e-5 * 100 + 1e-9) == 100
+    with pytest.raises(ValueError):
+        StepTimeModel(per_token_s=0)
