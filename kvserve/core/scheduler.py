@@ -207,6 +207,7 @@ class Scheduler:
                     continue  # it waits for its blocks; admit the next request
                 request.num_computed_tokens = sum(p.num_tokens for p in plans)
             n = self._num_tokens_to_run(request, budget)
+            placed: Optional[list[list[int]]]
             if swapped:
                 if n <= 0 or not self._swap_in(request, n, out):
                     break
