@@ -145,7 +145,8 @@ async def replay(url: str, prompts: list[list[int]], send_at: list[float], outpu
         finally:
             inflight -= 1
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    # Idle connections expire before the router's keep-alive timeout: no reuse of a closing one.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=1.0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(one(client, i, start) for i in range(len(prompts))))

@@ -136,6 +136,8 @@ def run_router(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # httpx logs every request it sends at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     tokenizer = None
     if config.tokenizer:
         from kvserve.engine.tokenizer import load_tokenizer
@@ -158,8 +160,10 @@ def run_router(args: argparse.Namespace) -> int:
     router = Router(config, tokenizer)
     logger.info("routing %s over %d instance(s) with policy %s", "prefill/decode" if config.disaggregated
                 else "replicas", len(router.pool), config.policy)
+    # Clients keep idle connections open for various times (httpx: 5 s); the router keeps them
+    # longer, so a client rarely reuses a connection the router is just closing.
     server = uvicorn.Server(uvicorn.Config(build_app(router), log_level=args.log_level, access_log=args.access_log,
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, timeout_keep_alive=30))
     with sock:
         server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -1,8 +1,10 @@
 """Forwarding a request to an instance, with retries on another one.
 
 An attempt fails, and the next candidate is tried, when nothing has reached the client yet and
-  * the instance cannot be reached or drops the connection (connect error, connection reset,
-    protocol error): the instance is also removed until a health check re-admits it;
+  * the instance cannot be reached (connect error): it is also removed until a health check
+    re-admits it;
+  * the connection is lost before the answer (reset, protocol error): a crash, or a keep-alive
+    connection the instance closed as it was reused; the health checker decides about removal;
   * it answers 5xx (overloaded, engine dead, draining): the health checker decides about removal.
 For a stream, "nothing reached the client" lasts until the instance's first body chunk arrives:
 the router holds the response headers back until then.  A 4xx is the client's error and is
@@ -158,8 +160,14 @@ class Forwarder:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise _AttemptFailed("connect", f"connect timeout: {exc}", remove=True) from None
             raise self._timeout(inst) from None
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
             raise _AttemptFailed("connect", f"{type(exc).__name__}: {exc}", remove=True) from None
+        except httpx.TransportError as exc:
+            # Connected, then lost before the answer: a crash, or the instance closing an idle
+            # keep-alive connection just as it was reused.  Retry elsewhere; the health check (or
+            # the next connect error) decides whether the instance is gone.
+            raise _AttemptFailed("read", f"connection lost before the answer: {type(exc).__name__}: {exc}",
+                                 remove=False) from None
         try:
             chunks = upstream.aiter_raw()
             streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -174,7 +182,7 @@ class Forwarder:
         except httpx.TransportError as exc:
             await upstream.aclose()
             raise _AttemptFailed("read", f"connection lost before the answer: {type(exc).__name__}: {exc}",
-                                 remove=True) from None
+                                 remove=False) from None
         except BaseException:
             await upstream.aclose()
             raise

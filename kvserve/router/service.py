@@ -64,7 +64,9 @@ class Router:
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
         cfg = self.config
         timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # Idle connections are dropped before the instances' own keep-alive timeout (uvicorn: 5 s)
+        # so that the router rarely reuses one the instance is closing.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=self._transport)
         for slot, policy in self.policies.items():
             fwd = Forwarder(self.pool, policy, self.client, self.metrics, cfg.block_size, cfg.max_attempts)
