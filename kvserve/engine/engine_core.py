@@ -213,6 +213,7 @@ class EngineCore:
     def step(self) -> list[Request]:
         """Run one step; return the requests that got tokens or finished."""
         t0 = time.perf_counter()
+        c0 = self.clock()  # the step's duration on the engine's clock feeds the policy's step-time model
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if sched.finished_ids or sched.kv_saves or sched.swap_outs:
@@ -237,7 +238,7 @@ class EngineCore:
         self.stats.num_steps += 1
         dt = time.perf_counter() - t0
         self.stats.step_time_s += dt
-        self.scheduler.policy.observe_step(sched.num_batched_tokens, dt)  # the slo policy's step-time model
+        self.scheduler.policy.observe_step(sched.num_batched_tokens, self.clock() - c0)
         for sr in sched.requests:
             self.stats.num_prompt_tokens += max(0, min(len(sr.token_ids), len(sr.prompt_token_ids) - sr.start_pos))
         for req in changed:
