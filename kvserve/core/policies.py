@@ -92,6 +92,11 @@ class SchedulingPolicy(ABC):
     def on_finished(self, request: Request) -> None:
         """`request` finished (any reason) and left the scheduler."""
 
+    def displace(self, head: Request, running: Sequence[Request]) -> Optional[Request]:
+        """Every seat is taken and `head` waits: a running request to preempt for it, or None
+        (the default: wait for a seat).  The scheduler counts it as cause "policy"."""
+        return None
+
     # ------------------------------------------------------ budgets, admission
     def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
         """The step's token budget given the running requests (default: the configured one)."""
@@ -179,6 +184,13 @@ class PriorityPolicy(SchedulingPolicy):
 
     def victim(self, candidates: Sequence[Request]) -> Request:
         return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+
+    def displace(self, head: Request, running: Sequence[Request]) -> Optional[Request]:
+        # A strictly more important request takes the seat of the least important one (as vLLM).
+        if not running:
+            return None
+        victim = self.victim(running)
+        return victim if victim.priority > head.priority else None
 
 
 from kvserve.core.policies_fair import VTCPolicy  # noqa: E402  (they subclass SchedulingPolicy)

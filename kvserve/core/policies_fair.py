@@ -40,8 +40,12 @@ class VTCPolicy(SchedulingPolicy):
     name = "fair"
 
     def __init__(self, clock: Clock = wall_clock, tenant_weights: Optional[Mapping[str, float]] = None,
-                 w_prefill: float = 1.0, w_decode: float = 2.0) -> None:
+                 w_prefill: float = 1.0, w_decode: float = 2.0, displace_threshold: float = 2048.0) -> None:
         super().__init__(clock)
+        # With every seat taken, a waiting request preempts a running one of a tenant whose
+        # counter is more than this ahead of its own (hysteresis: no ping-pong between two
+        # tenants with close counters).
+        self.displace_threshold = displace_threshold
         self.weights = dict(tenant_weights or {})
         self.w_prefill = w_prefill
         self.w_decode = w_decode
@@ -126,6 +130,13 @@ class VTCPolicy(SchedulingPolicy):
     def victim(self, candidates: Sequence[Request]) -> Request:
         # From the most-served tenant, its latest arrival.
         return max(candidates, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_time))
+
+    def displace(self, head: Request, running: Sequence[Request]) -> Optional[Request]:
+        if not running:
+            return None
+        victim = self.victim(running)
+        lead = self.counters.get(victim.tenant, 0.0) - self.counters.get(head.tenant, 0.0)
+        return victim if victim.tenant != head.tenant and lead > self.displace_threshold else None
 
     # --------------------------------------------------------------- hooks
     def on_scheduled(self, request: Request, num_tokens: int) -> None:

@@ -183,12 +183,27 @@ class Scheduler:
         # that does not fit blocks the ones behind it (no starvation of long
         # prompts by short ones).
         preempted_now = set(out.preempted_ids)
-        while budget > 0 and len(self.running) < self.config.max_num_seqs and len(self.waiting):
+        # Displacement victims come from the requests running before this admission loop
+        # (one admitted in this step, possibly with tier loads in flight, is never one).
+        seated = [r for r in self.running]
+        while budget > 0 and len(self.waiting):
             head = self.waiting.peek()
             assert head is not None
             request = head
             if request.request_id in preempted_now:
                 break  # it just lost its blocks for lack of room; don't thrash
+            if len(self.running) >= self.config.max_num_seqs:
+                # Every seat is taken: the policy may give the head one (fair, priority).
+                victim = self.policy.displace(head, [r for r in seated if r.status == RequestStatus.RUNNING])
+                if victim is None:
+                    break
+                if victim in scheduled:
+                    scheduled.remove(victim)
+                    budget += num_new_tokens.pop(victim.request_id)
+                self._preempt(victim, out, cause="policy")
+                preempted_now.add(victim.request_id)
+                # Its step slots were allocated above: with swap they are copied out with the
+                # rest (only tokens already computed count); the blocks go back to the pool.
             rid = request.request_id
             plans: list[KVPlan] = []
             swapped = self.swap is not None and self.swap.is_swapped(rid)

@@ -143,3 +143,21 @@ def test_registry_and_weights_parsing():
         with pytest.raises(ValueError, match="tenant weights"):
             parse_tenant_weights(bad)
     assert SchedulerConfig(policy="fair", tenant_weights="a=2").policy_options()["tenant_weights"] == {"a": 2.0}
+
+
+def test_with_every_seat_taken_a_far_behind_tenant_displaces_the_most_served():
+    p = VTCPolicy(displace_threshold=10.0)
+    s = sched(p, max_num_seqs=1)
+    s.add_request(req("a0", 8, "a", 0.0, max_tokens=20))
+    step(s)
+    for _ in range(5):
+        step(s)  # a: 8 + 2 * 5 = 18
+    assert p.counters["a"] == 18.0
+    s.add_request(req("b0", 4, "b", 1.0))  # lifted to nothing (nobody waits): last served a -> 18
+    assert p.counters["b"] == 18.0
+    assert step(s) == ["a0"]  # counters equal: no displacement, b waits for the seat
+    p.counters["b"] = 0.0  # b far behind (e.g. a weight): it takes the seat now
+    out = s.schedule()
+    assert [r.request_id for r in out.requests] == ["b0"] and out.preempted_ids == ["a0"]
+    assert s.preemptions_by == {("policy", "recompute"): 1}
+    s.kv.check_integrity()

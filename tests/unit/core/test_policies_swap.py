@@ -126,3 +126,30 @@ def test_cost_model_choice():
         SwapManager(4, "teleport")
     with pytest.raises(ValueError, match="cost model"):
         SwapManager(4, "auto")
+
+
+def test_priority_displaces_a_less_important_running_request_by_swap():
+    from kvserve.core.policies import PriorityPolicy
+
+    swap = SwapManager(num_host_blocks=8, mode="swap")
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=64),
+                  KVCacheManager(16, BS), policy=PriorityPolicy(), swap=swap)
+    low = req("low", 6, 0.0, 0)
+    low.priority = 5
+    s.add_request(low)
+    step(s)
+    step(s)  # low: 6 prompt + 1 decode computed
+    high = req("high", 5, 1.0, 100)
+    high.priority = 0
+    s.add_request(high)
+    out = s.schedule()
+    assert [r.request_id for r in out.requests] == ["high"] and out.preempted_ids == ["low"]
+    assert out.swap_outs == [BlockCopy(out.swap_outs[0].block_ids, [0, 1])]  # 7 tokens: 2 blocks
+    assert low.num_computed_tokens == 7 and s.preemptions_by == {("policy", "swap"): 1}
+    s.kv.check_integrity()
+    same = req("same", 5, 2.0, 200)
+    same.priority = 0
+    s.add_request(same)
+    s.update_from_output(out, ModelRunnerOutput(sampled={"high": [SampledToken(7)]}))
+    out = s.schedule()  # equal priority: no displacement
+    assert out.preempted_ids == [] and [r.request_id for r in out.requests] == ["high"]
