@@ -83,6 +83,11 @@ def trace_items(name: str, n: int, max_len: int, args: argparse.Namespace) -> li
     root = shared_data_dir() / "traces"
     records: list[TraceRecord] = (read_azure(root / "azure" / "AzureLLMInferenceTrace_conv.csv") if name == "azure"
                                   else read_burstgpt(root / "burstgpt" / "burstgpt_sample.csv"))
+    if len(records) < n:
+        # A short sample (BurstGPT's has 54 rows) is tiled, each copy after the previous one.
+        span = (records[-1].timestamp_s or 0.0) + 1.0
+        records = [TraceRecord((r.timestamp_s or 0.0) + k * span, r.input_len, r.output_len)
+                   for k in range(-(-n // len(records))) for r in records]
     rng = random.Random(args.seed)
     inter, batch = parse_slo(args.interactive_slo), parse_slo(args.batch_slo)
     items = []

@@ -194,14 +194,14 @@ class Scheduler:
                 break  # it just lost its blocks for lack of room; don't thrash
             if len(self.running) >= self.config.max_num_seqs:
                 # Every seat is taken: the policy may give the head one (fair, priority).
-                victim = self.policy.displace(head, [r for r in seated if r.status == RequestStatus.RUNNING])
-                if victim is None:
+                displaced = self.policy.displace(head, [r for r in seated if r.status == RequestStatus.RUNNING])
+                if displaced is None:
                     break
-                if victim in scheduled:
-                    scheduled.remove(victim)
-                    budget += num_new_tokens.pop(victim.request_id)
-                self._preempt(victim, out, cause="policy")
-                preempted_now.add(victim.request_id)
+                if displaced in scheduled:
+                    scheduled.remove(displaced)
+                    budget += num_new_tokens.pop(displaced.request_id)
+                self._preempt(displaced, out, cause="policy")
+                preempted_now.add(displaced.request_id)
                 # Its step slots were allocated above: with swap they are copied out with the
                 # rest (only tokens already computed count); the blocks go back to the pool.
             rid = request.request_id
