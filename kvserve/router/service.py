@@ -110,6 +110,7 @@ class Router:
         route = RouteRequest(path)
         if self.hasher is not None and parsed is not None:
             route = await asyncio.to_thread(self.hasher.route_request, path, parsed)
+        work: Awaitable[Response | Buffered]
         if self.pd is not None:
             if parsed is None:
                 raise OpenAIError(400, "The request body must be a JSON object.")
