@@ -61,6 +61,8 @@ def test_responses_declare_models_errors_and_content_types(openapi: dict[str, An
     assert "text/event-stream" in ok
     assert content("/v1/chat/completions", "post", "200")["application/json"]["schema"]["$ref"].endswith(
         "/ChatCompletionResponse")
+    for path in ("/v1/completions", "/v1/chat/completions"):  # queue full, KV cache full, SLO unattainable
+        assert {"404", "429", "503"} <= set(paths[path]["post"]["responses"]), path
     for path, item in paths.items():
         for method, operation in item.items():
             statuses = set(operation["responses"])

@@ -26,7 +26,8 @@ _ERRORS = {
     404: "No such model.",
     408: "The request body did not arrive within the body read timeout.",
     413: "The request body is larger than the server's limit.",
-    503: "The engine is unavailable, the queue is full (with Retry-After), or the server is shutting down.",
+    429: "The server is at capacity (queue full, KV cache full, or an SLO it cannot meet); see Retry-After.",
+    503: "The engine is unavailable, or the server is shutting down.",
 }
 BODY_ERRORS = (400, 408, 413, 503)  # what any route that reads a body can answer
 

@@ -52,7 +52,7 @@ def _generation_docs(response: type[Any], request: type[Any]) -> dict[str, Any]:
     return {"responses": {200: {"model": response, "content": {"application/json": {}, **_SSE},
                                 "description": "The completion (JSON), or its chunks as server-sent events "
                                                "when 'stream' is true"},
-                          **errors(*BODY_ERRORS, 401, 404)},
+                          **errors(*BODY_ERRORS, 401, 404, 429)},
             "openapi_extra": request_body(request)}
 
 
