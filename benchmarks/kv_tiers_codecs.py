@@ -19,6 +19,7 @@ fp32 KV.
     python benchmarks/kv_tiers_codecs.py
     python benchmarks/kv_tiers_codecs.py --codecs raw,int8,cachegen --std 0.05   # sharper model
     python benchmarks/kv_tiers_codecs.py --demo      # the trained demo model on a retrieval prompt
+    python benchmarks/kv_tiers_codecs.py --model smollm2-135m-instruct --sharegpt   # a real model, real text
 
 With --demo the prompt is a held-out kv_retrieval instance of prefix + suffix tokens (the suffix
 holds the last context lines, the question and the answer), so the codec sees a trained model's
@@ -108,11 +109,34 @@ def demo_prompt(args: Any) -> tuple[list[int], list[int], int]:
     return ids[: args.prefix_len], ids[args.prefix_len:], len(tok)
 
 
+def sharegpt_prompt(args: Any) -> tuple[list[int], list[int], int]:
+    """(prefix, suffix, vocab size): ShareGPT first turns as the user turns of one conversation
+    through the model's chat template, cut into --prefix-len + --suffix-len tokens (real text: the
+    token-to-token locality CacheGen's delta stage relies on)."""
+    from kvserve.engine.tokenizer import load_tokenizer
+    from kvserve.eval.real_prompts import load_prompts
+    from kvserve.models.builtin import resolve_model
+
+    args.model = str(resolve_model(args.model)[0])
+    tok = load_tokenizer(args.model)
+    texts = load_prompts("/work/shared/data/prompts/sharegpt/ShareGPT_V3_filtered_500.json")
+    need = args.prefix_len + args.suffix_len
+    ids: list[int] = []
+    for n in range(8, len(texts) + 8, 8):
+        msgs = [{"role": "user", "content": t} for t in texts[:n]]
+        ids = tok.encode(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)
+        if len(ids) >= need:
+            break
+    return ids[:args.prefix_len], ids[args.prefix_len:need], len(tok)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: /tmp/smol135 (std 0.02) or a built sharper one")
     ap.add_argument("--std", type=float, default=None, help="build a SmolLM2-135M-shaped model with this init std")
     ap.add_argument("--demo", action="store_true", help="the built-in demo model on a kv_retrieval prompt")
+    ap.add_argument("--sharegpt", action="store_true",
+                    help="--model (a directory, .gguf or built-in name) on ShareGPT text through its chat template")
     ap.add_argument("--codecs", default="raw,int8,fp8,cachegen,cachegen-b888,cachegen-b654")
     ap.add_argument("--prefix-len", type=int, default=1024)
     ap.add_argument("--suffix-len", type=int, default=256)
@@ -128,6 +152,8 @@ def main() -> None:
 
     if args.demo:
         prefix, suffix, vocab = demo_prompt(args)
+    elif args.sharegpt:
+        prefix, suffix, vocab = sharegpt_prompt(args)
     else:
         if args.model is None:
             args.model = "/tmp/smol135" if args.std is None else f"/tmp/kvserve-bench/smol135-std{args.std}"
