@@ -251,3 +251,12 @@ def test_kv_namespace_fingerprint_of_a_gguf_file(tiny, tmp_path):
     data[len(data) // 2 + 10] ^= 0xFF  # a changed weight byte, inside the middle sample
     other.write_bytes(bytes(data))
     assert model_fingerprint(other) != fp
+
+
+def test_half_precision_engine_dtype_casts_at_load(tmp_path):
+    """Weights are dequantized to float32 (or kept as stored) and cast to the engine dtype by the
+    loader, exactly as for a safetensors directory."""
+    hf = build_tiny_hf("qwen3", tmp_path / "hf", head_dim=128)
+    path = hf_to_gguf(hf, tmp_path / "q3.gguf", uniform("F32"), tokenizer=tiny_bpe_tokenizer())
+    for dtype in ("bfloat16", "float16"):
+        assert _greedy(str(path), dtype=dtype) == _greedy(str(hf), dtype=dtype), dtype
