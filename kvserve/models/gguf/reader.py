@@ -30,7 +30,7 @@ def _reader_class() -> type:
     class _PlainViewReader(gguf.GGUFReader):
         # GGUFReader assigns `self.data = np.memmap(...)` in __init__ and slices it from then on;
         # keep a plain ndarray view of the mapping instead (same buffer, no copy).
-        @property
+        @property  # type: ignore[override]  # an ndarray view where the base class has its memmap
         def data(self) -> np.ndarray:
             return self._plain_data
 
