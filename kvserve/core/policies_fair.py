@@ -132,8 +132,29 @@ class VTCPolicy(SchedulingPolicy):
         return max(candidates, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_time))
 
     def displace(self, head: Request, running: Sequence[Request]) -> Optional[Request]:
+        """Every seat is taken.  Two rules give `head` a seat (both beyond VTC's admission
+        order, which alone cannot help a tenant that finds every seat taken):
+        * seat share: its tenant holds fewer seats than its weighted share among the tenants
+          seated or waiting here; the victim is the latest request of the tenant most over
+          its share.  (The lift keeps a light tenant's counter level with a flooding one's,
+          so counters alone would rarely differ enough; seats are what it waits for.)
+        * counter lead: the most-served tenant's counter leads the head's by more than
+          `displace_threshold`; the victim is that tenant's latest request."""
         if not running:
             return None
+        seats: dict[Tenant, int] = {}
+        for r in running:
+            seats[r.tenant] = seats.get(r.tenant, 0) + 1
+        tenants = set(seats) | {head.tenant}
+        total_w = sum(self.weight(t) for t in tenants)
+
+        def over(t: Tenant) -> float:
+            return seats.get(t, 0) - len(running) * self.weight(t) / total_w
+
+        if over(head.tenant) < -1.0 + 1e-9:  # a whole seat below its share
+            worst = max((t for t in seats if t != head.tenant), key=over, default=None)
+            if worst is not None and over(worst) > 0:
+                return max((r for r in running if r.tenant == worst), key=lambda r: r.arrival_time)
         victim = self.victim(running)
         lead = self.counters.get(victim.tenant, 0.0) - self.counters.get(head.tenant, 0.0)
         return victim if victim.tenant != head.tenant and lead > self.displace_threshold else None

@@ -161,3 +161,16 @@ def test_with_every_seat_taken_a_far_behind_tenant_displaces_the_most_served():
     assert [r.request_id for r in out.requests] == ["b0"] and out.preempted_ids == ["a0"]
     assert s.preemptions_by == {("policy", "recompute"): 1}
     s.kv.check_integrity()
+
+
+def test_a_tenant_below_its_seat_share_takes_a_seat_from_the_one_most_over():
+    p = VTCPolicy(tenant_weights={"b": 3.0})
+    run_ = [req(f"a{i}", 4, "a", float(i)) for i in range(4)]
+    # a holds all 4 seats; b (weight 3 of 4) is due 3: it takes a's latest seat.
+    assert p.displace(req("b0", 4, "b", 9.0), run_) is run_[3]
+    # b holding 3 of 4 seats: its share, no displacement; nor for a third tenant's head at
+    # less than a whole seat below its share (1/5 of 4 seats = 0.8).
+    mixed = [run_[0]] + [req(f"b{i}", 4, "b", 5.0 + i) for i in range(3)]
+    assert p.displace(req("b9", 4, "b", 9.0), mixed) is None
+    assert p.displace(req("c0", 4, "c", 9.0), mixed) is None
+    assert p.displace(req("a9", 4, "a", 9.0), run_) is None  # same tenant
