@@ -12,7 +12,8 @@ because dashboards in use query either):
   vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total  counters, in tokens
   vllm:num_preemptions_total                                      counter
   kvserve:preemptions_total{cause,mode}                           counter: cause kv_blocks (the pool ran
-                                                                  out), mode swap | recompute
+                                                                  out) | policy (a seat given to a waiting
+                                                                  request), mode swap | recompute
   vllm:prompt_tokens_total / vllm:generation_tokens_total         counters
   vllm:request_success_total{finished_reason}                     counter (stop|length|abort|error)
   vllm:time_to_first_token_seconds                                histogram
