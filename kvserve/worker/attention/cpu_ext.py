@@ -52,11 +52,13 @@ def load() -> Optional[Any]:
 
 
 def build_directory() -> Path:
-    """Where this source and these flags are built: one directory per digest, so checkouts
-    with different sources never rebuild over each other."""
+    """Where this source and these flags are built: one directory per digest of the source's
+    path, content and flags.  The path is in it because the build file names the source by
+    path: two checkouts sharing one directory would each see the other's build as stale and
+    rebuild it, over and over."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    digest = hashlib.sha256(_SRC.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(str(_SRC).encode() + _SRC.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode()).hexdigest()[:16]
     return Path(_get_build_directory(_NAME, verbose=False)).parent / f"{_NAME}_{digest}"
 
 
