@@ -83,7 +83,7 @@ class Scheduler:
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {request.num_prompt_tokens} tokens, which leaves no room to "
-                f"generate within max_model_len={self.max_model_len}"
+                f"generate within max_model_len={self.max_model_len}" + self._pool_cap_note()
             )
         needed_blocks = -(-(request.num_prompt_tokens + 1) // self.kv.block_size)
         if needed_blocks > self.kv.num_blocks:
@@ -92,6 +92,15 @@ class Scheduler:
                 f"blocks, but the KV cache has only {self.kv.num_blocks} blocks of "
                 f"{self.kv.block_size} tokens; raise kv_cache_memory/num_kv_blocks"
             )
+
+    def _pool_cap_note(self) -> str:
+        """Why max_model_len is what it is, when the KV pool is what limits it (the default
+        max_model_len is capped to what the pool holds)."""
+        pool_tokens = self.kv.num_blocks * self.kv.block_size
+        if self.max_model_len < pool_tokens:
+            return ""
+        return (f" (the KV cache has only {self.kv.num_blocks} KV blocks of {self.kv.block_size} tokens; "
+                f"raise kv_cache_memory/num_kv_blocks)")
 
     def add_request(self, request: Request) -> None:
         """Queue `request`; ValueError if it can never run, AdmissionRejected (a ValueError)
