@@ -63,7 +63,7 @@ class ServerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout_s: float = 180.0) -> "ServerProcess":
+    def wait_ready(self, timeout_s: float = 420.0) -> "ServerProcess":
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
