@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from kvserve.models.gguf.reader import GGUFFile, open_gguf, source_stamp
+from kvserve.models.gguf.reader import GGUFFile, forget_parsed, open_gguf, source_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ def ensure_cache(path: str | os.PathLike[str]) -> Optional[Path]:
             t0 = time.perf_counter()
             build_cache(gf, cache, stamp)
             logger.info("%s: dequantized cache written to %s in %.1f s", path, cache, time.perf_counter() - t0)
+            del gf
+            forget_parsed()  # from here on every read goes to the cache: free the parsed metadata
             return cache
     except OSError as exc:
         logger.warning("cannot write the GGUF cache at %s (%s); reading %s directly", cache, exc, path)

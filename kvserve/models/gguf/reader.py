@@ -119,6 +119,11 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     return _open_cached(_stat_key(p))
 
 
+def forget_parsed() -> None:
+    """Drop the parsed files kept by `open_gguf` (after the cache is built, nothing reads them)."""
+    _open_cached.cache_clear()
+
+
 def source_stamp(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies the file's contents cheaply: resolved path, size and mtime (ns)."""
     real, size, mtime = _stat_key(Path(path))
