@@ -6,8 +6,11 @@ It speaks token ids only; text (detokenization, stop strings) is the output
 processor's job.  A failure while executing a step fails the requests in that
 step, not the engine.
 
-With KV offload tiers (`kv_tier_config`), the scheduler may park requests in
-WAITING_FOR_KV while a background thread loads their prefix; the runner copies
+The executor is anything with the model runner's interface (kvserve.protocol.Executor):
+`EngineCore.from_config` builds the real runner; a simulator passes a cost model.
+
+With KV offload tiers (`config.kv_tiers`), the scheduler may park requests in
+WAITING_FOR_KV while a background thread loads their prefix; the executor copies
 blocks out to (kv_saves) and in from (kv_loads) host memory before each
 forward.  Call `close()` to write out queued saves before the process exits.
 """
