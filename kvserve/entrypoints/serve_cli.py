@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from kvserve.entrypoints.arg_types import bind_socket, port, positive_float, positive_int
 from kvserve.entrypoints.openai.defaults import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from kvserve.utils import sizes
 
@@ -39,14 +40,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def check_kv_tier_options(tiers: Optional[str], codec: str) -> Optional[str]:
@@ -84,21 +77,8 @@ def check_kv_tier_options(tiers: Optional[str], codec: str) -> Optional[str]:
     return None
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
-def _port(text: str) -> int:
-    value = int(text) if text.isdigit() else -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -114,7 +94,7 @@ def register(subparsers: Any) -> None:
                         "default: smollm2-135m-instruct")
     net = p.add_argument_group("HTTP")
     net.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces (default: %(default)s)")
-    net.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
+    net.add_argument("--port", type=port, default=8000, help="port to bind (default: %(default)s)")
     net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="model name(s) clients use in the 'model' field; the first is reported in responses "
                           "(default: the built-in model's name, else MODEL as given)")
@@ -124,13 +104,13 @@ def register(subparsers: Any) -> None:
                           "(default: $KVSERVE_API_KEY; none means no authentication)")
     net.add_argument("--max-request-bytes", type=parse_size, default=DEFAULT_MAX_REQUEST_BYTES, metavar="SIZE",
                      help="largest request body; larger ones get 413 (default: 4MiB)")
-    net.add_argument("--body-read-timeout", type=_positive_float, default=DEFAULT_BODY_READ_TIMEOUT_S,
+    net.add_argument("--body-read-timeout", type=positive_float, default=DEFAULT_BODY_READ_TIMEOUT_S,
                      metavar="SECONDS", help="a request body must arrive within this long of its headers, "
                                              "or the request gets 408 (default: %(default)g)")
-    net.add_argument("--max-queue-len", type=_positive_int, default=None,
+    net.add_argument("--max-queue-len", type=positive_int, default=None,
                      help="most requests that may wait for their first token; beyond it requests get 429 with "
                           "Retry-After (default: unbounded)")
-    net.add_argument("--drain-timeout", type=_positive_float, default=None, metavar="SECONDS",
+    net.add_argument("--drain-timeout", type=positive_float, default=None, metavar="SECONDS",
                      help="on SIGTERM, wait at most this long for in-flight requests, then end each with an "
                           "OpenAI error (503; streams: an error event, then [DONE]) (default: until they finish)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -143,18 +123,18 @@ def register(subparsers: Any) -> None:
     eng.add_argument("--dtype", default="float32",
                      choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half"],
                      help="dtype of the weights and the KV cache (default: %(default)s)")
-    eng.add_argument("--max-model-len", type=_positive_int, default=None,
+    eng.add_argument("--max-model-len", type=positive_int, default=None,
                      help="context length (prompt + completion) per request (default: the model's own limit)")
-    eng.add_argument("--max-num-seqs", type=_positive_int, default=128,
+    eng.add_argument("--max-num-seqs", type=positive_int, default=128,
                      help="most requests running in one batch (default: %(default)s)")
-    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+    eng.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                      help="most tokens (prefill chunks + decodes) computed in one engine step (default: %(default)s)")
     eng.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
                      help="memory for the KV cache of all layers, in bytes or with a unit: 4GiB, 512MiB, 2GB "
                           "(default: 2GiB, capped at what max-num-seqs full-length requests can use)")
-    eng.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
+    eng.add_argument("--num-kv-blocks", type=positive_int, default=None, metavar="N",
                      help="size the KV cache in blocks instead of --kv-cache-memory (experiments and tests)")
-    eng.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
+    eng.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse the KV cache of shared prompt prefixes across requests (default: on)")
     eng.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for requests without their own seed (default: %(default)s)")
@@ -240,16 +220,6 @@ def run_serve(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(args, model_dir, args.served_model_name or [default_name], level, sock))
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), as uvicorn would bind it; uvicorn listens on it later."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], log_level: int,

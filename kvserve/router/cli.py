@@ -3,50 +3,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
 from typing import Any
+
+from kvserve.entrypoints.arg_types import bind_socket, port, positive_float, positive_int
 
 logger = logging.getLogger("kvserve.router")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
-def _port(text: str) -> int:
-    value = int(text) if text.isdigit() else -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
-    return value
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bound before anything else starts, so a port in use fails at once; uvicorn listens on it."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def register(subparsers: Any) -> None:
@@ -67,8 +37,8 @@ def register(subparsers: Any) -> None:
                      help="a decode instance of a prefill/decode split (repeatable; needs --prefill)")
     net = p.add_argument_group("HTTP")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    net.add_argument("--port", type=_port, default=8080, help="port to bind (default: %(default)s)")
-    net.add_argument("--max-request-bytes", type=_positive_int, default=4 * 2**20, metavar="BYTES",
+    net.add_argument("--port", type=port, default=8080, help="port to bind (default: %(default)s)")
+    net.add_argument("--max-request-bytes", type=positive_int, default=4 * 2**20, metavar="BYTES",
                      help="largest request body; larger ones get 413 (default: 4 MiB)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log level (default: %(default)s)")
@@ -82,31 +52,31 @@ def register(subparsers: Any) -> None:
     route.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="the instances' tokenizer directory (their MODEL_DIR); kv-aware tokenizes prompts "
                             "with it to compute the engine's block hashes")
-    route.add_argument("--block-size", type=_positive_int, default=16,
+    route.add_argument("--block-size", type=positive_int, default=16,
                        help="tokens per KV block; must equal the instances' --block-size (default: %(default)s)")
     route.add_argument("--kv-overlap-weight", type=float, default=1.0,
                        help="kv-aware: weight of blocks to compute against blocks in flight (default: %(default)s)")
-    route.add_argument("--kv-index-capacity", type=_positive_int, default=200_000, metavar="BLOCKS",
+    route.add_argument("--kv-index-capacity", type=positive_int, default=200_000, metavar="BLOCKS",
                        help="kv-aware: block hashes remembered per instance, least recently used dropped first "
                             "(default: %(default)s)")
-    route.add_argument("--kv-index-ttl", type=_positive_float, default=300.0, metavar="SECONDS",
+    route.add_argument("--kv-index-ttl", type=positive_float, default=300.0, metavar="SECONDS",
                        help="kv-aware: how long a block predicted from a routing decision (not reported by the "
                             "instance) counts as cached (default: %(default)s)")
-    route.add_argument("--max-attempts", type=_positive_int, default=3,
+    route.add_argument("--max-attempts", type=positive_int, default=3,
                        help="instances tried per request before giving up (default: %(default)s)")
     health = p.add_argument_group("health checks")
-    health.add_argument("--health-interval", type=_positive_float, default=2.0, metavar="SECONDS",
+    health.add_argument("--health-interval", type=positive_float, default=2.0, metavar="SECONDS",
                         help="time between checks of each instance's /health and /metrics (default: %(default)s)")
-    health.add_argument("--health-timeout", type=_positive_float, default=2.0, metavar="SECONDS",
+    health.add_argument("--health-timeout", type=positive_float, default=2.0, metavar="SECONDS",
                         help="a check slower than this fails (default: %(default)s)")
-    health.add_argument("--unhealthy-after", type=_positive_int, default=2, metavar="N",
+    health.add_argument("--unhealthy-after", type=positive_int, default=2, metavar="N",
                         help="failed checks in a row that remove an instance (a failed connection on a request "
                              "removes it at once) (default: %(default)s)")
-    health.add_argument("--healthy-after", type=_positive_int, default=1, metavar="N",
+    health.add_argument("--healthy-after", type=positive_int, default=1, metavar="N",
                         help="good checks in a row that re-admit it (default: %(default)s)")
-    health.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+    health.add_argument("--connect-timeout", type=positive_float, default=5.0, metavar="SECONDS",
                         help="connecting to an instance (default: %(default)s)")
-    health.add_argument("--read-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+    health.add_argument("--read-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                         help="longest wait for an instance's next byte; a non-streamed answer must come whole "
                              "within it; a timeout is a 504 (default: %(default)s)")
     p.set_defaults(func=run_router)
@@ -148,7 +118,7 @@ def run_router(args: argparse.Namespace) -> int:
             sys.stderr.write(f"kvserve router: cannot load the tokenizer from {config.tokenizer}: {exc}\n")
             return 2
     try:
-        sock = _bind(args.host, args.port)
+        sock = bind_socket(args.host, args.port)
     except OSError as exc:
         sys.stderr.write(f"kvserve router: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}\n")
         return 1

@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Optional
 
 import httpx
 from fastapi import Request
 from fastapi.responses import Response
 
 from kvserve.entrypoints.openai.errors import OpenAIError
+from kvserve.entrypoints.openai.serving import unless_disconnected
 from kvserve.router.config import RouterConfig
 from kvserve.router.health import HealthChecker
 from kvserve.router.instances import Instance, InstancePool
@@ -29,7 +30,6 @@ from kvserve.router.prompts import PromptHasher, RouteRequest
 from kvserve.router.proxy import Buffered, Forwarder, request_headers
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Router:
@@ -117,8 +117,13 @@ class Router:
             work = self.pd.handle(path, parsed, headers, route)
         else:
             work = self.forwarders["any"].send("any", "POST", path, body, headers, route)
+        # A client that leaves first cancels the work, which closes the instance's connection
+        # so that the instance aborts the request.
         response = await unless_disconnected(request, work)
-        return Response(status_code=499) if response is None else _response(response)
+        if response is None:
+            logger.debug("client of %s went away before the answer", request.url.path)
+            return Response(status_code=499)
+        return _response(response)
 
     async def passthrough(self, request: Request, path: str) -> Response:
         """Other API routes (/v1/models, /tokenize, ...): any healthy instance, in turn, with retries."""
@@ -168,31 +173,6 @@ class Router:
             self.metrics.kv_events.labels("gap").inc()
         return {"stored": result.stored, "removed": result.removed, "cleared": result.cleared, "gap": result.gap}
 
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[T]:
-    """Run `work` (routing up to the answer or a stream's first byte); if the client goes away
-    first, cancel it, which closes the instance's connection so that it aborts the request.
-    Call after the body is read: from then on `receive()` only reports the disconnect."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise  # we ourselves are being cancelled
-        logger.debug("client of %s went away before the answer", request.url.path)
-        return None
 
 
 def _json_object(body: bytes) -> Optional[dict[str, Any]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kvserve.config import parse_tenant_weights
+from kvserve.entrypoints.arg_types import positive_float
 from kvserve.request import SLO
 
 POLICY_CHOICES = ("fcfs", "priority", "fair", "slo")
@@ -75,18 +76,10 @@ def _checked(parse: Any) -> Any:
     return check
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return v
 
 
 def _fraction(text: str) -> float:
-    v = _positive_float(text)
+    v = positive_float(text)
     if v > 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
     return v
@@ -100,9 +93,9 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
                         "TPOT-aware chunking (default: %(default)s)")
     g.add_argument("--tenant-weights", type=_checked(parse_tenant_weights), default=None, metavar="T=W,...",
                    help="fair: service weights per tenant, e.g. 'a=2,b=1' (default: 1 each)")
-    g.add_argument("--default-slo-ttft-ms", type=_positive_float, default=None, metavar="MS",
+    g.add_argument("--default-slo-ttft-ms", type=positive_float, default=None, metavar="MS",
                    help="slo: TTFT target of requests without one (default: none)")
-    g.add_argument("--default-slo-tpot-ms", type=_positive_float, default=None, metavar="MS",
+    g.add_argument("--default-slo-tpot-ms", type=positive_float, default=None, metavar="MS",
                    help="slo: TPOT target of requests without one (default: none)")
     g.add_argument("--tenant-default-slo", type=_checked(parse_tenant_slo), default=None,
                    metavar="T=TTFT_MS[/TPOT_MS],...",
@@ -113,7 +106,7 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", choices=["recompute", "swap", "auto"], default="recompute",
                    help="how a request loses its KV blocks when they run out: recompute later, swap to host "
                         "memory, or auto = per request, the cheaper by a roofline cost model (default: %(default)s)")
-    g.add_argument("--swap-space", type=_positive_float, default=4.0, metavar="GiB",
+    g.add_argument("--swap-space", type=positive_float, default=4.0, metavar="GiB",
                    help="host memory for swapped-out KV blocks, GiB (default: %(default)g)")
     g.add_argument("--admission-kv-limit", type=_fraction, default=None, metavar="FRACTION",
                    help="with the KV cache at least this full and requests already waiting, new requests get "

@@ -302,13 +302,12 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if not task.cancelled() and task.done():
-        return task.result()
     try:
-        await task  # let its cleanup run before the response is dropped
+        return await task  # its result, or (cancelled) after its cleanup has run
     except asyncio.CancelledError:
-        pass
-    return None
+        if not task.cancelled():
+            raise  # this coroutine itself is being cancelled: not a disconnect
+        return None
 
 
 class EngineStreamingResponse(StreamingResponse):
