@@ -7,24 +7,11 @@ offload tier, a policy swap) and prints what it saw; the parent checks it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers.torch_blocked import run_without_torch
 
-CHILD = textwrap.dedent('''
+CHILD = """
     import json, sys
-
-    class NoTorch:
-        """Refuse torch (and anything under it) at import."""
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
 
     from kvserve.config import SchedulerConfig
     from kvserve.core.kv_cache_manager import KVCacheManager
@@ -64,11 +51,11 @@ CHILD = textwrap.dedent('''
     assert make_policy("fcfs", lambda: 1.0).clock() == 1.0
     report["torch_loaded"] = "torch" in sys.modules
     print(json.dumps(report))
-''')
+"""
 
 
 def test_core_imports_and_schedules_with_torch_blocked():
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_without_torch(CHILD)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report.pop("torch_loaded") is False
@@ -80,7 +67,6 @@ def test_core_imports_and_schedules_with_torch_blocked():
 
 
 def test_blocker_really_blocks_torch():
-    """The child's finder does refuse torch (else the test above proves nothing)."""
-    code = CHILD.split("from kvserve.config")[0] + "import torch\n"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    """The finder does refuse torch (else the test above proves nothing)."""
+    proc = run_without_torch("import torch\n", timeout=60)
     assert proc.returncode != 0 and "blocked in this test" in proc.stderr

@@ -2,23 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers.torch_blocked import run_without_torch
 
-CHILD = textwrap.dedent('''
+CHILD = """
     import json, sys
 
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
     from kvserve.spec_decode import make_proposer
     from kvserve.spec_decode.adaptive import LinearStepTime, SpecLengthPolicy
     from kvserve.spec_decode.metrics import SpecDecodeMetrics
@@ -35,11 +24,11 @@ CHILD = textwrap.dedent('''
     out["accepted"] = m.num_accepted_tokens
     out["torch_loaded"] = "torch" in sys.modules
     print(json.dumps(out))
-''')
+"""
 
 
 def test_proposers_policy_and_metrics_run_with_torch_blocked():
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_without_torch(CHILD)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # Prior acceptance 0.8, t(n) = 1 + 0.1 n: goodput 0.909, 1.5, 1.88, 2.11, 2.24 for k = 0..4.
