@@ -78,6 +78,10 @@ class ScheduledRequest:
     generator_key: tuple[str, int]  # (request id, sample index): per-request RNG identity
     prompt_logprobs: bool  # compute logprobs for the prompt positions in this chunk
     full_table: bool = True  # block_ids is the whole table (see block_ids)
+    # Speculative decoding: the last num_draft_tokens of token_ids are proposed drafts to
+    # verify (token_ids = [last committed token, d_1..d_k], positions k+1 contiguous); the
+    # executor reports 1 + accepted drafts in ModelRunnerOutput.num_accepted.
+    num_draft_tokens: int = 0
 
 
 @dataclass
@@ -110,8 +114,8 @@ class SampledToken:
 
 @dataclass
 class ModelRunnerOutput:
-    # request_id -> tokens sampled this step (one per request; more later for
-    # speculative decoding).
+    # request_id -> tokens sampled this step (one per request; with drafts, the accepted
+    # drafts then the bonus/correction token).
     sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
     # request_id -> logprob dicts for the prompt positions computed this step.
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
