@@ -229,6 +229,21 @@ class KVCacheManager:
         )
         return num_shared * self.block_size
 
+    def trim(self, request: Request, num_tokens: int) -> bool:
+        """Free the request's blocks after the first cdiv(num_tokens, block_size): speculative
+        decoding, after a verifier rejected drafts, drops the blocks that held only rejected
+        KV.  Never trims registered (cached) blocks.  True when the table shrank."""
+        blocks = self.req_blocks.get(request.request_id)
+        if not blocks:
+            return False
+        keep = max(cdiv(num_tokens, self.block_size), self.num_cached_blocks.get(request.request_id, 0))
+        if keep >= len(blocks):
+            return False
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free(reversed(tail))
+        return True
+
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
