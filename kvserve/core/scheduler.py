@@ -20,7 +20,7 @@ come from the sources too and travel in the step.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.clock import Clock, wall_clock
@@ -31,6 +31,9 @@ from kvserve.core.policies import SchedulingPolicy, make_policy
 from kvserve.core.swap import SwapManager
 from kvserve.protocol import KVSave, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from kvserve.spec_decode.scheduling import SpecScheduling
 
 # The step types live in kvserve.protocol; re-exported here for older imports.
 __all__ = ["Scheduler", "ModelRunnerOutput", "SampledToken", "ScheduledRequest", "SchedulerOutput"]
@@ -74,6 +77,8 @@ class Scheduler:
         self.preemptions_by: dict[tuple[str, str], int] = {}  # (cause, mode) -> count
         # Samples forked during the last update (also returned by it).
         self.new_forks: list[Request] = []
+        # Speculative decoding (kvserve/spec_decode/scheduling.py), set by the engine core.
+        self.spec: Optional[SpecScheduling] = None
 
     # -------------------------------------------------------------- requests
     def validate_fits(self, request: Request) -> None:
@@ -140,6 +145,8 @@ class Scheduler:
         del self.requests[request.request_id]
         self._finished_since_last_step.append(request.request_id)
         self.policy.on_finished(request)
+        if self.spec is not None:
+            self.spec.on_finished(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0 or bool(self.waiting_for_kv)
@@ -254,12 +261,16 @@ class Scheduler:
             num_new_tokens[request.request_id] = n
             budget -= n
 
+        # 2b. Speculative decoding: drafts for the decodes, in the budget left (never preempting).
+        drafts = self.spec.add_drafts(self, scheduled, num_new_tokens, budget) if self.spec is not None else {}
+
         # 3. Emit the step.  num_computed_tokens is committed later, from the
         # executor's output (update_from_output): the tokens it accepted.
         for request in scheduled:
             n = num_new_tokens[request.request_id]
             start = request.num_computed_tokens
             end = start + n
+            d = drafts.get(request.request_id, ())  # end - len(d) == num_tokens when drafting
             sp = request.sampling_params
             rid = request.request_id
             sent = self._blocks_sent.get(rid)
@@ -267,17 +278,18 @@ class Scheduler:
             out.requests.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.all_token_ids[start:end],
+                    token_ids=request.all_token_ids[start:end] if not d else [request.all_token_ids[start], *d],
                     positions=range(start, end),
                     start_pos=start,
                     block_ids=self.kv.block_ids(rid, sent or 0),
-                    sample=end == request.num_tokens,
+                    sample=end - len(d) == request.num_tokens,
                     sampling_params=sp,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
                     generator_key=(request.parent_id or request.request_id, request.sample_index),
                     prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
                     full_table=sent is None,
+                    num_draft_tokens=len(d),
                 )
             )
             out.num_batched_tokens += n
@@ -393,6 +405,8 @@ class Scheduler:
         changed: list[Request] = []
         self.new_forks = []
         now = self.clock()
+        if self.spec is not None:
+            self.spec.on_output(sched, result)
         for sr in sched.requests:
             request = self.requests.get(sr.request_id)
             if request is None:
@@ -421,6 +435,8 @@ class Scheduler:
                     self.running.remove(request)
                     self._finish(request, status)
                     break
+            if sr.num_draft_tokens and not request.is_finished and self.kv.trim(request, request.num_computed_tokens):
+                self._blocks_sent.pop(sr.request_id, None)  # its table shrank: the next step sends it whole
             changed.append(request)
         return changed + self.new_forks
 
