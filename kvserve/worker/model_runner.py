@@ -120,6 +120,10 @@ class ModelRunner:
         ends = np.cumsum(lens)
         sample_reqs = [r for r in ordered if r.sample]
         sample_idx = [int(ends[i]) - 1 for i, r in enumerate(ordered) if r.sample]
+        if any(r.num_draft_tokens for r in sample_reqs):  # speculative verification; the rest sample below
+            from kvserve.spec_decode.verify_step import verify_drafts
+
+            sample_reqs, sample_idx = verify_drafts(self, hidden, ordered, ends, out)
         hooked = self.prompt_logprobs_hook is not None
         plp_reqs = [(i, r) for i, r in enumerate(ordered) if r.prompt_logprobs or hooked]
 
