@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from kvserve.spec_decode.config import SpeculativeConfig
+
 # Accepted dtype names -> the canonical name (a torch attribute).  Plain strings, so
 # that this module, and the core that imports it, never import torch; the torch
 # dtype is resolved on the device side (kvserve.worker.dtypes.parse_dtype).
@@ -194,6 +196,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     kv_tiers: KVTierConfig = KVTierConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()  # speculative decoding (off by default)
 
 
 @dataclass
@@ -226,6 +229,9 @@ class EngineArgs:
     kv_codec: str = "raw"
     kv_offload_policy: str = "auto"
     kv_tier_write_policy: str = "write_through"
+    speculative_method: Optional[str] = None  # ngram | suffix | draft:PATH (docs/spec_decode.md); None: off
+    num_speculative_tokens: int = 4  # the most drafts per request per step
+    speculative_adaptive: bool = True  # choose k per request per step (SmartSpec goodput)
 
     @classmethod
     def from_kwargs(cls, model: Optional[str] = None, **kwargs: object) -> EngineArgs:
@@ -255,4 +261,7 @@ class EngineArgs:
             scheduler=SchedulerConfig(**scheduler_kwargs),  # type: ignore[arg-type]
             kv_tiers=KVTierConfig(tiers=self.kv_tiers, codec=self.kv_codec, offload_policy=self.kv_offload_policy,
                                   write_policy=self.kv_tier_write_policy),
+            speculative=SpeculativeConfig(method=self.speculative_method,
+                                          num_speculative_tokens=self.num_speculative_tokens,
+                                          adaptive=self.speculative_adaptive),
         )
