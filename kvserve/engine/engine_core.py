@@ -107,6 +107,11 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
                                    offload=kv_tiers.manager if kv_tiers is not None else None,
                                    sources=kv_sources, clock=clock, swap=swap)
+        if config.speculative.enabled:  # speculative decoding: the scheduler drafts, the executor verifies
+            from kvserve.spec_decode.scheduling import SpecScheduling
+
+            self.scheduler.spec = SpecScheduling.build(config.speculative, vocab_size=vocab_size, clock=clock,
+                                                       device=config.device.device, dtype=config.model.dtype)
         self.stats = EngineStats()
         # Set by from_config (None for an executor built elsewhere).
         self.model: Optional[torch.nn.Module] = None
@@ -290,7 +295,8 @@ class EngineCore:
                     kv_cache_usage=kv.usage(), num_free_blocks=kv.num_free_blocks,
                     prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                     num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.num_steps,
-                    preemptions_by={f"{cause}/{mode}": n for (cause, mode), n in self.scheduler.preemptions_by.items()})
+                    preemptions_by={f"{cause}/{mode}": n for (cause, mode), n in self.scheduler.preemptions_by.items()},
+                    spec_decode=self.scheduler.spec.metrics.as_dict() if self.scheduler.spec is not None else None)
 
     def kv_tier_io_pending(self) -> bool:
         """True while KV tier threads still load or save (their counters will move)."""

@@ -111,6 +111,8 @@ class EngineStatsSnapshot:
     # LLMEngine.kv_tier_stats(): per-tier counters ("0:cpu" -> hits, bytes_read, ...), the offload
     # and I/O counters (all cumulative, plain ints/floats/strs); None without KV offload tiers.
     kv_tiers: Optional[dict[str, Any]] = None
+    # SpecDecodeMetrics.as_dict() (cumulative); None without speculative decoding.
+    spec_decode: Optional[dict[str, Any]] = None
 
 
 @dataclass(slots=True)

@@ -43,6 +43,22 @@ class SpecDecodeManager:
             chosen = self.proposer.propose_batch(states, ks)
         return {rid: d for (rid, _), d in zip(candidates, chosen) if d}
 
+    def sync(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int) -> None:
+        """Make the request's state hold `token_ids` (its committed tokens, which only grow):
+        a new state for a request not seen yet (or a forked sample), else append the tail it
+        has not seen.  The engine calls this before proposing instead of `commit`, so the
+        state follows the request whatever finished the tokens (stop rules, forks)."""
+        state = self._states.get(request_id)
+        if state is None:
+            self._states[request_id] = self.proposer.new_state(token_ids, num_prompt_tokens)
+        elif state.num_tokens < len(token_ids):
+            state.append(token_ids[state.num_tokens:])
+
+    def observe(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
+        """A verification's outcome: metrics and the length policy's acceptance estimates."""
+        self.metrics.observe(num_drafted, num_accepted)
+        self.policy.observe(request_id, num_drafted, num_accepted)
+
     def commit(self, request_id: str, token_ids: Sequence[int], num_drafted: int, num_accepted: int) -> None:
         """After the step: the tokens it emitted for the request (accepted drafts, then the
         bonus/correction token; or the one sampled token of a step without drafts)."""

@@ -1,0 +1,142 @@
+"""Speculation in the scheduler's step (pure Python; the scheduler holds one as `Scheduler.spec`).
+
+Per step, after the running requests and the admissions have been scheduled
+(so drafts never delay a prefill or a decode and never cause a preemption):
+
+  add_drafts   the step's decodes (one token, the request's last, sampled) are the
+               candidates; each may take up to min(K, tokens left before max_tokens and
+               max_model_len) drafts.  The proposer proposes, the length policy cuts
+               (SmartSpec goodput with the measured acceptance and step times), the
+               drafts fit the token budget left, and KV slots are reserved for them
+               (`allocate_slots(request, 1 + k)`; short of blocks: no drafts).  The
+               scheduler emits token_ids = [last token, d_1..d_k], k + 1 positions.
+  on_output    the step's measured time feeds the step-time model; each verification
+               (drafted k, accepted a = num_accepted - 1) the metrics and the policy.
+  on_finished  the proposer learns the output (suffix tree) and drops the state.
+
+Rejected drafts are rolled back by the scheduler not committing them
+(num_computed_tokens = start + 1 + a); blocks left holding only rejected KV are
+freed (KVCacheManager.trim).  Proposer states follow the requests' committed
+tokens (`SpecDecodeManager.sync`), so stop rules, preemption and forks need no
+extra protocol.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+from kvserve.spec_decode import make_proposer
+from kvserve.spec_decode.adaptive import SpecLengthPolicy
+from kvserve.spec_decode.config import SpeculativeConfig
+from kvserve.spec_decode.manager import SpecDecodeManager
+from kvserve.spec_decode.metrics import SpecDecodeMetrics
+from kvserve.spec_decode.step_time import OnlineStepTime
+
+if TYPE_CHECKING:
+    from kvserve.core.scheduler import Scheduler
+    from kvserve.protocol import ModelRunnerOutput, SchedulerOutput
+    from kvserve.request import Request
+
+# Suffix decoding's global tree over recent requests' outputs (tokens kept).
+SUFFIX_GLOBAL_TOKENS = 16384
+_DRAFT_COST_EMA = 0.2
+
+
+class SpecScheduling:
+    def __init__(self, manager: SpecDecodeManager, step_time: Optional[OnlineStepTime] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.manager = manager
+        self.step_time = step_time
+        self.clock = clock
+        self.max_k = manager.policy.max_k
+        self._step_start: Optional[float] = None
+
+    @classmethod
+    def build(cls, config: SpeculativeConfig, *, vocab_size: int, device: str = "cpu",
+              dtype: str = "float32", clock: Callable[[], float] = time.perf_counter) -> "SpecScheduling":
+        """The proposer by `config.method` (a draft model loads here), the policy, the model."""
+        assert config.method is not None, "speculation is off"
+        options: dict[str, object] = {}
+        if config.method == "suffix":
+            options["global_max_tokens"] = SUFFIX_GLOBAL_TOKENS
+        elif config.draft_model is not None:
+            import torch  # only the draft model needs it
+
+            options.update(dtype=getattr(torch, dtype), device=device, target_vocab_size=vocab_size)
+        proposer = make_proposer(config.method, **options)
+        step_time = OnlineStepTime() if config.adaptive else None
+        policy = SpecLengthPolicy(config.num_speculative_tokens, step_time=step_time, adaptive=config.adaptive)
+        return cls(SpecDecodeManager(proposer, policy), step_time, clock)
+
+    @property
+    def metrics(self) -> SpecDecodeMetrics:
+        return self.manager.metrics
+
+    # ------------------------------------------------------------------ schedule
+    def add_drafts(self, sched: "Scheduler", scheduled: list["Request"], num_new_tokens: dict[str, int],
+                   budget: int) -> dict[str, list[int]]:
+        """Drafts per request id for this step; adds them to `num_new_tokens` and reserves
+        their KV slots.  Requests given none are absent."""
+        out: dict[str, list[int]] = {}
+        candidates: list[tuple[str, int]] = []
+        by_id: dict[str, "Request"] = {}
+        for r in scheduled if budget > 0 else ():
+            cap = self._cap(sched, r, num_new_tokens[r.request_id])
+            if cap > 0:
+                self.manager.sync(r.request_id, r.all_token_ids, r.num_prompt_tokens)
+                candidates.append((r.request_id, cap))
+                by_id[r.request_id] = r
+        if candidates:
+            base = sum(num_new_tokens.values()) - len(candidates)
+            t0 = self.clock()
+            drafts = self.manager.drafts(candidates, base)
+            self._observe_draft_cost(self.clock() - t0, sum(len(d) for d in drafts.values()))
+            for rid, _ in candidates:
+                d = drafts.get(rid, [])[:budget]
+                if not d:
+                    continue
+                # Room for the drafts' KV, or no drafts: speculation never preempts.
+                if sched.kv.allocate_slots(by_id[rid], 1 + len(d)) is None:
+                    continue
+                out[rid] = d
+                num_new_tokens[rid] += len(d)
+                budget -= len(d)
+        self._step_start = self.clock()
+        return out
+
+    def _cap(self, sched: "Scheduler", r: "Request", n: int) -> int:
+        """Most drafts request `r` may take this step (0: it is not a decode, or at its end)."""
+        if n != 1 or r.num_computed_tokens != r.num_tokens - 1 or r.num_samples_to_fork > 1:
+            return 0  # a prefill chunk (or its last token, before n > 1 samples fork)
+        sp = r.sampling_params
+        if sp.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
+            return 0  # the prompt's last position: its logprobs are reported from this step
+        cap = min(self.max_k, sched.max_model_len - r.num_tokens - 1)  # emitted tokens stay within the limit
+        if sp.max_tokens is not None:
+            cap = min(cap, sp.max_tokens - r.num_output_tokens - 1)
+        return cap
+
+    def _observe_draft_cost(self, seconds: float, num_drafted: int) -> None:
+        """A draft model's time per proposed token, for the policy (free proposers: 0)."""
+        if self.manager.proposer.proposes_for_free or num_drafted == 0:
+            return
+        pol = self.manager.policy
+        per_token = seconds / num_drafted
+        pol.draft_token_s = per_token if pol.draft_token_s == 0.0 else (
+            pol.draft_token_s + _DRAFT_COST_EMA * (per_token - pol.draft_token_s))
+
+    # ------------------------------------------------------------------- output
+    def on_output(self, step: "SchedulerOutput", result: "ModelRunnerOutput") -> None:
+        """Before the scheduler commits the step: its time and each verification's outcome."""
+        if self._step_start is not None and self.step_time is not None:
+            self.step_time.observe(step.num_batched_tokens, self.clock() - self._step_start)
+        self._step_start = None
+        for sr in step.requests:
+            if sr.num_draft_tokens and sr.request_id in self.manager:  # absent: aborted meanwhile
+                accepted = result.num_accepted.get(sr.request_id, len(sr.positions)) - 1
+                self.manager.observe(sr.request_id, sr.num_draft_tokens, max(0, accepted))
+
+    def on_finished(self, request: "Request") -> None:
+        if request.request_id in self.manager:
+            self.manager.sync(request.request_id, request.all_token_ids, request.num_prompt_tokens)
+        self.manager.finish(request.request_id)

@@ -1,0 +1,91 @@
+"""The engine's own step-time model for adaptive speculation, fitted online.
+
+`OnlineStepTime` records (batched tokens, seconds) of every engine step and
+answers t(n) from them: the median of the recent steps per token-count bucket,
+made non-decreasing in n, linear between buckets and along the last segment
+beyond (the shape of `InterpolatedStepTime`; a line through a CPU's points
+misleads, docs/spec_decode.md section 3).
+
+Before it has seen a step size it answers optimistically: flat below the first
+measured bucket, i.e. "extra tokens cost nothing" until measured otherwise.
+So the policy does try speculating, and the steps it then runs (base + drafts
+tokens) are measured; if they cost more than they emit, speculation stops.  A
+`prior` model, when given, answers until two buckets are known.
+
+Pure Python (no torch): the scheduler side calls it.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from typing import Optional
+
+from kvserve.spec_decode.adaptive import StepTime
+
+_EXACT_UP_TO = 16  # token counts up to this are their own bucket
+_RATIO = 1.1  # beyond, buckets grow geometrically
+
+
+def bucket(num_tokens: int) -> int:
+    """The bucket a step of `num_tokens` tokens is filed under (its representative count)."""
+    if num_tokens <= _EXACT_UP_TO:
+        return max(1, num_tokens)
+    j = round(math.log(num_tokens / _EXACT_UP_TO) / math.log(_RATIO))
+    return max(_EXACT_UP_TO + 1, int(round(_EXACT_UP_TO * _RATIO ** j)))
+
+
+class OnlineStepTime:
+    """t(n) from the last `window` steps measured in each bucket (see the module docstring)."""
+
+    def __init__(self, window: int = 16, prior: Optional[StepTime] = None) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.prior = prior
+        self._samples: dict[int, deque[float]] = {}
+        self._xs: list[int] = []  # bucket counts, increasing
+        self._ys: list[float] = []  # their non-decreasing median seconds
+        self._dirty = False
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens < 1 or not seconds > 0:
+            return  # an empty or unmeasured step says nothing
+        b = bucket(num_tokens)
+        q = self._samples.get(b)
+        if q is None:
+            q = self._samples[b] = deque(maxlen=self.window)
+        q.append(float(seconds))
+        self._dirty = True
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self._samples)
+
+    def _rebuild(self) -> None:
+        xs, ys, running = [], [], 0.0
+        for b in sorted(self._samples):
+            ts = sorted(self._samples[b])
+            running = max(running, ts[len(ts) // 2])
+            xs.append(b)
+            ys.append(running)
+        self._xs, self._ys, self._dirty = xs, ys, False
+
+    def __call__(self, num_tokens: int) -> float:
+        if self._dirty:
+            self._rebuild()
+        xs, ys = self._xs, self._ys
+        if len(xs) < 2 and self.prior is not None:
+            return self.prior(num_tokens)
+        if not xs:
+            return 1.0  # nothing measured: every step size costs the same
+        if num_tokens <= xs[0]:
+            return ys[0]
+        i = bisect.bisect_left(xs, num_tokens)
+        if i < len(xs):
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+        if len(xs) == 1:
+            return ys[0]
+        x0, x1, y0, y1 = xs[-2], xs[-1], ys[-2], ys[-1]
+        return y1 + (y1 - y0) * (num_tokens - x1) / (x1 - x0)
