@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from kvserve.disagg.config import DisaggConfig
 from kvserve.spec_decode.config import SpeculativeConfig
 
 # Accepted dtype names -> the canonical name (a torch attribute).  Plain strings, so
@@ -36,8 +37,12 @@ class CacheConfig:
     kv_cache_memory: Optional[int] = None  # bytes for K and V of all layers
     num_kv_blocks: Optional[int] = None
     enable_prefix_caching: bool = True
+    # CacheBlend (kvserve/blend/): fraction of a prompt's cached document-chunk tokens recomputed.
+    blend_recompute_ratio: float = 0.15
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.blend_recompute_ratio <= 1.0:
+            raise ValueError(f"blend_recompute_ratio must be in [0, 1], got {self.blend_recompute_ratio}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -197,6 +202,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     kv_tiers: KVTierConfig = KVTierConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()  # speculative decoding (off by default)
+    disagg: DisaggConfig = DisaggConfig()  # prefill/decode role and KV transfer (docs/disaggregation.md)
 
 
 @dataclass
@@ -214,6 +220,7 @@ class EngineArgs:
     kv_cache_memory: Optional[int] = None
     num_kv_blocks: Optional[int] = None
     enable_prefix_caching: bool = True
+    blend_recompute_ratio: float = 0.15  # CacheBlend: share of cached chunk tokens recomputed (docs/cacheblend.md)
     seed: int = 0
     max_model_len: Optional[int] = None  # None: the model's own limit, capped by what the KV pool holds
     scheduling_policy: str = "fcfs"
@@ -232,6 +239,9 @@ class EngineArgs:
     speculative_method: Optional[str] = None  # ngram | suffix | draft:PATH (docs/spec_decode.md); None: off
     num_speculative_tokens: int = 4  # the most drafts per request per step
     speculative_adaptive: bool = True  # choose k per request per step (SmartSpec goodput)
+    role: str = "both"  # both | prefill | decode (docs/disaggregation.md)
+    kv_transfer: str = "shm://"  # how KV crosses to a decode instance: shm://[DIR] | ray://[ADDRESS]
+    kv_transfer_timeout: float = 30.0  # seconds a transfer may take (and an export is kept)
 
     @classmethod
     def from_kwargs(cls, model: Optional[str] = None, **kwargs: object) -> EngineArgs:
@@ -257,11 +267,13 @@ class EngineArgs:
             model=ModelConfig(model=model_dir, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed),
             device=DeviceConfig(device=self.device, attention_backend=self.attention_backend),
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
-                              num_kv_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching),
+                              num_kv_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching,
+                              blend_recompute_ratio=self.blend_recompute_ratio),
             scheduler=SchedulerConfig(**scheduler_kwargs),  # type: ignore[arg-type]
             kv_tiers=KVTierConfig(tiers=self.kv_tiers, codec=self.kv_codec, offload_policy=self.kv_offload_policy,
                                   write_policy=self.kv_tier_write_policy),
             speculative=SpeculativeConfig(method=self.speculative_method,
                                           num_speculative_tokens=self.num_speculative_tokens,
                                           adaptive=self.speculative_adaptive),
+            disagg=DisaggConfig(role=self.role, kv_transfer=self.kv_transfer, timeout_s=self.kv_transfer_timeout),
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from kvserve.hashing import BlockHash, hash_block
 from kvserve.sampling_params import SamplingParams
@@ -72,6 +72,18 @@ class Request:
     num_samples_to_fork: int = 1
     block_size: int = 16
     hash_extra_keys: bytes = b""
+    # CacheBlend (kvserve/blend/): the prompt as segments (their token counts: the first
+    # goes through the prefix cache, the middle ones are document chunks, the last is the
+    # question), and the fraction of chunk tokens to recompute.  None: an ordinary prompt.
+    segment_lens: Optional[tuple[int, ...]] = None
+    blend_ratio: float = 0.15
+    # The blend a KV source planned for this request's next step (kvserve.blend.spec.BlendStep),
+    # taken by the scheduler into the step; plain data.
+    pending_blend: Optional[object] = None
+    # P/D disaggregation (kvserve/disagg/): the `kv_transfer_params` the request came with
+    # (plain JSON), and those it answers with once exported (a prefill instance's answer).
+    kv_transfer_params: Optional[dict[str, Any]] = None
+    kv_transfer_out: Optional[dict[str, Any]] = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -116,9 +128,13 @@ class Request:
 
     def _extend_block_hashes(self) -> None:
         bs = self.block_size
+        # With segments, KV after the first segment may be blended (approximate): those
+        # blocks get hashes of their own, so an ordinary prompt never reads them.
+        exact = self.segment_lens[0] if self.segment_lens else None
         while (len(self.block_hashes) + 1) * bs <= len(self.all_token_ids):
             i = len(self.block_hashes)
             parent = self.block_hashes[-1] if self.block_hashes else None
-            self.block_hashes.append(
-                hash_block(parent, self.all_token_ids[i * bs:(i + 1) * bs], self.hash_extra_keys)
-            )
+            extra = self.hash_extra_keys
+            if exact is not None and (i + 1) * bs > exact:
+                extra = extra + b"blend:%r" % self.blend_ratio
+            self.block_hashes.append(hash_block(parent, self.all_token_ids[i * bs:(i + 1) * bs], extra))
