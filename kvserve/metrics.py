@@ -22,6 +22,9 @@ because dashboards in use query either):
   vllm:request_prompt_tokens / vllm:request_generation_tokens     histograms
   kvserve:prefix_cache_hit_rate, kvserve:engine_steps_total, kvserve:engine_step_failures_total,
   kvserve:num_requests_queued_api
+  kvserve:instance_info{role,block_size}                          gauge = 1: the instance's role (prefill |
+                                                                  decode | both) and KV block size, which
+                                                                  routers read (router/scrape.py)
 
 With KV offload tiers (`--kv-tiers`), per tier, labelled tier="<level>:<scheme>" ("0:cpu", "1:disk"):
   kvserve:kv_tier_lookups_total / _hits_total / _misses_total     counters, in blocks (a corrupt
@@ -117,10 +120,17 @@ class ServerMetrics:
                                                TOKEN_COUNT_BUCKETS)
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",
                                                    "Generated tokens per request.", TOKEN_COUNT_BUCKETS)
+        self._instance_info = Gauge("kvserve:instance_info", "This instance's role and KV block size (value 1).",
+                                    ["model_name", "role", "block_size"], registry=r)
         # Engine counters arrive as cumulative totals; these are the totals already counted.
         self._seen = EngineStatsSnapshot()
         self.kv_tiers = KVTierCollector(model_name)
         r.register(self.kv_tiers)
+
+    def set_instance_info(self, role: str, block_size: int) -> None:
+        """Export `kvserve:instance_info{role, block_size} 1` (one label set: the current one)."""
+        self._instance_info.clear()
+        self._instance_info.labels(self.model_name, role, str(block_size)).set(1)
 
     # ---------------------------------------------------------- EngineObserver
     def on_first_token(self, ttft_s: float, num_prompt_tokens: int) -> None:

@@ -101,6 +101,10 @@ class BlockPool:
         # Called with (block_hash, block_id) just before a cached block's
         # content is dropped; the offload tiers hook in here.
         self.on_evict: Optional[Callable[[BlockHash, int], None]] = None
+        # Called with (block_hash, block_id) when a block is registered under its hash, and
+        # with () when every hash is forgotten: KV events (core/kv_events.py) hook in here.
+        self.on_cache: Optional[Callable[[BlockHash, int], None]] = None
+        self.on_reset: Optional[Callable[[], None]] = None
         self.num_evictions = 0
 
     @property
@@ -156,6 +160,8 @@ class BlockPool:
             return  # same content already cached in another block
         block.block_hash = block_hash
         self.cached[block_hash] = block
+        if self.on_cache is not None:
+            self.on_cache(block_hash, block.block_id)
 
     def _drop_hash(self, block: KVBlock) -> None:
         if block.block_hash is None:
@@ -173,6 +179,8 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        if self.on_reset is not None:
+            self.on_reset()
         return True
 
     def check_integrity(self) -> None:

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, AsyncIterator, Iterator, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Protocol
 
 from kvserve.engine.engine_ipc import (
     AbortRequests, AddRequest, EngineInfo, EngineStatsSnapshot, Ready, RequestDelta, Shutdown, StartupFailed,
@@ -132,9 +132,12 @@ class _Tracked:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineProcessConfig, observer: Optional[EngineObserver] = None) -> None:
+    def __init__(self, config: EngineProcessConfig, observer: Optional[EngineObserver] = None,
+                 kv_event_sink: Optional[Callable[[list[Any]], None]] = None) -> None:
+        """`kv_event_sink` gets each message's KV events (with `config.kv_events`), on the loop."""
         self.config = config
         self.observer = observer
+        self.kv_event_sink = kv_event_sink
         self.info: Optional[EngineInfo] = None
         self.stats = EngineStatsSnapshot()
         self.dead_reason: Optional[str] = None
@@ -292,6 +295,8 @@ class AsyncEngine:
         self.stats = msg.stats
         if self.observer is not None:
             self.observer.on_engine_stats(msg.stats)
+        if msg.kv_events and self.kv_event_sink is not None:
+            self.kv_event_sink(msg.kv_events)
         for delta in msg.deltas:
             tracked = self._requests.get(delta.request_id)
             if tracked is None:

@@ -119,6 +119,9 @@ class EngineStatsSnapshot:
 class StepOutputs:
     deltas: list[RequestDelta]
     stats: EngineStatsSnapshot
+    # Prefix-cache changes since the last message, in order (core/kv_events.py KVEventRecords:
+    # (kind, [32-byte hashes])); None unless the engine runs with kv_events on.
+    kv_events: Optional[list[tuple[str, list[bytes]]]] = None
 
 
 def dumps(obj: Any) -> bytes:

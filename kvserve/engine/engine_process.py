@@ -65,6 +65,9 @@ class EngineProcessConfig:
     engine_kwargs: dict[str, Any]
     engine_factory: str = DEFAULT_ENGINE_FACTORY
     log_level: int = logging.INFO
+    # Send the prefix cache's stored/removed block hashes with each step (the engine's
+    # enable_kv_events / take_kv_events verbs; routers read them, entrypoints/openai/kv_events.py).
+    kv_events: bool = False
     # Environment the child starts with where the user has not set the variable.  OpenMP
     # threads that spin while they wait (the default) burn the CPU the API process needs
     # every step, and collapse when the cores are oversubscribed (measured on 2 shared
@@ -99,11 +102,16 @@ def run_engine_process(config: EngineProcessConfig, in_conn: Connection, out_con
         logger.exception("engine failed to start")
         _send_quietly(out_conn, StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
+    kv_events = config.kv_events and hasattr(engine, "take_kv_events")
+    if kv_events:
+        engine.enable_kv_events()  # before the first request: the API side starts from an empty cache
+    elif config.kv_events:
+        logger.warning("the engine (%s) has no take_kv_events verb: no KV events are sent", config.engine_factory)
     info = EngineInfo(**engine.engine_info(), pid=os.getpid())
     if not _send_quietly(out_conn, Ready(info)):
         return
     try:
-        EngineLoop(engine, in_conn, out_conn).run()
+        EngineLoop(engine, in_conn, out_conn, kv_events=kv_events).run()
     finally:
         # Queued KV saves and the still-cached device blocks reach the persistent tiers
         # (a restarted server finds them), within ENGINE_CLOSE_TIMEOUT_S.
@@ -177,8 +185,9 @@ class DeltaTracker:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, in_conn: Connection, out_conn: Connection) -> None:
+    def __init__(self, engine: Any, in_conn: Connection, out_conn: Connection, kv_events: bool = False) -> None:
         self.engine = engine
+        self.kv_events = kv_events
         self.in_conn = in_conn
         self.out_conn = out_conn
         self.tracker = DeltaTracker()
@@ -206,9 +215,10 @@ class EngineLoop:
             # Checked before the stats are read: once nothing is pending, the stats are final.
             self._tier_io_pending = self._kv_tier_io_pending()
             stats = self._stats(fresh_tier_stats=not self.engine.has_unfinished_requests())
-            if deltas or commands or stats != self._last_stats:
+            events = self._take_kv_events()
+            if deltas or commands or events or stats != self._last_stats:
                 self._last_stats = stats
-                if not _send_quietly(self.out_conn, StepOutputs(deltas, stats)):
+                if not _send_quietly(self.out_conn, StepOutputs(deltas, stats, events or None)):
                     logger.info("API process is gone; engine exits")
                     return
             elif busy:
@@ -293,6 +303,15 @@ class EngineLoop:
                 self._tier_stats = None
             self._tier_stats_at = now
         return self._tier_stats
+
+    def _take_kv_events(self) -> list[Any]:
+        if not self.kv_events:
+            return []
+        try:
+            return list(self.engine.take_kv_events())
+        except Exception:  # noqa: BLE001 - events must not take the loop down
+            logger.exception("taking the KV events failed")
+            return []
 
     def _kv_tier_io_pending(self) -> bool:
         """True while the tier threads still load or save (their counters will move)."""

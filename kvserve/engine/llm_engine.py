@@ -1,6 +1,7 @@
 """LLMEngine: EngineCore plus tokenizer and output processing (text in, text out)."""
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from kvserve.config import EngineArgs, EngineConfig
+from kvserve.core.kv_events import KVEventRecord, KVEventRecorder
 from kvserve.engine.engine_core import EngineCore
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.tokenizer import generation_eos_ids, load_tokenizer
@@ -58,23 +60,32 @@ class LLMEngine:
             raise TypeError("pass either a model and engine keyword arguments, or a config, not both")
         self.config = config
         self.model_dir = config.model.model
-        tokenizer = config.model.tokenizer
+        # The tokenizer loads on a thread while the model loads here: importing transformers
+        # is most of its time (~1.7 s), and the weights' copies release the GIL.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvserve-tokenizer") as pool:
+            tokenizer_future = pool.submit(self._load_tokenizer, config.model.tokenizer)
+            arch = parse_model_config(Path(self.model_dir))
+            eos = generation_eos_ids(self.model_dir, arch.eos_token_ids, None)
+            if not eos:  # only the tokenizer names the EOS token: wait for it
+                eos = generation_eos_ids(self.model_dir, arch.eos_token_ids, tokenizer_future.result())
+            self.core = EngineCore.from_config(config, eos_token_ids=eos)
+            self.tokenizer = tokenizer_future.result()
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self._closer = _EngineCloser(self.core)
+        self._kv_events: Optional[KVEventRecorder] = None  # enable_kv_events()
+        # At interpreter exit, finalizers run newest first: this one before the KV tier
+        # I/O's own (created inside the core), so device blocks are flushed before it stops.
+        self._finalizer = weakref.finalize(self, self._closer, None, "it was not closed")
+
+    def _load_tokenizer(self, tokenizer: Optional[str]) -> Any:
         try:
-            self.tokenizer = load_tokenizer(tokenizer or self.model_dir)
+            return load_tokenizer(tokenizer or self.model_dir)
         except FileNotFoundError:
             if tokenizer:
                 raise
             logger.warning("%s has no tokenizer: only token-id prompts work and no text is produced", self.model_dir)
-            self.tokenizer = None
-        arch = parse_model_config(Path(self.model_dir))
-        eos = generation_eos_ids(self.model_dir, arch.eos_token_ids, self.tokenizer)
-        self.core = EngineCore.from_config(config, eos_token_ids=eos)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self._ids = itertools.count()
-        self._closer = _EngineCloser(self.core)
-        # At interpreter exit, finalizers run newest first: this one before the KV tier
-        # I/O's own (created inside the core), so device blocks are flushed before it stops.
-        self._finalizer = weakref.finalize(self, self._closer, None, "it was not closed")
+            return None
 
     @property
     def max_model_len(self) -> int:
@@ -104,11 +115,19 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize_prompt(prompt)
+        segment_lens = blend_ratio = None
+        if isinstance(prompt, dict) and "segments" in prompt:  # CacheBlend (docs/cacheblend.md)
+            from kvserve.blend.prompts import tokenize_segments
+
+            text, ids, segment_lens = tokenize_segments(self.tokenizer, prompt["segments"])
+            blend_ratio = prompt.get("blend_recompute_ratio")
+        else:
+            text, ids = self.tokenize_prompt(prompt)
         arrival_time = arrival_time or time.time()
         internal_id = request_id if params.n == 1 else f"{request_id}#0"
         req = self.core.make_request(internal_id, ids, params, arrival_time, priority,
-                                     parent_id=None if params.n == 1 else request_id, tenant=tenant, slo=slo)
+                                     parent_id=None if params.n == 1 else request_id, tenant=tenant, slo=slo,
+                                     segment_lens=segment_lens, blend_ratio=blend_ratio)
         self.core.add_request(req)  # raises before any state is kept
         self.output_processor.add(request_id, text, ids, params, arrival_time)
         return request_id
@@ -157,6 +176,16 @@ class LLMEngine:
     def kv_tier_io_pending(self) -> bool:
         """True while KV tier threads still load or save."""
         return self.core.kv_tier_io_pending()
+
+    def enable_kv_events(self) -> None:
+        """Record the prefix cache's stored/removed block hashes from now on (core/kv_events.py);
+        `take_kv_events()` hands them over.  Idempotent."""
+        if self._kv_events is None:
+            self._kv_events = KVEventRecorder.attach(self.core.kv_manager)
+
+    def take_kv_events(self) -> list[KVEventRecord]:
+        """KV events recorded since the last call; [] when not enabled."""
+        return self._kv_events.take() if self._kv_events is not None else []
 
     def close(self, timeout: Optional[float] = None) -> bool:
         """Write queued KV saves and, with a disk or Redis tier, the device blocks still

@@ -137,6 +137,9 @@ def register(subparsers: Any) -> None:
     eng.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse the KV cache of shared prompt prefixes across requests (default: on)")
+    eng.add_argument("--kv-events", action=argparse.BooleanOptionalAction, default=True,
+                     help="publish the prefix cache's stored/evicted block hashes at GET /kv_events, which "
+                          "`kvserve router --policy kv-aware` follows (default: on)")
     eng.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for requests without their own seed (default: %(default)s)")
     tiers = p.add_argument_group("KV offload tiers (docs/kv_tiers.md)")
     tiers.add_argument("--kv-tiers", default=None, metavar="SPEC",
@@ -156,6 +159,9 @@ def register(subparsers: Any) -> None:
     from kvserve.entrypoints.openai.scheduling import add_scheduling_args
 
     add_scheduling_args(p)
+    from kvserve.spec_decode.cli_args import add_speculative_args
+
+    add_speculative_args(p)
     p.set_defaults(func=run_serve)
 
 
@@ -230,10 +236,12 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
     from kvserve.engine.engine_process import DEFAULT_ENGINE_FACTORY, EngineProcessConfig
     from kvserve.entrypoints.openai.drain import DrainingServer
     from kvserve.entrypoints.openai.guard import DrainState
+    from kvserve.entrypoints.openai.kv_events import KVEventLog
     from kvserve.entrypoints.openai.server import build_app
     from kvserve.entrypoints.openai.scheduling import scheduling_engine_kwargs, scheduling_server_kwargs
     from kvserve.entrypoints.openai.serving import ServerContext
     from kvserve.metrics import ServerMetrics
+    from kvserve.spec_decode.cli_args import speculative_engine_kwargs
 
     engine_kwargs = dict(
         model=str(model_dir), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
@@ -242,12 +250,14 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_tiers=args.kv_tiers, kv_codec=args.kv_codec,
         kv_offload_policy=args.kv_offload_policy, kv_tier_write_policy=args.kv_tier_write_policy,
-        **scheduling_engine_kwargs(args),
+        **scheduling_engine_kwargs(args), **speculative_engine_kwargs(args),
     )
     metrics = ServerMetrics(names[0])
     factory = os.environ.get("KVSERVE_ENGINE_FACTORY") or DEFAULT_ENGINE_FACTORY
-    engine = AsyncEngine(EngineProcessConfig(engine_kwargs, engine_factory=factory, log_level=log_level),
-                         observer=metrics)
+    kv_log = KVEventLog(args.block_size) if args.kv_events else None
+    engine = AsyncEngine(EngineProcessConfig(engine_kwargs, engine_factory=factory, log_level=log_level,
+                                             kv_events=kv_log is not None),
+                         observer=metrics, kv_event_sink=kv_log.append if kv_log is not None else None)
     tokenizer_task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, args.tokenizer or str(model_dir)))
     ctx: Optional[ServerContext] = None
     try:
@@ -258,11 +268,13 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
             return 1
         tokenizer = await tokenizer_task
         _warn_if_vocab_mismatch(tokenizer, info.vocab_size)
+        metrics.set_instance_info(getattr(args, "role", None) or "both", info.block_size)
         ctx = ServerContext(engine=engine, info=info, tokenizer=tokenizer, served_model_names=names,
                             metrics=metrics, max_queue_len=args.max_queue_len,
                             api_key=args.api_key or os.environ.get("KVSERVE_API_KEY") or None,
                             max_request_bytes=args.max_request_bytes, body_read_timeout_s=args.body_read_timeout,
-                            drain=DrainState(args.drain_timeout), **scheduling_server_kwargs(args))
+                            drain=DrainState(args.drain_timeout), kv_events=kv_log,
+                            **scheduling_server_kwargs(args))
         logger.info("serving %s from %s: max_model_len=%d, KV cache %d blocks x %d tokens, engine pid %d",
                     names, info.model_dir, info.max_model_len, info.num_kv_blocks, info.block_size, info.pid)
         config = uvicorn.Config(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level,

@@ -23,6 +23,7 @@ from kvserve.entrypoints.openai.chat import create_chat_completion
 from kvserve.entrypoints.openai.completions import create_completion
 from kvserve.entrypoints.openai.errors import OpenAIError, bad_request, install_error_handlers
 from kvserve.entrypoints.openai.guard import RequestGuard
+from kvserve.entrypoints.openai.kv_events import add_kv_event_route
 from kvserve.entrypoints.openai.openapi import BODY_ERRORS, errors, install_openapi, request_body
 from kvserve.entrypoints.openai.prompts import chat_prompt, require_tokenizer
 from kvserve.entrypoints.openai.protocol import (
@@ -63,6 +64,8 @@ def build_app(ctx: ServerContext) -> Any:
     install_error_handlers(app)
     _add_api_routes(app, ctx)
     _add_probe_routes(app, ctx)
+    if ctx.kv_events is not None:
+        add_kv_event_route(app, ctx.kv_events)
     install_openapi(app, _REQUEST_MODELS)
     return RequestGuard(app, api_key=ctx.api_key, max_request_bytes=ctx.max_request_bytes,
                         body_read_timeout_s=ctx.body_read_timeout_s, drain=ctx.drain)

@@ -22,6 +22,7 @@ from kvserve.engine.engine_ipc import AddRequest, EngineInfo, PositionLogprobs, 
 from kvserve.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
 from kvserve.entrypoints.openai.defaults import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from kvserve.entrypoints.openai.guard import DrainState
+from kvserve.entrypoints.openai.kv_events import KVEventLog
 from kvserve.entrypoints.openai.scheduling import RequestScheduling, SchedulingDefaults
 from kvserve.metrics import ServerMetrics
 from kvserve.sampling_params import SamplingParams
@@ -83,6 +84,7 @@ class ServerContext:
     body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
     tokenizers: TokenizerLanes = field(init=False)
     drain: DrainState = field(default_factory=lambda: DrainState())
+    kv_events: Optional[KVEventLog] = None  # GET /kv_events (routers follow the prefix cache)
 
     def __post_init__(self) -> None:
         self.tokenizers = TokenizerLanes(self.tokenizer)
