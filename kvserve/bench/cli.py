@@ -232,6 +232,9 @@ def _add_offline(sub: Any) -> None:
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB or 500MB")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="number of KV blocks (overrides --kv-cache-memory)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the engine's prefix cache")
+    from kvserve.spec_decode.cli_args import add_speculative_args
+
+    add_speculative_args(p)
     p.set_defaults(func=_guard(_offline, "kvserve bench offline"))
 
 

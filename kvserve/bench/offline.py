@@ -414,6 +414,9 @@ def engine_knobs(args: argparse.Namespace) -> dict[str, Any]:
         "num_kv_blocks": args.num_kv_blocks,
     }
     knobs.update({k: v for k, v in optional.items() if v is not None})
+    from kvserve.spec_decode.cli_args import speculative_engine_kwargs
+
+    knobs.update(speculative_engine_kwargs(args))
     return knobs
 
 
