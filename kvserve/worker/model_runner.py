@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kvserve.models.model_config import ModelArchConfig
+from kvserve.utils.cpu_alloc import zero_pages
 from kvserve.protocol import (
     AttentionMetadata, ForwardContext, ModelRunnerOutput, PrefillSeq, SampledToken, ScheduledRequest, SchedulerOutput,
 )
@@ -33,6 +34,13 @@ def kv_block_bytes(cfg: ModelArchConfig, block_size: int, dtype: torch.dtype) ->
 _VECTORIZE_FROM_REQUESTS = 3
 
 
+def _zero_kv_layer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One layer's KV pool, all zeros; on CPU backed by untouched pages (see zero_pages)."""
+    if device.type == "cpu":
+        return zero_pages(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: frozenset[int],
@@ -45,10 +53,8 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         # Per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [
-            torch.zeros((2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype=dtype, device=device)
-            for _ in range(cfg.num_layers)
-        ]
+        self.kv_caches = [_zero_kv_layer((2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype, device)
+                          for _ in range(cfg.num_layers)]
         backend_cls = get_attention_backend(resolve_backend_name(attention_backend, device.type, dtype))
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim))
         self.sampler = Sampler(seed=seed, device=device)

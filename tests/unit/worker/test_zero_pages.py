@@ -1,0 +1,51 @@
+"""The CPU KV pool comes from untouched anonymous pages (kvserve.utils.cpu_alloc.zero_pages):
+same contents as torch.zeros, writable, and the mapping goes away with the tensor."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvserve.utils.cpu_alloc import zero_pages
+
+
+def _vm_size_kib() -> int:
+    """Virtual size of this process (adjacent anonymous mappings merge, so count bytes, not maps)."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmSize:"))
+    return int(line.split()[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_pages_equal_torch_zeros_and_writable(dtype: torch.dtype) -> None:
+    shape = (2, 7, 16, 3, 8)
+    t = zero_pages(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+    assert torch.equal(t, torch.zeros(shape, dtype=dtype))
+    t[1, 3] = 2.5
+    assert t.sum().item() == pytest.approx(2.5 * 16 * 3 * 8)
+    assert torch.count_nonzero(t[0]).item() == 0
+
+
+def test_zero_pages_mapping_released_with_tensor() -> None:
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc (Linux)")
+    gc.collect()
+    before = _vm_size_kib()
+    tensors = [zero_pages((16 << 20,), torch.float32) for _ in range(8)]  # 64 MiB each: 512 MiB in all
+    view = tensors[0][10:20]  # a view keeps its buffer alive on its own
+    assert _vm_size_kib() >= before + 8 * 65536
+    del tensors
+    gc.collect()
+    view.fill_(1.0)  # still valid memory
+    del view
+    gc.collect()
+    assert _vm_size_kib() <= before + 65536  # all eight mappings gone (slack: unrelated allocations)
+
+
+def test_runner_kv_pool_is_zero(tmp_path: Path) -> None:
+    from kvserve.worker.model_runner import _zero_kv_layer
+
+    layer = _zero_kv_layer((2, 4, 16, 2, 8), torch.float32, torch.device("cpu"))
+    assert torch.count_nonzero(layer).item() == 0
