@@ -23,6 +23,7 @@ from kvserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from kvserve.blend.spec import BlendStep
     from kvserve.worker.attention.base import AttentionBackend
 
 
@@ -82,6 +83,9 @@ class ScheduledRequest:
     # verify (token_ids = [last committed token, d_1..d_k], positions k+1 contiguous); the
     # executor reports 1 + accepted drafts in ModelRunnerOutput.num_accepted.
     num_draft_tokens: int = 0
+    # CacheBlend (kvserve/blend/): cached document chunks to place at their positions and
+    # the tokens to recompute; set only on a step that runs the rest of the prompt at once.
+    blend: Optional["BlendStep"] = None
 
 
 @dataclass

@@ -229,6 +229,31 @@ class KVCacheManager:
         )
         return num_shared * self.block_size
 
+    # ------------------------------------------------------- held outside requests
+    def hold_blocks(self, owner: str, shared: Sequence[KVBlock], num_fresh: int) -> Optional[list[KVBlock]]:
+        """Take a reference on cached `shared` blocks and on `num_fresh` new blocks for `owner`,
+        a holder that is not a request (CacheBlend chunks read or written by a step); held
+        blocks are never evicted.  Returns the fresh blocks, or None (nothing changed) when the
+        pool is short.  `owner` must not hold blocks already; `release_blocks` ends the hold."""
+        assert owner not in self.req_blocks, f"{owner} already holds blocks"
+        need = num_fresh + sum(1 for b in shared if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks:
+            return None
+        self.pool.touch(shared)
+        fresh = self.pool.allocate(num_fresh)
+        self.req_blocks[owner] = [*shared, *fresh]
+        return fresh
+
+    def register_block(self, block: KVBlock, block_hash: BlockHash) -> None:
+        """Register a held block under `block_hash` once its KV is written (first writer wins)."""
+        self.pool.cache_block(block, block_hash)
+
+    def release_blocks(self, owner: str) -> None:
+        """End `owner`'s hold (cached blocks stay findable until evicted)."""
+        blocks = self.req_blocks.pop(owner, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
     def trim(self, request: Request, num_tokens: int) -> bool:
         """Free the request's blocks after the first cdiv(num_tokens, block_size): speculative
         decoding, after a verifier rejected drafts, drops the blocks that held only rejected

@@ -20,7 +20,7 @@ come from the sources too and travel in the step.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.clock import Clock, wall_clock
@@ -290,6 +290,7 @@ class Scheduler:
                     prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
                     full_table=sent is None,
                     num_draft_tokens=len(d),
+                    blend=self._take_blend(request, end),
                 )
             )
             out.num_batched_tokens += n
@@ -298,6 +299,20 @@ class Scheduler:
         self._finished_since_last_step = []
         out.kv_saves = self._take_saves()  # evictions of this schedule, finishes since the last one
         return out
+
+    @staticmethod
+    def _take_blend(request: Request, end: int) -> Any:  # Optional[kvserve.blend.spec.BlendStep]
+        """The blend a KV source (the chunk cache) planned for this request, if this step runs
+        the rest of its prompt (a blend needs every remaining token at once; a chunked
+        prefill computes them in full instead, which is exact)."""
+        blend = request.pending_blend
+        if blend is None:
+            return None
+        request.pending_blend = None
+        if end != request.num_prompt_tokens:
+            return None
+        blend.emitted = True  # type: ignore[attr-defined]
+        return blend
 
     def flush(self) -> SchedulerOutput:
         """A step with no requests, carrying the KV saves queued since the last schedule()

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from kvserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from kvserve.blend.chunk_source import ChunkCache
+from kvserve.blend.spec import check_blend_request
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_sources import KVSource
 from kvserve.core.scheduler import Scheduler
@@ -104,9 +106,12 @@ class EngineCore:
         cc = config.cache
         self.kv_manager = KVCacheManager(num_kv_blocks, cc.block_size, cc.enable_prefix_caching)
         self.kv_tiers = kv_tiers
+        # CacheBlend: document chunks at any position (kvserve/blend/), asked after the prefix cache.
+        self.chunk_cache = ChunkCache(self.kv_manager, cc.blend_recompute_ratio,
+                                      namespace=f"{config.model.model}|{config.model.dtype}".encode())
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
                                    offload=kv_tiers.manager if kv_tiers is not None else None,
-                                   sources=kv_sources, clock=clock, swap=swap)
+                                   sources=[*kv_sources, self.chunk_cache], clock=clock, swap=swap)
         if config.speculative.enabled:  # speculative decoding: the scheduler drafts, the executor verifies
             from kvserve.spec_decode.scheduling import SpecScheduling
 
@@ -189,11 +194,18 @@ class EngineCore:
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      arrival_time: Optional[float] = None, priority: int = 0,
                      sample_index: int = 0, parent_id: Optional[str] = None,
-                     tenant: Optional[str] = None, slo: Optional[SLO] = None) -> Request:
+                     tenant: Optional[str] = None, slo: Optional[SLO] = None,
+                     segment_lens: Optional[Sequence[int]] = None, blend_ratio: Optional[float] = None) -> Request:
+        """`segment_lens`: the prompt is these segments (kvserve/blend/spec.py), blended at
+        `blend_ratio` (default: the engine's blend_recompute_ratio)."""
         bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        ratio = self.chunk_cache.ratio if blend_ratio is None else blend_ratio
+        if segment_lens is not None:
+            check_blend_request(segment_lens, len(prompt_token_ids), params.n, ratio, self.max_model_len)
         return Request(
+            segment_lens=tuple(segment_lens) if segment_lens is not None else None, blend_ratio=ratio,
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
             eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or self.clock(), priority=priority,
             parent_id=parent_id, sample_index=sample_index, num_samples_to_fork=params.n,

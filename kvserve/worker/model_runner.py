@@ -116,6 +116,10 @@ class ModelRunner:
             # Saves first: their blocks may be reused (by a load or this forward).
             assert self.kv_transfer is not None, "KV transfers scheduled without offload tiers"
             self.kv_transfer.apply(sched.kv_saves, sched.kv_loads)
+        if any(r.blend is not None for r in sched.requests):
+            from kvserve.blend.forward import execute_with_blend  # CacheBlend: chunks placed, a few recomputed
+
+            return execute_with_blend(self, sched)
         out = ModelRunnerOutput()
         if sched.is_empty:
             return out
