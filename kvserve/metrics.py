@@ -126,6 +126,10 @@ class ServerMetrics:
         self._seen = EngineStatsSnapshot()
         self.kv_tiers = KVTierCollector(model_name)
         r.register(self.kv_tiers)
+        from kvserve.spec_decode.prometheus import SpecDecodeCollector
+
+        self.spec_decode = SpecDecodeCollector(model_name)
+        r.register(self.spec_decode)
 
     def set_instance_info(self, role: str, block_size: int) -> None:
         """Export `kvserve:instance_info{role, block_size} 1` (one label set: the current one)."""
@@ -171,6 +175,7 @@ class ServerMetrics:
         if stats.prefix_cache_queries:
             self.prefix_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
         self.kv_tiers.stats = stats.kv_tiers
+        self.spec_decode.stats = stats.spec_decode
         self._seen = stats
 
     # ------------------------------------------------------------------ render
