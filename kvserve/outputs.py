@@ -52,4 +52,6 @@ class RequestOutput:
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
     error: Optional[str] = None  # set when the request failed inside the engine
+    # A prefill instance's answer: where a decode instance finds the KV (kvserve/disagg/params.py).
+    kv_transfer_params: Optional[dict] = None
     extra: dict = field(default_factory=dict)

@@ -21,7 +21,11 @@ the device block ids it got into transfers for the executor (`placed` -> KVLoad)
 
 Sources also see the device pool's evictions (`on_evict`), finished requests
 (`on_finished`) and hand over the blocks to copy out (`take_saves`), which the
-scheduler puts in the step (SchedulerOutput.kv_saves).
+scheduler puts in the step (SchedulerOutput.kv_saves).  A source whose fetches the
+executor runs hands them over the same way (`take_fetches`, `take_cancels` ->
+SchedulerOutput.kv_fetches / kv_cancels) and hears what finished from the step
+output (`on_transfers_done` <- ModelRunnerOutput.kv_transfers_done): one route,
+plain data, for every transfer.
 
 Invariant: plans are contiguous and in source order; every plan that shares
 device blocks comes before every plan that fills fresh ones.
@@ -34,10 +38,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from kvserve.core.block_pool import KVBlock
 from kvserve.core.clock import Clock, wall_clock
-from kvserve.core.kv_offload import KVOffloadManager
+from kvserve.core.kv_offload import KVOffloadManager, StepTierClient
 from kvserve.hashing import BlockHash
-from kvserve.protocol import KVLoad, KVSave
-from kvserve.request import Request
+from kvserve.protocol import KVFetch, KVLoad, KVSave, KVTransferEvents
+from kvserve.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from kvserve.core.kv_cache_manager import KVCacheManager
@@ -92,6 +96,24 @@ class KVSource(ABC):
         """Device blocks to copy out in the next step (before its forward)."""
         return []
 
+    def take_finished(self) -> list[tuple[str, RequestStatus, Optional[str | int]]]:
+        """Requests this source ends before they run (request id, status, stop reason): a
+        transfer that failed (FINISHED_ERROR, the reason for the client; never recomputed
+        instead), or one whose supplied tokens already finish it.  The scheduler finishes
+        them (Scheduler.finish_from_sources) before each schedule."""
+        return []
+
+    def take_fetches(self) -> list[KVFetch]:
+        """Background loads for the next step's executor to start."""
+        return []
+
+    def take_cancels(self) -> list[str]:
+        """Request ids whose loads the next step's executor drops (before its fetches)."""
+        return []
+
+    def on_transfers_done(self, events: KVTransferEvents) -> None:
+        """What a step's executor reported finished (loads of any source: skip unknown ids)."""
+
 
 class DevicePrefixCache(KVSource):
     """The longest run of the request's leading blocks cached in the device pool."""
@@ -115,7 +137,11 @@ _EWMA_WEIGHT = 0.2
 
 class OffloadTiers(KVSource):
     """Blocks the KV tiers hold after the device hit, through a KVOffloadManager (its
-    invariants hold: at most one load per admission, loads continue the device hit)."""
+    invariants hold: at most one load per admission, loads continue the device hit).
+
+    An engine's manager talks to the tiers through a StepTierClient: this source then
+    hands the loads it starts and cancels to the step and the step output's finished
+    transfers back to it.  Another client (tests' fakes) acts on the spot."""
 
     name = "tiers"
 
@@ -123,6 +149,8 @@ class OffloadTiers(KVSource):
         if not kv.enable_prefix_caching:
             raise ValueError("KV offload tiers need prefix caching (blocks are found by hash)")
         self.offload = offload
+        client = offload.client
+        self.steps: Optional[StepTierClient] = client if isinstance(client, StepTierClient) else None
         self.block_size = kv.block_size
         self.clock = clock
         # Seconds per fetched block, a running estimate from timed loads (for `cost_s`).
@@ -174,3 +202,13 @@ class OffloadTiers(KVSource):
 
     def take_saves(self) -> list[KVSave]:
         return self.offload.take_pending_saves()
+
+    def take_fetches(self) -> list[KVFetch]:
+        return self.steps.take_fetches() if self.steps is not None else []
+
+    def take_cancels(self) -> list[str]:
+        return self.steps.take_cancels() if self.steps is not None else []
+
+    def on_transfers_done(self, events: KVTransferEvents) -> None:
+        if self.steps is not None:
+            self.steps.deliver(events)

@@ -15,8 +15,11 @@ prefix cache, then e.g. the offload tiers) and keeps only the rule.  If every
 plan is ready the request starts with the tokens they supply; if one is not
 (a tier fetch), the request leaves the queue for WAITING_FOR_KV while that
 source fetches, the others keep running, and it re-enters the queue when the
-fetch is done.  Blocks to copy in (SchedulerOutput.kv_loads) and out (kv_saves)
-come from the sources too and travel in the step.
+fetch is done.  Blocks to copy in (SchedulerOutput.kv_loads) and out (kv_saves),
+and background loads to start (kv_fetches) or drop (kv_cancels), come from the
+sources too and travel in the step; the executor reports finished loads in its
+output (ModelRunnerOutput.kv_transfers_done), which update_from_output hands back
+to the sources.  The scheduler never calls into the executor's tier I/O.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from kvserve.core.kv_offload import KVOffloadManager
 from kvserve.core.kv_sources import DevicePrefixCache, KVPlan, KVSource, OffloadTiers
 from kvserve.core.policies import SchedulingPolicy, make_policy
 from kvserve.core.swap import SwapManager
-from kvserve.protocol import KVSave, ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from kvserve.protocol import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from kvserve.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -147,6 +150,19 @@ class Scheduler:
         self.policy.on_finished(request)
         if self.spec is not None:
             self.spec.on_finished(request)
+
+    def finish_from_sources(self) -> list[Request]:
+        """Finish the requests KV sources ended before they ran (KVSource.take_finished: a
+        failed transfer, or supplied tokens that already finish the request); the engine
+        reports them like requests that finished in a step."""
+        done: list[Request] = []
+        for source in self.sources:
+            for rid, status, reason in source.take_finished():
+                request = self.finish_request(rid, status)
+                if request is not None:
+                    request.stop_reason = reason
+                    done.append(request)
+        return done
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0 or bool(self.waiting_for_kv)
@@ -297,7 +313,7 @@ class Scheduler:
             self.policy.on_scheduled(request, n)
         out.finished_ids = self._finished_since_last_step
         self._finished_since_last_step = []
-        out.kv_saves = self._take_saves()  # evictions of this schedule, finishes since the last one
+        self._take_transfers(out)  # evictions of this schedule, finishes since the last one
         return out
 
     @staticmethod
@@ -317,8 +333,11 @@ class Scheduler:
     def flush(self) -> SchedulerOutput:
         """A step with no requests, carrying the KV saves queued since the last schedule()
         (blocks of requests that just finished): the executor copies them out now, while
-        their content is intact.  Empty without offload tiers."""
-        return SchedulerOutput(kv_saves=self._take_saves())
+        their content is intact; and the tier loads those requests no longer need, to
+        drop.  Empty without offload tiers."""
+        out = SchedulerOutput()
+        self._take_transfers(out)
+        return out
 
     # ------------------------------------------------------------ KV sources
     def _find_plans(self, request: Request) -> list[KVPlan]:
@@ -357,11 +376,13 @@ class Scheduler:
             self._fetched.add(request.request_id)
             self.waiting.add_preempted(request)
 
-    def _take_saves(self) -> list[KVSave]:
-        saves: list[KVSave] = []
+    def _take_transfers(self, out: SchedulerOutput) -> None:
+        """The sources' transfers for the executor, into the step: copies out, loads to drop
+        (before those to start, so a request id cancelled and fetched again is the new load)."""
         for source in self.sources:
-            saves.extend(source.take_saves())
-        return saves
+            out.kv_saves.extend(source.take_saves())
+            out.kv_cancels.extend(source.take_cancels())
+            out.kv_fetches.extend(source.take_fetches())
 
     def _num_tokens_to_run(self, request: Request, budget: int) -> int:
         n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -420,6 +441,11 @@ class Scheduler:
         changed: list[Request] = []
         self.new_forks = []
         now = self.clock()
+        if result.kv_transfers_done:  # tier loads finished, saves written: the sources' share
+            for source in self.sources:
+                source.on_transfers_done(result.kv_transfers_done)
+        if sched.is_empty:
+            return []  # a bookkeeping step (releases, copies, fetches): nothing to commit
         if self.spec is not None:
             self.spec.on_output(sched, result)
         for sr in sched.requests:

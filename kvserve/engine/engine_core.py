@@ -10,9 +10,12 @@ The executor is anything with the model runner's interface (kvserve.protocol.Exe
 `EngineCore.from_config` builds the real runner; a simulator passes a cost model.
 
 With KV offload tiers (`config.kv_tiers`), the scheduler may park requests in
-WAITING_FOR_KV while a background thread loads their prefix; the executor copies
-blocks out to (kv_saves) and in from (kv_loads) host memory before each
-forward.  Call `close()` to write out queued saves before the process exits.
+WAITING_FOR_KV while the executor's background thread loads their prefix: the
+load starts from a step input (kv_fetches), is reported finished in a step
+output (kv_transfers_done) and copied in (kv_loads) before a later forward, as
+saves are copied out (kv_saves).  Every executed step's output, one with no
+requests too, goes to Scheduler.update_from_output.  Call `close()` to write out
+queued saves before the process exits.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from kvserve.worker.dtypes import parse_dtype
 from kvserve.worker.model_runner import ModelRunner, kv_block_bytes
 
 if TYPE_CHECKING:
+    from kvserve.disagg.setup import DisaggEngine
     from kvserve.engine.kv_tiers import KVTiers
 
 Clock = Callable[[], float]
@@ -120,6 +124,8 @@ class EngineCore:
         self.stats = EngineStats()
         # Set by from_config (None for an executor built elsewhere).
         self.model: Optional[torch.nn.Module] = None
+        # Prefill/decode disaggregation (kvserve/disagg/setup.py); set by from_config.
+        self.disagg: Optional[DisaggEngine] = None
         self.arch: Optional[ModelArchConfig] = None
 
     @property
@@ -186,6 +192,9 @@ class EngineCore:
         core = cls(config, executor, num_kv_blocks=num_blocks, vocab_size=arch.vocab_size, eos_token_ids=eos,
                    kv_tiers=kv_tiers, swap=swap)
         core.model, core.arch = model, arch
+        from kvserve.disagg.setup import attach_disagg
+
+        core.disagg = attach_disagg(core, runner, config.disagg)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cc.block_size,
                     num_blocks * block_bytes / 2**20)
         return core
@@ -195,22 +204,29 @@ class EngineCore:
                      arrival_time: Optional[float] = None, priority: int = 0,
                      sample_index: int = 0, parent_id: Optional[str] = None,
                      tenant: Optional[str] = None, slo: Optional[SLO] = None,
-                     segment_lens: Optional[Sequence[int]] = None, blend_ratio: Optional[float] = None) -> Request:
+                     segment_lens: Optional[Sequence[int]] = None, blend_ratio: Optional[float] = None,
+                     kv_transfer_params: Optional[dict[str, Any]] = None) -> Request:
         """`segment_lens`: the prompt is these segments (kvserve/blend/spec.py), blended at
-        `blend_ratio` (default: the engine's blend_recompute_ratio)."""
+        `blend_ratio` (default: the engine's blend_recompute_ratio).  `kv_transfer_params`:
+        prefill/decode disaggregation (kvserve/disagg/params.py); ValueError if unusable here."""
         bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         ratio = self.chunk_cache.ratio if blend_ratio is None else blend_ratio
         if segment_lens is not None:
             check_blend_request(segment_lens, len(prompt_token_ids), params.n, ratio, self.max_model_len)
-        return Request(
+        req = Request(
             segment_lens=tuple(segment_lens) if segment_lens is not None else None, blend_ratio=ratio,
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
             eos_token_ids=self.eos_token_ids, arrival_time=arrival_time or self.clock(), priority=priority,
             parent_id=parent_id, sample_index=sample_index, num_samples_to_fork=params.n,
-            block_size=self.cache_config.block_size, tenant=tenant, slo=slo,
+            block_size=self.cache_config.block_size, tenant=tenant, slo=slo, kv_transfer_params=kv_transfer_params,
         )
+        if self.disagg is not None:
+            self.disagg.source.prepare(req, self.scheduler._check_stop)  # checks, counts, first token
+        elif kv_transfer_params:
+            raise ValueError("kv_transfer_params given, but this engine has no KV transfer set up")
+        return req
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -231,15 +247,27 @@ class EngineCore:
 
     # ----------------------------------------------------------------- step
     def step(self) -> list[Request]:
-        """Run one step; return the requests that got tokens or finished."""
+        """Run one step; return the requests that got tokens or finished (first those a KV
+        source ended before they ran, e.g. a failed KV transfer)."""
+        ended = self.scheduler.finish_from_sources()
+        changed = self._step()
+        return ended + changed if ended else changed
+
+    def _step(self) -> list[Request]:
         t0 = time.perf_counter()
         c0 = self.clock()  # the step's duration on the engine's clock feeds the policy's step-time model
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if sched.finished_ids or sched.kv_saves or sched.swap_outs:
-                self.executor.execute(sched)  # let the runner drop per-request state, copy saves out
-            if self.kv_tiers is not None and self.scheduler.num_waiting_for_kv:
-                self.kv_tiers.io.wait_for_load(_IDLE_LOAD_WAIT_S)  # nothing runnable until a load lands
+            waiting = self.scheduler.num_waiting_for_kv
+            if self.kv_tiers is not None and waiting and not sched.kv_fetches:
+                # Nothing runnable until a load lands; one that lands now is in this step's output.
+                self.kv_tiers.io.wait_for_load(_IDLE_LOAD_WAIT_S)
+            if sched.has_bookkeeping or waiting:
+                # The executor drops per-request state, copies saves out, starts and drops
+                # loads, and reports finished ones: to the scheduler, like every step's output.
+                self.scheduler.update_from_output(sched, self.executor.execute(sched))
+            if self.disagg is not None and self.disagg.source.num_fetches_in_flight:
+                self.disagg.source.wait(_IDLE_LOAD_WAIT_S)  # nor until a KV transfer lands
             return []
         try:
             result = self.executor.execute(sched)
@@ -273,10 +301,10 @@ class EngineCore:
         """Copy blocks queued for saving (finished requests) out of the pool now,
         while their content is intact; the saver thread writes them.  Saves take one
         route: a step input (SchedulerOutput.kv_saves) the executor applies, here a
-        step with no requests."""
+        step with no requests (which also drops the loads of requests that finished)."""
         step = self.scheduler.flush()
-        if step.kv_saves:
-            self.executor.execute(step)
+        if step.has_bookkeeping:
+            self.scheduler.update_from_output(step, self.executor.execute(step))
 
     def wait_for_kv_saves(self, timeout: float) -> bool:
         """Copy queued saves out of the pool and wait until the tiers hold them
@@ -308,7 +336,8 @@ class EngineCore:
                     prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                     num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.num_steps,
                     preemptions_by={f"{cause}/{mode}": n for (cause, mode), n in self.scheduler.preemptions_by.items()},
-                    spec_decode=self.scheduler.spec.metrics.as_dict() if self.scheduler.spec is not None else None)
+                    spec_decode=self.scheduler.spec.metrics.as_dict() if self.scheduler.spec is not None else None,
+                    disagg=self.disagg.stats() if self.disagg is not None else None)
 
     def kv_tier_io_pending(self) -> bool:
         """True while KV tier threads still load or save (their counters will move)."""
@@ -321,6 +350,8 @@ class EngineCore:
         written.  Idempotent.  `flush_device_blocks=False` after a step that did not
         complete (an exception escaped it): blocks it registered may hold KV never
         written, so nothing from the pool is copied out, only saves already copied."""
+        if self.disagg is not None:
+            self.disagg.close()  # exports nobody fetched are dropped
         tiers = self.kv_tiers
         if tiers is None or tiers.io.closed:
             return True

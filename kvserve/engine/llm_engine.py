@@ -107,9 +107,10 @@ class LLMEngine:
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None,
                     arrival_time: Optional[float] = None, priority: int = 0, tenant: Optional[str] = None,
-                    slo: Optional[SLO] = None) -> str:
+                    slo: Optional[SLO] = None, kv_transfer_params: Optional[dict[str, Any]] = None) -> str:
         """Validate and queue one request; raises ValueError for a request that can never run.
-        `priority`, `tenant` and `slo` are plain data for the scheduling policy."""
+        `priority`, `tenant` and `slo` are plain data for the scheduling policy;
+        `kv_transfer_params`: prefill/decode disaggregation (docs/disaggregation.md)."""
         if self.closed:
             raise RuntimeError("this engine is closed")
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -127,7 +128,8 @@ class LLMEngine:
         internal_id = request_id if params.n == 1 else f"{request_id}#0"
         req = self.core.make_request(internal_id, ids, params, arrival_time, priority,
                                      parent_id=None if params.n == 1 else request_id, tenant=tenant, slo=slo,
-                                     segment_lens=segment_lens, blend_ratio=blend_ratio)
+                                     segment_lens=segment_lens, blend_ratio=blend_ratio,
+                                     kv_transfer_params=kv_transfer_params)
         self.core.add_request(req)  # raises before any state is kept
         self.output_processor.add(request_id, text, ids, params, arrival_time)
         return request_id

@@ -38,6 +38,7 @@ class RequestState:
     samples: dict[int, SampleState] = field(default_factory=dict)
     prompt_logprobs: Optional[list] = None
     error: Optional[str] = None
+    kv_transfer_params: Optional[dict] = None  # set when the engine exported the request's KV
 
     @property
     def finished(self) -> bool:
@@ -108,6 +109,8 @@ class OutputProcessor:
                 result.stopped.append(req.request_id)
             if req.status == RequestStatus.FINISHED_ERROR:
                 state.error = str(req.stop_reason)
+            if req.kv_transfer_out is not None:
+                state.kv_transfer_params = req.kv_transfer_out
             if req.is_finished and sample.finish_reason is None:
                 sample.finish_reason = req.status.finish_reason
                 sample.stop_reason = req.stop_reason
@@ -170,6 +173,7 @@ class OutputProcessor:
             request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
             outputs=outputs, finished=finished, metrics=state.metrics, prompt_logprobs=state.prompt_logprobs,
             num_cached_tokens=state.metrics.num_cached_tokens, error=state.error,
+            kv_transfer_params=state.kv_transfer_params,
         )
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
