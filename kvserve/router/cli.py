@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -62,6 +63,12 @@ def register(subparsers: Any) -> None:
     route.add_argument("--kv-index-ttl", type=positive_float, default=300.0, metavar="SECONDS",
                        help="kv-aware: how long a block predicted from a routing decision (not reported by the "
                             "instance) counts as cached (default: %(default)s)")
+    route.add_argument("--kv-events", action=argparse.BooleanOptionalAction, default=True,
+                       help="kv-aware: follow each instance's KV events (GET /kv_events: the block hashes it "
+                            "stored and evicted) into the index, besides the routing predictions (default: on)")
+    route.add_argument("--instance-api-key", default=None, metavar="KEY",
+                       help="the instances' --api-key, sent on the router's own requests to them (/kv_events); "
+                            "clients' requests carry their own (default: $KVSERVE_API_KEY)")
     route.add_argument("--max-attempts", type=positive_int, default=3,
                        help="instances tried per request before giving up (default: %(default)s)")
     health = p.add_argument_group("health checks")
@@ -92,7 +99,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         healthy_after=args.healthy_after, unhealthy_after=args.unhealthy_after, max_attempts=args.max_attempts,
         connect_timeout_s=args.connect_timeout, read_timeout_s=args.read_timeout,
         kv_overlap_weight=args.kv_overlap_weight, kv_index_capacity=args.kv_index_capacity,
-        kv_index_ttl_s=args.kv_index_ttl, max_request_bytes=args.max_request_bytes)
+        kv_index_ttl_s=args.kv_index_ttl, max_request_bytes=args.max_request_bytes, kv_events=args.kv_events,
+        instance_api_key=args.instance_api_key or os.environ.get("KVSERVE_API_KEY") or None)
 
 
 def run_router(args: argparse.Namespace) -> int:

@@ -29,6 +29,9 @@ class RouterConfig:
     kv_index_capacity: int = 200_000  # block hashes per instance
     kv_index_ttl_s: float = 300.0  # lifetime of a predicted (routed, not reported) entry
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    kv_events: bool = True  # kv-aware: follow each instance's GET /kv_events (kv_subscribe.py)
+    kv_events_wait_s: float = 2.0  # long-poll wait of each /kv_events request
+    instance_api_key: Optional[str] = None  # sent to the instances on the router's own requests (/kv_events)
 
     def __post_init__(self) -> None:
         for name in ("instances", "prefill", "decode"):
@@ -52,7 +55,7 @@ class RouterConfig:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for name in ("health_interval_s", "health_timeout_s", "connect_timeout_s", "read_timeout_s",
-                     "kv_index_ttl_s"):
+                     "kv_index_ttl_s", "kv_events_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kv_overlap_weight < 0:

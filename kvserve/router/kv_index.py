@@ -87,6 +87,11 @@ class KVIndex:
     def instances(self) -> list[str]:
         return list(self._instances)
 
+    def reported(self, instance: str) -> set[BlockHash]:
+        """The hashes `instance` reported stored (KV events), without the predicted ones."""
+        blocks = self._instances.get(instance)
+        return set(blocks.stored) if blocks is not None else set()
+
     # ---------------------------------------------------------------- updates
     def record_routed(self, instance: str, hashes: Sequence[BlockHash]) -> None:
         """`instance` was sent a request whose full prompt blocks are `hashes` (a prediction)."""

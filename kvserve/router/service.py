@@ -23,6 +23,7 @@ from kvserve.router.health import HealthChecker
 from kvserve.router.instances import Instance, InstancePool
 from kvserve.router.kv_events import KVEventIngestor
 from kvserve.router.kv_index import KVIndex
+from kvserve.router.kv_subscribe import KVEventSubscriber
 from kvserve.router.metrics import RouterMetrics
 from kvserve.router.pd import PDRouter, TransferProtocol
 from kvserve.router.policies import PolicyContext, RouteDecision, create_policy
@@ -58,6 +59,7 @@ class Router:
         self.health: Optional[HealthChecker] = None
         self.forwarders: dict[str, Forwarder] = {}
         self.pd: Optional[PDRouter] = None
+        self.kv_subscriber: Optional[KVEventSubscriber] = None
 
     # ---------------------------------------------------------------- lifecycle
     @contextlib.asynccontextmanager
@@ -79,9 +81,16 @@ class Router:
                                     timeout_s=cfg.health_timeout_s, kv_index=self.kv_index)
         await self.health.check_once()
         self.health.start()
+        if cfg.kv_events and self.policies["any"].needs_tokens:  # only kv-aware reads the index
+            self.kv_subscriber = KVEventSubscriber(self.pool, self.client, self.ingest_kv_events,
+                                                   wait_s=cfg.kv_events_wait_s, retry_s=cfg.health_interval_s,
+                                                   api_key=cfg.instance_api_key)
+            self.kv_subscriber.start()
         try:
             yield
         finally:
+            if self.kv_subscriber is not None:
+                await self.kv_subscriber.stop()
             await self.health.stop()
             await self.client.aclose()
 
@@ -164,7 +173,7 @@ class Router:
                         "block_size": s.block_size if s else None})
         return out
 
-    def ingest_kv_events(self, body: bytes) -> dict[str, Any]:
+    def ingest_kv_events(self, body: bytes | dict[str, Any]) -> dict[str, Any]:
         result = self.events.ingest(body)
         self.metrics.kv_events.labels("stored").inc(result.stored)
         self.metrics.kv_events.labels("removed").inc(result.removed)
