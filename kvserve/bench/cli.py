@@ -66,6 +66,8 @@ def _roofline(args: argparse.Namespace) -> int:
     w = rl.dtype_bytes(args.dtype)
     kv = rl.dtype_bytes(args.kv_dtype) if args.kv_dtype else w
     link_bw = rl.resolve_link(args.link_bandwidth) if args.link_bandwidth else None
+    if args.placement:
+        return _placement(args, spec, hw, w, kv, link_bw)
     context = args.context
     if args.json:
         pre = rl.prefill_bound(spec, hw, args.prompt_len, w, kv)
@@ -88,6 +90,37 @@ def _roofline(args: argparse.Namespace) -> int:
     link_name = args.link_bandwidth if args.link_bandwidth and args.link_bandwidth.lower() in rl.LINK_PRESETS else None
     rows = rl.report_lines(spec, hw, w, kv, args.prompt_len, args.batch, context, link_bw, link_name)
     print_table("kvserve roofline (lower bounds)", rows)
+    return 0
+
+
+def _placement(args: argparse.Namespace, spec: Any, hw: Any, w: float, kv: float, link_bw: Any) -> int:
+    """`kvserve roofline --placement`: prefill/decode instances per request rate (bench/placement.py)."""
+    import json
+
+    from kvserve.bench import placement as pl
+    from kvserve.bench.report import print_table, sanitize
+
+    if args.ttft is None or args.tpot is None:
+        raise BenchInputError("--placement needs --ttft SECONDS and --tpot SECONDS (the latency targets)")
+    if any(t < 1 for t in args.tp) or any(not r > 0 for r in args.rates):
+        raise BenchInputError("--tp values must be >= 1 and --rates values > 0")
+    try:
+        targets = pl.Targets(args.ttft, args.tpot, args.output_len, link_bw)
+    except ValueError as exc:
+        raise BenchInputError(str(exc)) from None
+    costs = pl.roofline_costs(spec, hw, args.prompt_len, args.output_len, w, kv)
+    rows, placements = pl.placement_rows(costs, targets, args.rates, args.tp)
+    if args.json:
+        doc = {"model": spec.name, "hardware": hw.name, "prompt_len": args.prompt_len, "output_len": args.output_len,
+               "ttft_s": args.ttft, "tpot_s": args.tpot, "link_bandwidth": link_bw, "tp_options": args.tp,
+               "placements": [None if p is None else p.as_dict() for p in placements]}
+        print(json.dumps(sanitize(doc), indent=1))
+        return 0
+    link = f"{link_bw / 1e9:g} GB/s" if link_bw else "not modelled (give --link-bandwidth)"
+    head = [("model", spec.name), ("hardware", hw.name),
+            ("workload", f"prompt {args.prompt_len} tokens, output {args.output_len} tokens"),
+            ("targets", f"TTFT {args.ttft:g} s, TPOT {args.tpot:g} s (means)"), ("KV transfer link", link)]
+    print_table("kvserve roofline --placement (lower bounds on GPUs)", head + rows)
     return 0
 
 
@@ -286,6 +319,19 @@ def _add_roofline(subparsers: Any) -> None:
     p.add_argument("--link-bandwidth", default=None,
                    help="link for the swap cost: pcie4, pcie5, nvlink, 100gbe, or a number in GB/s")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pg = p.add_argument_group(
+        "placement mode (--placement)",
+        "DistServe's placement search over these bounds: per request rate, how many prefill and decode "
+        "instances (and GPUs each, --tp) serve the workload (--prompt-len, --output-len) within the TTFT and "
+        "TPOT targets with the fewest GPUs; the KV transfer uses --link-bandwidth")
+    pg.add_argument("--placement", action="store_true", help="run the placement search instead of the bounds table")
+    pg.add_argument("--ttft", type=float, default=None, metavar="SECONDS", help="mean time-to-first-token target")
+    pg.add_argument("--tpot", type=float, default=None, metavar="SECONDS", help="mean time-per-output-token target")
+    pg.add_argument("--output-len", type=int, default=256, help="output tokens per request (default: %(default)s)")
+    pg.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0, 16.0], metavar="REQ_PER_S",
+                    help="request rates to place (default: 1 2 4 8 16)")
+    pg.add_argument("--tp", type=int, nargs="+", default=[1], metavar="GPUS",
+                    help="GPUs per instance to consider, e.g. 1 2 4 8 (ideal tensor parallelism) (default: 1)")
     p.set_defaults(func=_guard(_roofline, "kvserve roofline"))
 
 
