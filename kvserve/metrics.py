@@ -126,6 +126,10 @@ class ServerMetrics:
         self._seen = EngineStatsSnapshot()
         self.kv_tiers = KVTierCollector(model_name)
         r.register(self.kv_tiers)
+        from kvserve.disagg.metrics import DisaggCollector  # prefill/decode transfer counters
+
+        self.disagg = DisaggCollector(model_name)
+        r.register(self.disagg)
         from kvserve.spec_decode.prometheus import SpecDecodeCollector
 
         self.spec_decode = SpecDecodeCollector(model_name)
@@ -175,6 +179,7 @@ class ServerMetrics:
         if stats.prefix_cache_queries:
             self.prefix_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
         self.kv_tiers.stats = stats.kv_tiers
+        self.disagg.stats = stats.disagg
         self.spec_decode.stats = stats.spec_decode
         self._seen = stats
 

@@ -34,6 +34,7 @@ class AddRequest:
     priority: int = 0  # lower first (the "priority" policy)
     tenant: Optional[str] = None  # the OpenAI `user` (or `tenant`) field (the "fair" policy)
     slo: Optional[SLO] = None  # latency targets (the "slo" policy)
+    kv_transfer_params: Optional[dict[str, Any]] = None  # P/D disaggregation (kvserve/disagg/params.py)
 
 
 @dataclass(slots=True)
@@ -94,6 +95,8 @@ class RequestDelta:
     rejected: bool = False
     # Set with `rejected` when the scheduling policy refused it for now (a 429 with Retry-After).
     retry_after_s: Optional[float] = None
+    # A prefill instance's answer for a decode instance (kvserve/disagg/params.py), with the last delta.
+    kv_transfer_params: Optional[dict[str, Any]] = None
 
 
 @dataclass(slots=True)
@@ -113,6 +116,8 @@ class EngineStatsSnapshot:
     kv_tiers: Optional[dict[str, Any]] = None
     # SpecDecodeMetrics.as_dict() (cumulative); None without speculative decoding.
     spec_decode: Optional[dict[str, Any]] = None
+    # DisaggEngine.stats(): role, transfer outcomes and tokens, prompt tokens computed (cumulative).
+    disagg: Optional[dict[str, Any]] = None
 
 
 @dataclass(slots=True)

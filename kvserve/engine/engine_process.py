@@ -175,7 +175,8 @@ class DeltaTracker:
             state[0] = num_tokens + len(new_ids)
             state[1] = max(num_chars, len(c.text))
             state[2] = int(c.finish_reason is not None)
-        delta = RequestDelta(out.request_id, samples, out.finished, out.num_cached_tokens, error=out.error)
+        delta = RequestDelta(out.request_id, samples, out.finished, out.num_cached_tokens, error=out.error,
+                             kv_transfer_params=getattr(out, "kv_transfer_params", None) if out.finished else None)
         if out.prompt_logprobs is not None and out.request_id not in self._prompt_logprobs_sent:
             self._prompt_logprobs_sent.add(out.request_id)
             delta.prompt_logprobs = [None if p is None else _entries(p) for p in out.prompt_logprobs]
@@ -260,7 +261,9 @@ class EngineLoop:
         try:
             self.engine.add_request(prompt, cmd.params, request_id=cmd.request_id,
                                     arrival_time=cmd.arrival_time, priority=cmd.priority,
-                                    tenant=cmd.tenant, slo=cmd.slo)
+                                    tenant=cmd.tenant, slo=cmd.slo,
+                                    **({"kv_transfer_params": cmd.kv_transfer_params}
+                                       if cmd.kv_transfer_params is not None else {}))
         except Exception as exc:  # noqa: BLE001 - refuse this request, keep serving
             # AdmissionRejected (the policy refuses it for now) carries a retry delay: a 429.
             self.pending.append(RequestDelta(cmd.request_id, finished=True, error=str(exc), rejected=True,

@@ -156,6 +156,18 @@ def register(subparsers: Any) -> None:
     tiers.add_argument("--kv-tier-write-policy", choices=["write_through", "demote"], default="write_through",
                        help="write_through = every save goes to every tier; demote = to the first tier, "
                             "whose evictions move down a tier (default: %(default)s)")
+    pd = p.add_argument_group("prefill/decode disaggregation (docs/disaggregation.md)")
+    pd.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
+                    help="what this instance reports to a router (kvserve:instance_info{role}): prefill instances "
+                         "get the prompts of `kvserve router --prefill`, decode instances the rest; every role "
+                         "also serves plain requests locally (default: %(default)s)")
+    pd.add_argument("--kv-transfer", default="shm://", metavar="URL",
+                    help="how a request's KV travels to its decode instance: shm://[DIR] (same host, files in "
+                         "DIR, default /dev/shm/kvserve) or ray://[ADDRESS][?codec=raw|int8|cachegen] (Ray's "
+                         "object store, across hosts; needs `pip install ray`) (default: %(default)s)")
+    pd.add_argument("--kv-transfer-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                    help="a decode instance fails (never recomputes) a request whose KV has not arrived by then; "
+                         "a prefill instance drops exports nobody fetched by then (default: %(default)s)")
     from kvserve.entrypoints.openai.scheduling import add_scheduling_args
 
     add_scheduling_args(p)
@@ -250,6 +262,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks, kv_tiers=args.kv_tiers, kv_codec=args.kv_codec,
         kv_offload_policy=args.kv_offload_policy, kv_tier_write_policy=args.kv_tier_write_policy,
+        role=args.role, kv_transfer=args.kv_transfer, kv_transfer_timeout=args.kv_transfer_timeout,
         **scheduling_engine_kwargs(args), **speculative_engine_kwargs(args),
     )
     metrics = ServerMetrics(names[0])

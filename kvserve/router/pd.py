@@ -10,9 +10,13 @@ prefill protocol, so an instance implementing it plugs in as it is.
 The router never moves KV itself and never lets a decode instance silently recompute a prompt:
 a prefill answer without transfer parameters is a 502 to the client, not a fallback to local
 computation.  The pair is only formed from
-instances that report the roles (`kvserve:instance_info{role="prefill"|"decode"}`, scrape.py);
-kvserve instances do not report roles yet (the transfer is a later part of issue 16), so until
-they do, a router started with --prefill/--decode answers 503 and says why.
+instances that report the roles (`kvserve:instance_info{role="prefill"|"decode"}`, scrape.py;
+`kvserve serve --role prefill|decode`).
+
+A transfer that fails on the decode side (the decode instance answers the OpenAI error
+`kv_transfer_failed`: the blocks are gone, damaged or late, e.g. the prefill instance died) is
+retried once more through a fresh prefill, never recomputed on the decode instance: for a
+stream, while its first event is that error, so nothing has reached the client yet.
 
 `TransferProtocol` is the seam for other handshakes (e.g. one where the decode instance is
 chosen first and told to the prefill instance, as SGLang's bootstrap does).
@@ -28,7 +32,7 @@ from fastapi.responses import Response
 from kvserve.entrypoints.openai.errors import OpenAIError
 from kvserve.router.metrics import RouterMetrics
 from kvserve.router.prompts import RouteRequest
-from kvserve.router.proxy import Buffered, Forwarder
+from kvserve.router.proxy import Buffered, Forwarder, _PassThrough
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class TransferParamsRelay:
         params = prefill_answer.get("kv_transfer_params") if isinstance(prefill_answer, dict) else None
         if not isinstance(params, dict) or not params:
             raise TransferParamsMissing("the prefill answer carries no kv_transfer_params")
+        if "error" in params:  # the prefill instance could not export the blocks
+            raise TransferParamsMissing(str(params["error"]))
         out = dict(body)
         out["kv_transfer_params"] = params
         return out
@@ -78,11 +84,12 @@ class PDRouter:
     """Runs one request through a (prefill, decode) pair chosen by the routing policy per slot."""
 
     def __init__(self, prefill: Forwarder, decode: Forwarder, metrics: RouterMetrics,
-                 protocol: TransferProtocol | None = None) -> None:
+                 protocol: TransferProtocol | None = None, max_pair_attempts: int = 2) -> None:
         self.prefill = prefill
         self.decode = decode
         self.metrics = metrics
         self.protocol: TransferProtocol = protocol or TransferParamsRelay()
+        self.max_pair_attempts = max_pair_attempts  # prefill + decode rounds when a transfer fails
 
     def check_pair(self) -> None:
         """503 before any work if either side has no routable instance."""
@@ -92,6 +99,17 @@ class PDRouter:
                 raise fwd.no_instance_error(slot, [])
 
     async def handle(self, path: str, body: dict[str, Any], headers: dict[str, str],
+                     route: RouteRequest) -> Response:
+        for attempt in range(self.max_pair_attempts):
+            response = await self._round(path, body, headers, route)
+            if attempt + 1 < self.max_pair_attempts and await _transfer_failed(response):
+                self.metrics.pd_requests.labels("transfer_retried").inc()
+                logger.warning("KV transfer failed on the decode side; prefilling again")
+                continue
+            break
+        return response
+
+    async def _round(self, path: str, body: dict[str, Any], headers: dict[str, str],
                      route: RouteRequest) -> Response:
         self.check_pair()
         prefill_body = json.dumps(self.protocol.prefill_request(body)).encode()
@@ -120,3 +138,19 @@ class PDRouter:
             raise
         assert isinstance(answer, Buffered)
         return answer
+
+
+_TRANSFER_FAILED = b'"kv_transfer_failed"'
+
+
+async def _transfer_failed(response: Response) -> bool:
+    """True when the decode instance said the KV transfer failed before anything reached the
+    client (an error answer, or a stream whose first event is that error); such a stream is
+    closed here."""
+    if isinstance(response, _PassThrough):
+        first = response.first_chunk
+        if first.lstrip().startswith(b'data: {"error"') and _TRANSFER_FAILED in first:
+            await response.discard()
+            return True
+        return False
+    return response.status_code >= 500 and _TRANSFER_FAILED in bytes(response.body)

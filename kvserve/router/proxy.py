@@ -260,6 +260,16 @@ class _PassThrough(StreamingResponse):
         super().__init__(self._chunks(), status_code=s.upstream.status_code,
                          headers=response_headers(s.upstream, s.inst))
 
+    @property
+    def first_chunk(self) -> bytes:
+        """The stream's first body chunk (already read, not yet sent)."""
+        return self._s.first
+
+    async def discard(self) -> None:
+        """Give up this stream before anything is sent (e.g. to retry elsewhere)."""
+        await _close(self._s.upstream.aclose())
+        self._release()
+
     async def _chunks(self) -> AsyncIterator[bytes]:
         tail = b""
         try:

@@ -39,7 +39,8 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
     params = build_sampling_params(req, vocab_size=ctx.info.vocab_size, max_tokens=max_tokens,
                                    logprobs=num_top if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = ctx.submit([prompt.token_ids], params, request_id, arrival, request_scheduling(req, ctx.scheduling))
+    stream = ctx.submit([prompt.token_ids], params, request_id, arrival, request_scheduling(req, ctx.scheduling),
+                        kv_transfer_params=req.kv_transfer_params)
     view = _ChatView(req, model, request_id, prompt, stream, num_top)
     if req.stream:
         return EngineStreamingResponse(view.sse(), ctx.engine, stream)
@@ -50,7 +51,10 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
             ctx.engine.abort(stream.unfinished_ids)
     if results is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse(view.response(results[request_id]).model_dump())
+    body = view.response(results[request_id]).model_dump()
+    if results[request_id].kv_transfer_params is not None:  # a prefill instance's answer (disaggregation)
+        body["kv_transfer_params"] = results[request_id].kv_transfer_params
+    return JSONResponse(body)
 
 
 class _ChatView:

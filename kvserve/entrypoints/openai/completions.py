@@ -45,7 +45,7 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
                                    logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     stream = ctx.submit([p.token_ids for p in prompts], params, request_id, arrival,
-                        request_scheduling(req, ctx.scheduling))
+                        request_scheduling(req, ctx.scheduling), kv_transfer_params=req.kv_transfer_params)
     view = _CompletionView(ctx, req, model, request_id, prompts, stream)
     if req.stream:
         return EngineStreamingResponse(view.sse(), ctx.engine, stream)
@@ -56,7 +56,11 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
             ctx.engine.abort(stream.unfinished_ids)
     if results is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse(view.response(results).model_dump())
+    body = view.response(results).model_dump()
+    transfer = [r.kv_transfer_params for r in results.values() if r.kv_transfer_params is not None]
+    if transfer:  # a prefill instance's answer (disaggregation: one prompt)
+        body["kv_transfer_params"] = transfer[0]
+    return JSONResponse(body)
 
 
 class _CompletionView:

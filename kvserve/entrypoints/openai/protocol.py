@@ -75,6 +75,9 @@ class SamplingFields(RequestModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
+    # Prefill/decode disaggregation (vLLM's field; docs/disaggregation.md): {"do_remote_decode": true}
+    # to a prefill instance, a prefill answer's object to a decode instance.
+    kv_transfer_params: Optional[dict[str, Any]] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 

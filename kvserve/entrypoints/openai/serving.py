@@ -25,6 +25,10 @@ from kvserve.entrypoints.openai.guard import DrainState
 from kvserve.entrypoints.openai.kv_events import KVEventLog
 from kvserve.entrypoints.openai.scheduling import RequestScheduling, SchedulingDefaults
 from kvserve.metrics import ServerMetrics
+
+# The message prefix of a failed KV transfer (kvserve.disagg.source.KV_TRANSFER_ERROR; not imported,
+# to keep torch out of the API process's imports).
+KV_TRANSFER_ERROR = "KV transfer failed: "
 from kvserve.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -109,9 +113,13 @@ class ServerContext:
         return requested
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, id_prefix: str,
-               arrival_time: float, sched: Optional[RequestScheduling] = None) -> RequestStream:
+               arrival_time: float, sched: Optional[RequestScheduling] = None,
+               kv_transfer_params: Optional[dict[str, Any]] = None) -> RequestStream:
         """Admit one API call's prompts (each becomes one engine request) or raise 503/429/400.
-        `sched`: the call's priority, tenant and SLO (scheduling.request_scheduling)."""
+        `sched`: the call's priority, tenant and SLO (scheduling.request_scheduling);
+        `kv_transfer_params`: prefill/decode disaggregation (one prompt only)."""
+        if kv_transfer_params is not None and len(prompts) != 1:
+            raise bad_request("kv_transfer_params needs exactly one prompt", "kv_transfer_params")
         if self.drain.expired:
             raise self.drain.error()
         if not self.engine.is_healthy():
@@ -135,7 +143,8 @@ class ServerContext:
         ids = [id_prefix] if len(prompts) == 1 else [f"{id_prefix}-{i}" for i in range(len(prompts))]
         try:
             return self.engine.add_requests([AddRequest(rid, ids_, params, arrival_time=arrival_time,
-                                                        priority=s.priority, tenant=s.tenant, slo=s.slo)
+                                                        priority=s.priority, tenant=s.tenant, slo=s.slo,
+                                                        kv_transfer_params=kv_transfer_params)
                                              for rid, ids_ in zip(ids, prompts)])
         except EngineDeadError as exc:
             raise OpenAIError(503, f"The engine is not available: {exc}.", code="engine_unavailable") from None
@@ -184,8 +193,11 @@ class RequestResult:
     samples: dict[int, SampleResult] = field(default_factory=dict)
     num_cached_tokens: int = 0
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+    kv_transfer_params: Optional[dict[str, Any]] = None  # a prefill instance's answer (disaggregation)
 
     def add(self, d: RequestDelta) -> None:
+        if d.kv_transfer_params is not None:
+            self.kv_transfer_params = d.kv_transfer_params
         for s in d.samples:
             self.samples.setdefault(s.index, SampleResult()).add(s)
         self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
@@ -205,6 +217,8 @@ def raise_for_delta(delta: RequestDelta) -> None:
                           headers={"Retry-After": str(max(1, math.ceil(delta.retry_after_s)))})
     if delta.rejected:
         raise bad_request(delta.error)
+    if delta.error.startswith(KV_TRANSFER_ERROR):  # kvserve/disagg: never recomputed, a retry elsewhere may work
+        raise OpenAIError(503, delta.error, code="kv_transfer_failed", headers={"Retry-After": str(RETRY_AFTER_S)})
     raise OpenAIError(500, f"The request failed in the engine: {delta.error}", code="engine_error")
 
 
@@ -242,7 +256,7 @@ def merge_deltas(batch: list[RequestDelta]) -> list[RequestDelta]:
         if cur is None:
             merged[d.request_id] = RequestDelta(d.request_id, [_copy(s) for s in d.samples], d.finished,
                                                 d.num_cached_tokens, d.prompt_logprobs, d.error, d.rejected,
-                                                d.retry_after_s)
+                                                d.retry_after_s, d.kv_transfer_params)
             continue
         by_index = {s.index: s for s in cur.samples}
         for s in d.samples:
@@ -263,6 +277,7 @@ def merge_deltas(batch: list[RequestDelta]) -> list[RequestDelta]:
         cur.error = cur.error or d.error
         cur.rejected = cur.rejected or d.rejected
         cur.retry_after_s = cur.retry_after_s if cur.retry_after_s is not None else d.retry_after_s
+        cur.kv_transfer_params = cur.kv_transfer_params or d.kv_transfer_params
     return list(merged.values())
 
 
