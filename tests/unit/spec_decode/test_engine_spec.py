@@ -144,19 +144,32 @@ def test_n_greater_than_one_logprobs_and_penalties(models):
 
 
 def test_min_tokens_and_stop_token_ids(models, reference):
-    """Drafts that are stop tokens before min_tokens are masked per position; a stop token
-    inside the accepted drafts ends the request there."""
+    """min_tokens masks stop tokens per position, by the position's output index (drafts
+    count as output); a stop token inside the accepted drafts ends the request there."""
     target, _ = models
     ref_outs, ref_seqs = reference
     out0 = ref_outs[0].outputs[0].token_ids
-    stop_early, stop_late = out0[2], out0[12]
-    for sp in (SamplingParams(temperature=0, max_tokens=NEW, min_tokens=6, stop_token_ids=[stop_early]),
-               SamplingParams(temperature=0, max_tokens=NEW, stop_token_ids=[stop_late])):
+    # The first new token of out0 at an index i that a verification covers as a draft (with
+    # every draft right and k = 4, steps start at output lengths 1, 6, 11, ...): the
+    # unconstrained run stops there.
+    i = next(j for j in range(7, NEW) if out0[j] not in out0[:j] and (j - 1) % 5)
+    cases = [
+        # The oracle proposes out0, whose index 2 is the stop token but must be masked (< min_tokens).
+        (SamplingParams(temperature=0, max_tokens=NEW, min_tokens=6, stop_token_ids=[out0[2]]), ref_seqs),
+        # Stop exactly at min_tokens = i: a verification that starts below i must not mask it at i.
+        (SamplingParams(temperature=0, max_tokens=NEW, min_tokens=i, stop_token_ids=[out0[i]]), None),
+        (SamplingParams(temperature=0, max_tokens=NEW, stop_token_ids=[out0[12]]), None),
+    ]
+    for sp, refs in cases:
         off, _, _ = run_llm(target, _prompts(), sp)
-        on, _, _ = run_llm(target, _prompts(), sp, spec=oracle_spec(ref_seqs, 0.0, VOCAB))
+        if refs is None:
+            refs = [p + o.outputs[0].token_ids for p, o in zip(PROMPTS, off)]
+        on, _, rec = run_llm(target, _prompts(), sp, spec=oracle_spec(refs, 0.0, VOCAB))
         assert tokens(on) == tokens(off)
         assert [o.outputs[0].finish_reason for o in on] == [o.outputs[0].finish_reason for o in off]
-    assert off[0].outputs[0].finish_reason == "stop"
+        assert rec.max_accepted >= 3
+    assert off[0].outputs[0].finish_reason == "stop" and len(off[0].outputs[0].token_ids) == 13
+    assert on[0].outputs[0].token_ids == out0[:13]
 
 
 def test_max_tokens_and_max_model_len_bound_the_drafts(models, reference):
