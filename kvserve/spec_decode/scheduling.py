@@ -95,9 +95,13 @@ class SpecScheduling:
                 d = drafts.get(rid, [])[:budget]
                 if not d:
                     continue
-                # Room for the drafts' KV, or no drafts: speculation never preempts.
-                if sched.kv.allocate_slots(by_id[rid], 1 + len(d)) is None:
-                    continue
+                # Room for the drafts' KV, else only the drafts that fit in the blocks the
+                # request holds: speculation never preempts.
+                r = by_id[rid]
+                if sched.kv.allocate_slots(r, 1 + len(d)) is None:
+                    d = d[:sched.kv.num_request_blocks(rid) * sched.kv.block_size - r.num_computed_tokens - 1]
+                    if not d or sched.kv.allocate_slots(r, 1 + len(d)) is None:
+                        continue
                 out[rid] = d
                 num_new_tokens[rid] += len(d)
                 budget -= len(d)
