@@ -174,7 +174,10 @@ def register(subparsers: Any) -> None:
     from kvserve.spec_decode.cli_args import add_speculative_args
 
     add_speculative_args(p)
-    p.set_defaults(func=run_serve)
+    from kvserve.launch.cli_args import add_launch_args
+
+    add_launch_args(p)  # --replicas / --pd / --ray-address: kvserve/launch/
+    p.set_defaults(func=run_serve, _serve_parser=p)
 
 
 GETTING_STARTED = """\
@@ -213,6 +216,12 @@ def _resolve_model(arg: Optional[str]) -> tuple[Path, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from kvserve.launch.cli_args import wants_launch
+
+    if wants_launch(args):  # the router and the instances as Ray actors
+        from kvserve.launch.launcher import run_launch
+
+        return run_launch(args, args._serve_parser)
     problem = check_kv_tier_options(args.kv_tiers, args.kv_codec)
     if problem is None and args.kv_tiers and not args.enable_prefix_caching:
         problem = "--kv-tiers needs prefix caching (tier blocks are found by their hash)"
