@@ -46,6 +46,28 @@ class KVLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class KVFetch:
+    """Start loading blocks `block_hashes` of `request_id` from the tiers into host memory, in
+    the background; the executor reports the load finished in a later step's output
+    (ModelRunnerOutput.kv_transfers_done), and a KVLoad then copies it into device blocks."""
+
+    request_id: str
+    block_hashes: list[BlockHash]
+
+
+@dataclass(slots=True)
+class KVTransferEvents:
+    """Tier work the executor saw finish since its previous step (plain data)."""
+
+    loads: dict[str, int] = field(default_factory=dict)  # request id -> leading blocks loaded
+    saved: list[BlockHash] = field(default_factory=list)
+    dropped: list[BlockHash] = field(default_factory=list)  # saves refused (back-pressure)
+
+    def __bool__(self) -> bool:
+        return bool(self.loads or self.saved or self.dropped)
+
+
+@dataclass(frozen=True, slots=True)
 class BlockCopy:
     """Preemption by swap: copy device blocks `block_ids[i]` <-> host swap slots `host_slots[i]`
     (kvserve/core/swap.py decides, the executor's host swap space copies)."""
@@ -103,10 +125,20 @@ class SchedulerOutput:
     # (their device blocks may be this step's swap-in or forward targets), then swap-ins.
     swap_outs: list[BlockCopy] = field(default_factory=list)
     swap_ins: list[BlockCopy] = field(default_factory=list)
+    # Background tier loads, applied first (they touch no device memory): drop the loads of
+    # kv_cancels (in flight or loaded, their host copies freed), then start kv_fetches.
+    kv_cancels: list[str] = field(default_factory=list)
+    kv_fetches: list[KVFetch] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not self.requests
+
+    @property
+    def has_bookkeeping(self) -> bool:
+        """What a step without requests may carry that the executor must still apply
+        (ids to release, copies out, tier loads to start or drop)."""
+        return bool(self.finished_ids or self.kv_saves or self.swap_outs or self.kv_cancels or self.kv_fetches)
 
 
 # ------------------------------------------------------------------ step output
@@ -128,12 +160,16 @@ class ModelRunnerOutput:
     # request not listed had all of them accepted, which is every request of a step
     # without speculation; a verifier lists the ones whose drafts it rejected.
     num_accepted: dict[str, int] = field(default_factory=dict)
+    # Tier loads finished (completed or truncated by a miss) and saves written or dropped
+    # since the executor's previous step; the scheduler's KV sources fold them in.
+    kv_transfers_done: KVTransferEvents = field(default_factory=KVTransferEvents)
 
 
 class Executor(Protocol):
     """Runs steps: the model runner (kvserve.worker.model_runner), or anything with its
     interface, e.g. a cost model in a simulator.  A step with no requests still carries
-    bookkeeping (finished ids, KV saves) the executor must apply."""
+    bookkeeping (finished ids, KV saves, tier fetches) the executor must apply, and its
+    output (finished tier loads) must reach the scheduler like any other."""
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput: ...
 

@@ -1,8 +1,11 @@
 """KV offload policy: which block hashes go down to the tiers and which come back up.
 
-Pure Python (no torch, no I/O): the tiers are reached through `KVTierClient`,
-which the engine implements with a background thread (engine/kv_tier_io.py)
-and tests implement with a dict.  The scheduler drives this manager:
+Pure Python (no torch, no I/O): the tiers are reached through `KVTierClient`.
+An engine's is `StepTierClient`: loads to start and cancel leave in the step
+(SchedulerOutput.kv_fetches / kv_cancels), the executor's background thread
+(engine/kv_tier_io.py) runs them and the step output reports them finished
+(ModelRunnerOutput.kv_transfers_done).  Tests implement the client with a dict.
+The scheduler drives this manager:
 
     admission:  plan_load(request, num_device_blocks) -> hashes to fetch (or [])
                 start_load(...)        the request then waits in WAITING_FOR_KV
@@ -34,12 +37,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvserve.hashing import BlockHash
-from kvserve.protocol import KVLoad, KVSave  # step types, re-exported here for older imports
+from kvserve.protocol import KVFetch, KVLoad, KVSave, KVTransferEvents  # step types (KVLoad, KVSave re-exported for older imports)
 from kvserve.request import Request, RequestStatus
 
 
@@ -59,17 +62,12 @@ class OffloadPolicy(str, enum.Enum):
             ) from None
 
 
-@dataclass(slots=True)
-class TierEvents:
-    """What the tier client finished since the last poll."""
-
-    loads: dict[str, int] = field(default_factory=dict)  # request id -> leading blocks loaded
-    saved: list[BlockHash] = field(default_factory=list)
-    dropped: list[BlockHash] = field(default_factory=list)  # saves refused (back-pressure)
+# What the tier client finished since the last poll (the step output's type).
+TierEvents = KVTransferEvents
 
 
 class KVTierClient(Protocol):
-    """The scheduler's view of the KV tiers."""
+    """The scheduler's view of the KV tiers (in an engine: StepTierClient)."""
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
         """How many leading blocks of `block_hashes` some tier holds (a hint)."""
@@ -82,6 +80,66 @@ class KVTierClient(Protocol):
 
     def cancel_load(self, request_id: str) -> None:
         """Forget the request's load, in flight or finished, and free its host memory."""
+
+
+class StepTierClient:
+    """An engine's KVTierClient: loads travel in the steps, as plain data, never as calls
+    from the scheduler into the executor's tier I/O.
+
+    `submit_load` / `cancel_load` queue a KVFetch / a cancel that the scheduler puts in the
+    next step (SchedulerOutput.kv_fetches / kv_cancels, via `take_fetches` / `take_cancels`);
+    the executor starts or drops the load.  What the executor reports finished
+    (ModelRunnerOutput.kv_transfers_done) is handed to `deliver` and comes back from
+    `poll`.  `lookup` is the one call: a read of the tiers' index (which blocks some tier
+    holds), as in vLLM's scheduler-side KV connector.
+
+    The executor applies a step's cancels before its fetches, so a load cancelled and
+    started again for the same request id within one step is the new one.
+    """
+
+    def __init__(self, lookup: Callable[[Sequence[BlockHash]], int]) -> None:
+        self._lookup = lookup
+        self._fetches: dict[str, KVFetch] = {}  # request id -> load to start (insertion order)
+        self._cancels: dict[str, None] = {}     # request ids whose loads to drop (ordered set)
+        self._events = KVTransferEvents()
+
+    # KVTierClient
+    def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
+        return self._lookup(block_hashes)
+
+    def submit_load(self, request_id: str, block_hashes: Sequence[BlockHash]) -> None:
+        self._fetches[request_id] = KVFetch(request_id, list(block_hashes))
+
+    def cancel_load(self, request_id: str) -> None:
+        # A fetch not sent yet is simply not sent; the cancel still goes, for a load (or
+        # host copies) the executor may already hold.  Dropping nothing is a no-op there.
+        self._fetches.pop(request_id, None)
+        self._cancels[request_id] = None
+
+    def poll(self) -> KVTransferEvents:
+        events, self._events = self._events, KVTransferEvents()
+        return events
+
+    # step side (the scheduler's OffloadTiers source)
+    def take_fetches(self) -> list[KVFetch]:
+        fetches = list(self._fetches.values())
+        self._fetches.clear()
+        return fetches
+
+    def take_cancels(self) -> list[str]:
+        cancels = list(self._cancels)
+        self._cancels.clear()
+        return cancels
+
+    def deliver(self, events: KVTransferEvents) -> None:
+        """Fold in what a step's executor reported (read by the next `poll`)."""
+        self._events.loads.update(events.loads)
+        self._events.saved.extend(events.saved)
+        self._events.dropped.extend(events.dropped)
+
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._fetches or self._cancels)
 
 
 @dataclass(slots=True)

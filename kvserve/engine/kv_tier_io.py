@@ -9,8 +9,11 @@ Both work in small chunks so a tier's lock (which serializes its I/O) is never
 held for long; the scheduler's `lookup` on the engine thread takes the same
 locks and so waits at most one chunk.
 
-Implements the scheduler's `KVTierClient` (lookup, submit_load, poll,
-cancel_load) and the runner's `HostBlockIO` (submit_saves, take_loaded).
+Implements the executor's `HostBlockIO` (worker/kv_transfer.py: submit_saves,
+take_loaded, submit_load, cancel_load, poll), which the model runner drives
+from each step's kv_saves / kv_loads / kv_fetches / kv_cancels and whose poll
+becomes the step output's kv_transfers_done; and `lookup`, the one read the
+scheduler makes (through core/kv_offload.StepTierClient).
 
 Lock discipline: `self._cond` protects every dict/set/counter below; store
 calls are made without holding it.
@@ -95,7 +98,7 @@ class KVTierIO:
         # only a weak reference: the threads keep this object alive until it is closed anyway.
         self._exit_hook = weakref.finalize(self, _close_at_exit, weakref.ref(self))
 
-    # ------------------------------------------------------- scheduler side
+    # ------------------------------------------------------- scheduler side (a read)
     def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
         try:
             return int(self.store.longest_prefix(block_hashes))
@@ -105,6 +108,7 @@ class KVTierIO:
                 self.stats.errors += 1
             return 0
 
+    # ---------------------------------------------------------- executor side
     def submit_load(self, request_id: str, block_hashes: Sequence[BlockHash]) -> None:
         token = next(self._tokens)
         with self._cond:
@@ -132,7 +136,6 @@ class KVTierIO:
         with self._cond:
             return self._cond.wait_for(lambda: bool(self._done) or not self._inflight, timeout)
 
-    # ---------------------------------------------------------- runner side
     def take_loaded(self, request_id: str) -> list[torch.Tensor]:
         with self._cond:
             return self._ready.pop(request_id, [])

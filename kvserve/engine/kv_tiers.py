@@ -2,9 +2,13 @@
 
     store    kv_store hierarchy (cpu / disk / redis), namespaced by model weights,
              KV dtype, layout and codec; keyed by the engine's chained block hashes
-    io       KVTierIO: background loader and saver threads
+    io       KVTierIO: background loader and saver threads, driven by the executor only
+    steps    StepTierClient: the manager's client; loads leave in the steps
+             (kv_fetches / kv_cancels) and come back in their outputs; its one call
+             into the tiers is `lookup`, a read of the store's index
     manager  KVOffloadManager: the scheduler-side policy (what to save / load)
-    transfer KVTransfer: device <-> host block copies, run by the model runner
+    transfer KVTransfer: device <-> host block copies and load requests, run by the
+             model runner (attach)
 
 and `stats()` for /metrics.  EngineCore owns one of these when tiers are configured.
 
@@ -27,7 +31,7 @@ import torch
 
 from kvserve.config import KVTierConfig
 from kvserve.core.hashing import BlockHash
-from kvserve.core.kv_offload import KVOffloadManager, OffloadPolicy
+from kvserve.core.kv_offload import KVOffloadManager, OffloadPolicy, StepTierClient
 from kvserve.engine.kv_tier_io import KVTierIO
 from kvserve.models.model_config import ModelArchConfig
 from kvserve.worker.kv_transfer import KVTransfer, gather_blocks
@@ -63,7 +67,8 @@ class KVTiers:
         self.persistent = bool(self.store.persistent_tiers)
         self.policy = resolve_offload_policy(config.offload_policy, self.persistent)
         self.io = KVTierIO(self.store, config.max_pending_save_bytes)
-        self.manager = KVOffloadManager(self.io, block_size, self.policy,
+        self.steps = StepTierClient(lookup=self.io.lookup)
+        self.manager = KVOffloadManager(self.steps, block_size, self.policy,
                                         known_capacity=self._hint_capacity(),
                                         min_load_blocks=config.min_load_blocks)
         self.transfer: KVTransfer | None = None
@@ -80,16 +85,10 @@ class KVTiers:
         return max(caps)
 
     def attach(self, kv_caches: Sequence[torch.Tensor]) -> KVTransfer:
+        """The executor's side of the tiers for this device pool: it applies the steps'
+        saves, loads and fetches through it (the runner's `kv_transfer`)."""
         self.transfer = KVTransfer(kv_caches, self.io)
         return self.transfer
-
-    def flush_saves(self) -> int:
-        """Copy out saves queued since the last step (e.g. blocks of requests that
-        just finished) and hand them to the saver; returns how many."""
-        saves = self.manager.take_pending_saves()
-        if saves and self.transfer is not None:
-            self.transfer.save(saves)
-        return len(saves)
 
     def persist_cached(self, cached: Iterable[tuple[BlockHash, int]], timeout: float) -> int:
         """Write device blocks (hash, block id) that no tier is known to hold to the

@@ -3,11 +3,20 @@
 Device pool, per layer l:   kv_caches[l]  [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
 Host block (kv_store):      block         [num_layers, 2, block_size, num_kv_heads, head_dim]
 
-The runner calls `KVTransfer.apply(saves, loads)` at the start of a step,
-before the forward pass: saves first (their blocks may be reused by this very
-step, so their old content must leave first), then loads (fresh blocks of
-requests admitted this step).  Encoding and tier I/O happen elsewhere, on a
-background thread; this module only copies.  No policy decisions.
+Every tier transfer reaches the executor in the step and leaves it in the step's
+output (kvserve/protocol.py); the scheduler never touches the tier I/O:
+
+    KVTransfer.start(cancels, fetches)  first thing in a step: drop loads, start
+                                        background loads (no device memory touched)
+    KVTransfer.apply(saves, loads)      before the forward: saves first (their blocks
+                                        may be reused by this very step, so their old
+                                        content must leave first), then loads (fresh
+                                        blocks of requests admitted this step)
+    KVTransfer.finished()               after the forward: loads finished, saves
+                                        written -> ModelRunnerOutput.kv_transfers_done
+
+Encoding and tier I/O happen elsewhere, on background threads; this module only
+copies and hands requests over.  No policy decisions.
 """
 from __future__ import annotations
 
@@ -17,15 +26,22 @@ from typing import Protocol
 import torch
 
 from kvserve.hashing import BlockHash
-from kvserve.protocol import KVLoad, KVSave
+from kvserve.protocol import KVFetch, KVLoad, KVSave, KVTransferEvents
 
 
 class HostBlockIO(Protocol):
-    """Where copied-out blocks go and loaded blocks come from (engine/kv_tier_io.py)."""
+    """Where copied-out blocks go and loaded blocks come from: background loader and
+    saver threads (engine/kv_tier_io.py's KVTierIO)."""
 
     def submit_saves(self, items: list[tuple[BlockHash, torch.Tensor]]) -> None: ...
 
     def take_loaded(self, request_id: str) -> list[torch.Tensor]: ...
+
+    def submit_load(self, request_id: str, block_hashes: Sequence[BlockHash]) -> None: ...
+
+    def cancel_load(self, request_id: str) -> None: ...
+
+    def poll(self) -> KVTransferEvents: ...
 
 
 def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int]) -> torch.Tensor:
@@ -68,6 +84,19 @@ class KVTransfer:
     def __init__(self, kv_caches: Sequence[torch.Tensor], io: HostBlockIO) -> None:
         self.kv_caches = kv_caches
         self.io = io
+
+    def start(self, cancels: Sequence[str], fetches: Sequence[KVFetch]) -> None:
+        """Drop the loads of `cancels` (in flight or loaded; a no-op for ids with none),
+        then start `fetches` in the background: a request id cancelled and fetched again
+        in one step gets the new load."""
+        for request_id in cancels:
+            self.io.cancel_load(request_id)
+        for fetch in fetches:
+            self.io.submit_load(fetch.request_id, fetch.block_hashes)
+
+    def finished(self) -> KVTransferEvents:
+        """Loads finished and saves written or dropped since the last call (non-blocking)."""
+        return self.io.poll()
 
     def apply(self, saves: Sequence[KVSave], loads: Sequence[KVLoad]) -> None:
         if saves:

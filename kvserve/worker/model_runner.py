@@ -66,6 +66,7 @@ class ModelRunner:
         self.use_reference_inputs = False
         # KV offload tiers: block copies to/from host memory, run before each forward.
         self.kv_transfer: Optional[KVTransfer] = None
+        self._in_step = False  # inside execute(): nested calls (CacheBlend sub-steps) leave tier loads alone
         # Evaluation hook: called with (request id, start position, full log-softmax
         # [n, vocab]) for every prompt position computed in a step, whether or not the
         # request asked for prompt logprobs (so positions after a cached prefix can be
@@ -109,6 +110,24 @@ class ModelRunner:
     # -------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One step.  With KV tiers, its background loads start (cancelled ones are dropped)
+        before anything else, so a step that fails later still starts them, and the output
+        reports the tier work finished by the step's end (kv_transfers_done)."""
+        transfer = self.kv_transfer
+        if transfer is None or self._in_step:  # no tiers, or a sub-step of this step (CacheBlend)
+            assert not (sched.kv_fetches or sched.kv_cancels) or transfer is not None, \
+                "KV tier loads scheduled without offload tiers"
+            return self._run_step(sched)
+        self._in_step = True
+        try:
+            transfer.start(sched.kv_cancels, sched.kv_fetches)
+            out = self._run_step(sched)
+            out.kv_transfers_done = transfer.finished()
+        finally:
+            self._in_step = False
+        return out
+
+    def _run_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in sched.finished_ids:
             self.generators.pop(req_id, None)
         self.block_tables.apply(sched.requests, sched.finished_ids + sched.preempted_ids)
