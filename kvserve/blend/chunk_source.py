@@ -5,7 +5,8 @@ pool: chunk blocks are ordinary cached blocks (ref counts, LRU eviction shared w
 prefix blocks, the pool's eviction hook, so the offload tiers see them too); only
 their hashes differ.  A chunk's hashes chain over its own tokens from a chunk root
 (namespace + "chunk"), not over what precedes it in a prompt, so a chunk found
-once is found wherever it appears.  A partial last block is registered too, under
+once is found wherever it appears.  A chunk is computed after the prompt's first
+token (the attention sink), which its hashes cover too.  A partial last block is registered too, under
 a hash that also names its length.
 
 Life of one admission (a request with segments, see spec.py):
@@ -44,9 +45,10 @@ if TYPE_CHECKING:
 
 
 def chunk_hashes(token_ids: Sequence[int], block_size: int, namespace: bytes = b"") -> list[BlockHash]:
-    """Hashes of a chunk's blocks: its full blocks chained from the chunk root, then its
-    partial last block (if any) under a hash that also names its length.  Depends on the
-    chunk's tokens and the namespace (model, dtype) only, never on its position."""
+    """Hashes of a chunk's blocks (`token_ids`: the sink, then the chunk's tokens): its full
+    blocks chained from the chunk root, then its partial last block (if any) under a hash
+    that also names its length.  Depends on the tokens and the namespace (model, dtype)
+    only, never on the chunk's position in a prompt."""
     root = hashlib.sha256(b"kvserve-chunk-v1" + struct.pack("<I", len(namespace)) + namespace).digest()
     out: list[BlockHash] = []
     prev = root
@@ -90,7 +92,7 @@ class ChunkCache(KVSource):
     name = "chunks"
 
     def __init__(self, kv: KVCacheManager, ratio: float = 0.15, check_layer: int = 1,
-                 namespace: bytes = b"") -> None:
+                 namespace: bytes = b"", sink_tokens: int = 1) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"blend_recompute_ratio must be in [0, 1], got {ratio}")
         self.kv = kv
@@ -98,6 +100,10 @@ class ChunkCache(KVSource):
         self.ratio = ratio  # the default of requests that do not name one
         self.check_layer = check_layer
         self.namespace = namespace
+        # Chunks are computed after the prompt's first `sink_tokens` tokens (BOS, or the chat
+        # template's first token): without them a chunk's first token becomes its attention
+        # sink and every chunk token's KV is far from what it is in a real prompt.
+        self.sink_tokens = sink_tokens
         self.stats = ChunkStats()
         self._holds: dict[str, _Hold] = {}  # request id -> blocks held for its blend step
         # Chunks taken fresh since the last poll (not registered yet): root hash -> (blocks, hashes);
@@ -119,12 +125,13 @@ class ChunkCache(KVSource):
                 if s >= start]
         if not docs:
             return []
+        sink = request.prompt_token_ids[:self.sink_tokens]
         shared: list[KVBlock] = []
         found: list[tuple[int, int, list[BlockHash], Optional[list[KVBlock]], bool]] = []
         num_fresh = 0
         for s, n in docs:
             tokens = request.prompt_token_ids[s:s + n]
-            hashes = chunk_hashes(tokens, self.block_size, self.namespace)
+            hashes = chunk_hashes([*sink, *tokens], self.block_size, self.namespace)
             cached = [self.kv.pool.get_cached_block(h) for h in hashes]
             if all(b is not None for b in cached):
                 blocks = [b for b in cached if b is not None]
@@ -150,7 +157,7 @@ class ChunkCache(KVSource):
             if compute:
                 hold.computed.append((blocks, hashes))
             tokens = request.prompt_token_ids[s:s + n] if compute else []
-            hold.step.chunks.append(ChunkPlacement(s, n, [b.block_id for b in blocks], compute, tokens))
+            hold.step.chunks.append(ChunkPlacement(s, n, [b.block_id for b in blocks], compute, tokens, sink))
             if compute:
                 self.stats.misses += 1
             else:

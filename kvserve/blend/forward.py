@@ -3,8 +3,9 @@
 For a request whose step carries a BlendStep (kvserve/blend/spec.py), with the prefix
 cache supplying positions [0, S) and the step running [S, E):
 
-1. chunks not cached are computed alone (positions 0 .. L-1, no context) into their
-   chunk blocks, as an ordinary prefill of a sequence of their own;
+1. chunks not cached are computed alone after the prompt's first token (the attention
+   sink; positions 0 .. L) into their chunk blocks, as an ordinary prefill of a
+   sequence of their own;
 2. every chunk's K/V is copied from its chunk blocks to the request's slots at its
    prompt positions, keys re-rotated by the position shift (models/rope.py; RoPE
    composes additively, so this equals computing the keys there);
@@ -83,22 +84,26 @@ def _prefill_meta(slots: torch.Tensor, n: int, start: int, blocks: torch.Tensor,
 
 
 def compute_chunk(runner: ModelRunner, c: ChunkPlacement) -> None:
-    """The chunk's KV computed alone (positions 0 .. length-1) into its chunk blocks."""
+    """The chunk's KV computed after its sink alone (positions 0 .. len(sink) + length - 1)
+    into its chunk blocks."""
     dev, bs = runner.device, runner.block_size
-    ids = torch.tensor(c.token_ids, dtype=torch.long, device=dev)
-    pos = torch.arange(c.length, dtype=torch.long, device=dev)
+    n = len(c.sink) + c.length
+    ids = torch.tensor([*c.sink, *c.token_ids], dtype=torch.long, device=dev)
+    pos = torch.arange(n, dtype=torch.long, device=dev)
     blocks = torch.tensor(c.src_block_ids, dtype=torch.long, device=dev)
-    meta = _prefill_meta(_slots(blocks, pos, bs), c.length, 0, blocks, bs)
+    meta = _prefill_meta(_slots(blocks, pos, bs), n, 0, blocks, bs)
     runner.model(ids, pos, ForwardContext(runner.backend, runner.kv_caches, meta))
 
 
 def place_chunk(kv_caches: list[torch.Tensor], c: ChunkPlacement, dst_slots: torch.Tensor,
                 inv_freq: torch.Tensor, block_size: int) -> None:
-    """Copy a chunk's K/V (every layer) to `dst_slots`, keys moved from positions 0.. to dst_start.."""
+    """Copy a chunk's K/V (every layer) to `dst_slots`, keys moved from their positions in the
+    chunk blocks (len(sink) ..) to dst_start .."""
     dev = dst_slots.device
+    first = len(c.sink)
     src = _slots(torch.tensor(c.src_block_ids, dtype=torch.long, device=dev),
-                 torch.arange(c.length, dtype=torch.long, device=dev), block_size)
-    delta = torch.full((c.length,), c.dst_start, dtype=torch.long, device=dev)
+                 torch.arange(first, first + c.length, dtype=torch.long, device=dev), block_size)
+    delta = torch.full((c.length,), c.dst_start - first, dtype=torch.long, device=dev)
     for cache in kv_caches:
         _, nb, bs, kvh, d = cache.shape
         k, v = cache[0].view(nb * bs, kvh, d), cache[1].view(nb * bs, kvh, d)

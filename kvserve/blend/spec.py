@@ -59,16 +59,19 @@ def segment_starts(segment_lens: Sequence[int]) -> list[int]:
 
 @dataclass(slots=True)
 class ChunkPlacement:
-    """One document chunk of a blend: its KV is in `src_block_ids` at chunk positions
-    0 .. length-1 (computed alone), and goes to prompt positions dst_start ..."""
+    """One document chunk of a blend.  Its KV was computed after `sink` alone (the prompt's
+    first token(s), the attention sink every prompt starts with): the chunk blocks
+    `src_block_ids` hold sink + chunk at positions 0 .. len(sink) + length - 1, and the
+    chunk's part goes to prompt positions dst_start .. dst_start + length - 1."""
 
     dst_start: int
     length: int
     src_block_ids: list[int]
-    # True: the chunk was not cached; the runner computes it alone into src_block_ids
-    # first (positions 0 .. length-1), and the chunk source registers it afterwards.
+    # True: the chunk was not cached; the runner computes sink + chunk into src_block_ids
+    # first, and the chunk source registers them afterwards.
     compute: bool
     token_ids: list[int] = field(default_factory=list)  # the chunk's tokens (for compute)
+    sink: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
