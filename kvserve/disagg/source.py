@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class RemotePeerSource(KVSource):
         self._num_fetches: dict[str, int] = {}
         self._host: dict[str, list[torch.Tensor]] = {}  # placed, for the runner (take_loaded)
         self._finished: list[tuple[str, RequestStatus, Optional[str | int]]] = []
-        self._last_expire = 0.0
+        self._closed = threading.Event()
+        self._reaper: Optional[threading.Thread] = None  # started with the first export
         self.stats: dict[str, float] = {k: 0 for k in (
             "requests_local", "requests_exported", "export_failed", "export_skipped", "requests_imported",
             "import_all_cached", "import_first_token_final", "import_failed_error", "import_failed_timeout",
@@ -185,11 +187,17 @@ class RemotePeerSource(KVSource):
                                    self.block_shape, max(0.0, deadline - now))
         self._inflight[rid] = _Fetch(start, deadline, future, now)
 
+    def _reap(self) -> None:
+        """Reaper thread: drop exports past their deadline, also while the engine is idle (an
+        idle engine does not step, and a decode instance may never come)."""
+        while not self._closed.wait(_EXPIRE_EVERY_S):
+            try:
+                self.stats["exports_expired"] += self.transport.expire(time.time())
+            except Exception:  # noqa: BLE001 - try again next round
+                logger.exception("expiring KV exports failed")
+
     def poll(self) -> list[str]:
         now = time.time()
-        if now - self._last_expire >= _EXPIRE_EVERY_S:
-            self._last_expire = now
-            self.stats["exports_expired"] += self.transport.expire(now)
         ready = []
         for rid, f in list(self._inflight.items()):
             if f.future.done():
@@ -271,6 +279,9 @@ class RemotePeerSource(KVSource):
             if len(ids) != num_blocks:
                 raise RuntimeError(f"{len(ids)} device blocks for a {P}-token prompt")
             blocks = gather_blocks(self.kv_caches, ids)  # [n, L, 2, bs, H, D], owns its memory
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="kv-export-reaper", daemon=True)
+                self._reaper.start()
             tid = uuid.uuid4().hex
             expires = time.time() + self.timeout_s
             locator = self.transport.publish(tid, blocks, expires)
@@ -316,5 +327,6 @@ class RemotePeerSource(KVSource):
         return d
 
     def close(self) -> None:
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.transport.close()

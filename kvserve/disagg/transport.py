@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import tempfile
 import time
 import uuid
@@ -99,7 +100,8 @@ class ShmTransport(KVTransport):
     expires.  Files are named by the producer's pid, so an instance started later sweeps
     what a killed one left behind (`_sweep_dead`).
 
-    `?fetch_delay_s=S` delays every fetch by S seconds: for fault tests of transfer timeouts.
+    Fault injection for tests of transfer timeouts: `?fetch_delay_s=S` delays every fetch by S
+    seconds; `?fetch_delay_file=PATH` by the number of seconds PATH holds, while it exists.
     """
 
     scheme = "shm"
@@ -114,8 +116,10 @@ class ShmTransport(KVTransport):
         self.dir.mkdir(parents=True, exist_ok=True)
         query = parse_qs(parts.query)
         self.fetch_delay_s = float(query.get("fetch_delay_s", ["0"])[0])
+        self.fetch_delay_file = query.get("fetch_delay_file", [None])[0]
         self.prefix = f"p{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._exports: dict[str, float] = {}  # path -> expires_at
+        self._lock = threading.Lock()  # guards _exports: the engine thread publishes, a reaper expires
         self._sweep_dead()
 
     def _sweep_dead(self) -> None:
@@ -133,14 +137,21 @@ class ShmTransport(KVTransport):
         with open(tmp, "wb") as f:
             f.write(_tensor_bytes(blocks))
         os.replace(tmp, path)
-        self._exports[str(path)] = expires_at
+        with self._lock:
+            self._exports[str(path)] = expires_at
         n = blocks.shape[0]
         return {"path": str(path), "num_blocks": n, "block_nbytes": blocks[0].numel() * blocks.element_size()}
 
     def fetch(self, locator: dict[str, Any], first: int, num_blocks: int, dtype: torch.dtype,
               block_shape: tuple[int, ...], timeout_s: float) -> torch.Tensor:
-        if self.fetch_delay_s:
-            time.sleep(self.fetch_delay_s)
+        delay = self.fetch_delay_s
+        if self.fetch_delay_file is not None:
+            try:
+                delay = float(Path(self.fetch_delay_file).read_text())
+            except (OSError, ValueError):
+                pass
+        if delay:
+            time.sleep(delay)
         path, total, nbytes = locator.get("path"), locator.get("num_blocks"), locator.get("block_nbytes")
         if not isinstance(path, str) or not isinstance(total, int) or not isinstance(nbytes, int):
             raise TransferError("malformed shm locator")
@@ -171,27 +182,31 @@ class ShmTransport(KVTransport):
         path = locator.get("path")
         if isinstance(path, str):
             Path(path).unlink(missing_ok=True)
-        self._exports.pop(str(path), None)
+        with self._lock:
+            self._exports.pop(str(path), None)
 
     def expire(self, now: float) -> int:
         expired = 0
-        for p, t in list(self._exports.items()):
-            if not os.path.exists(p):  # the consumer released it
-                del self._exports[p]
-            elif t <= now:
-                Path(p).unlink(missing_ok=True)
-                del self._exports[p]
-                expired += 1
+        with self._lock:
+            for p, t in list(self._exports.items()):
+                if not os.path.exists(p):  # the consumer released it
+                    del self._exports[p]
+                elif t <= now:
+                    Path(p).unlink(missing_ok=True)
+                    del self._exports[p]
+                    expired += 1
         return expired
 
     @property
     def num_exports(self) -> int:
+        self.expire(0.0)  # forget copies their consumer released (expires none: deadlines are > 0)
         return len(self._exports)
 
     def close(self) -> None:
-        for p in list(self._exports):
-            Path(p).unlink(missing_ok=True)
-        self._exports.clear()
+        with self._lock:
+            for p in self._exports:
+                Path(p).unlink(missing_ok=True)
+            self._exports.clear()
 
 
 def _pid_alive(pid: int) -> bool:
