@@ -134,6 +134,10 @@ class ServerMetrics:
 
         self.spec_decode = SpecDecodeCollector(model_name)
         r.register(self.spec_decode)
+        from kvserve.blend.prometheus import CacheBlendCollector  # document chunks (CacheBlend)
+
+        self.cacheblend = CacheBlendCollector(model_name)
+        r.register(self.cacheblend)
 
     def set_instance_info(self, role: str, block_size: int) -> None:
         """Export `kvserve:instance_info{role, block_size} 1` (one label set: the current one)."""
@@ -181,6 +185,7 @@ class ServerMetrics:
         self.kv_tiers.stats = stats.kv_tiers
         self.disagg.stats = stats.disagg
         self.spec_decode.stats = stats.spec_decode
+        self.cacheblend.stats = stats.cacheblend
         self._seen = stats
 
     # ------------------------------------------------------------------ render

@@ -337,7 +337,8 @@ class EngineCore:
                     num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.num_steps,
                     preemptions_by={f"{cause}/{mode}": n for (cause, mode), n in self.scheduler.preemptions_by.items()},
                     spec_decode=self.scheduler.spec.metrics.as_dict() if self.scheduler.spec is not None else None,
-                    disagg=self.disagg.stats() if self.disagg is not None else None)
+                    disagg=self.disagg.stats() if self.disagg is not None else None,
+                    cacheblend=dataclasses.asdict(self.chunk_cache.stats))
 
     def kv_tier_io_pending(self) -> bool:
         """True while KV tier threads still load or save (their counters will move)."""

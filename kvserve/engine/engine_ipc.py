@@ -35,6 +35,7 @@ class AddRequest:
     tenant: Optional[str] = None  # the OpenAI `user` (or `tenant`) field (the "fair" policy)
     slo: Optional[SLO] = None  # latency targets (the "slo" policy)
     kv_transfer_params: Optional[dict[str, Any]] = None  # P/D disaggregation (kvserve/disagg/params.py)
+    segment_lens: Optional[list[int]] = None  # CacheBlend: the prompt as segments (docs/cacheblend.md)
 
 
 @dataclass(slots=True)
@@ -118,6 +119,8 @@ class EngineStatsSnapshot:
     spec_decode: Optional[dict[str, Any]] = None
     # DisaggEngine.stats(): role, transfer outcomes and tokens, prompt tokens computed (cumulative).
     disagg: Optional[dict[str, Any]] = None
+    # ChunkStats of CacheBlend's chunk cache (kvserve/blend/chunk_source.py; cumulative).
+    cacheblend: Optional[dict[str, Any]] = None
 
 
 @dataclass(slots=True)

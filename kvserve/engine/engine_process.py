@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import signal
@@ -257,7 +258,10 @@ class EngineLoop:
         return False
 
     def _add(self, cmd: AddRequest) -> None:
-        prompt = {"prompt_token_ids": cmd.prompt_token_ids, "prompt": cmd.prompt_text}
+        prompt: dict[str, Any] = {"prompt_token_ids": cmd.prompt_token_ids, "prompt": cmd.prompt_text}
+        if cmd.segment_lens is not None:  # CacheBlend: the same tokens, as segments
+            starts = list(itertools.accumulate(cmd.segment_lens, initial=0))
+            prompt = {"segments": [cmd.prompt_token_ids[a:b] for a, b in zip(starts, starts[1:])]}
         try:
             self.engine.add_request(prompt, cmd.params, request_id=cmd.request_id,
                                     arrival_time=cmd.arrival_time, priority=cmd.priority,

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from kvserve.blend.api import chat_segments
 from kvserve.engine.async_engine import EngineDeadError, RequestStream
 from kvserve.entrypoints.openai.errors import OpenAIError
 from kvserve.entrypoints.openai.logprobs import chat_logprobs
@@ -33,6 +34,12 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
         tok, req.messages, add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
         add_special_tokens=req.add_special_tokens))
+    segment_lens = None
+    if req.blend_documents is not None:  # CacheBlend: the rendered prompt cut around the documents
+        docs, text = req.blend_documents, prompt.text or ""
+        ids, segment_lens = await ctx.tokenizers.run(
+            len(body), lambda tok: chat_segments(text, docs, tok, ctx.info.max_model_len, req.n))
+        prompt = Prompt(ids, text)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_prompt_fits(prompt, max_tokens, ctx.info, "messages")
     num_top = req.top_logprobs or 0
@@ -40,7 +47,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request) -> Respon
                                    logprobs=num_top if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.submit([prompt.token_ids], params, request_id, arrival, request_scheduling(req, ctx.scheduling),
-                        kv_transfer_params=req.kv_transfer_params)
+                        kv_transfer_params=req.kv_transfer_params, segment_lens=segment_lens)
     view = _ChatView(req, model, request_id, prompt, stream, num_top)
     if req.stream:
         return EngineStreamingResponse(view.sse(), ctx.engine, stream)

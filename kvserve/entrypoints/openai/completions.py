@@ -11,9 +11,10 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from kvserve.blend.api import completion_segments
 from kvserve.engine.async_engine import EngineDeadError, RequestStream
 from kvserve.engine.engine_ipc import PositionLogprobs
-from kvserve.entrypoints.openai.errors import OpenAIError
+from kvserve.entrypoints.openai.errors import OpenAIError, bad_request
 from kvserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder
 from kvserve.entrypoints.openai.prompts import Prompt, check_prompt_fits, completion_prompts, has_text
 from kvserve.entrypoints.openai.protocol import CompletionRequest, CompletionResponse
@@ -31,13 +32,23 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
     req = await ctx.parse(CompletionRequest, body)
     check_completion(req)
     model = ctx.resolve_model(req.model)
-    if has_text(req.prompt):
+    if req.prompt is None and req.segments is None:
+        raise bad_request("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if req.prompt is not None and req.segments is not None:
+        raise bad_request("Give either 'prompt' or 'segments', not both.", "segments")
+    segment_lens = None
+    if req.segments is not None:  # CacheBlend (kvserve/blend/api.py): one prompt, as segments
+        segs = req.segments
+        text, ids, segment_lens = await ctx.tokenizers.run(
+            len(body), lambda tok: completion_segments(segs, tok, ctx.info.max_model_len, req.n))
+        prompts = [Prompt(ids, text)]
+    elif has_text(req.prompt):
         # Off the event loop, on the lane for this body's size: a huge prompt must hold up
         # neither the streams in flight nor the small requests behind it.
         prompts = await ctx.tokenizers.run(
             len(body), lambda tok: completion_prompts(req.prompt, tok, req.add_special_tokens))
     else:
-        prompts = completion_prompts(req.prompt, None, req.add_special_tokens)
+        prompts = completion_prompts(req.prompt, None, req.add_special_tokens)  # type: ignore[arg-type]
     for p in prompts:
         check_prompt_fits(p, req.max_tokens, ctx.info, "prompt")
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
@@ -45,7 +56,8 @@ async def create_completion(ctx: ServerContext, request: Request) -> Response:
                                    logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     stream = ctx.submit([p.token_ids for p in prompts], params, request_id, arrival,
-                        request_scheduling(req, ctx.scheduling), kv_transfer_params=req.kv_transfer_params)
+                        request_scheduling(req, ctx.scheduling), kv_transfer_params=req.kv_transfer_params,
+                        segment_lens=segment_lens)
     view = _CompletionView(ctx, req, model, request_id, prompts, stream)
     if req.stream:
         return EngineStreamingResponse(view.sse(), ctx.engine, stream)

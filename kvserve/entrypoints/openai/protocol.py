@@ -106,7 +106,10 @@ def _check_prompt(value: Any) -> Any:
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Optional[Union[str, list[str], list[int], list[list[int]]]] = None
+    # CacheBlend (docs/cacheblend.md): the prompt as segments (text or token ids each),
+    # in place of `prompt`: a prefix, documents reused from cache at any position, a question.
+    segments: Optional[list[Union[str, list[int]]]] = None
     max_tokens: Optional[int] = Field(16, ge=1)  # null: up to the context length
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -117,7 +120,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
-        return _check_prompt(value)
+        return value if value is None else _check_prompt(value)
 
 
 def _content_to_text(value: Any) -> Any:
@@ -179,6 +182,10 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # CacheBlend (docs/cacheblend.md): texts that appear verbatim in the messages (retrieved
+    # documents); the rendered prompt is cut around them into segments, each document's KV
+    # reused from cache wherever it lands.
+    blend_documents: Optional[list[str]] = Field(None, min_length=1)
 
 
 class TokenizeCompletionRequest(RequestModel):

@@ -114,10 +114,12 @@ class ServerContext:
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, id_prefix: str,
                arrival_time: float, sched: Optional[RequestScheduling] = None,
-               kv_transfer_params: Optional[dict[str, Any]] = None) -> RequestStream:
+               kv_transfer_params: Optional[dict[str, Any]] = None,
+               segment_lens: Optional[list[int]] = None) -> RequestStream:
         """Admit one API call's prompts (each becomes one engine request) or raise 503/429/400.
         `sched`: the call's priority, tenant and SLO (scheduling.request_scheduling);
-        `kv_transfer_params`: prefill/decode disaggregation (one prompt only)."""
+        `kv_transfer_params`: prefill/decode disaggregation (one prompt only);
+        `segment_lens`: the one prompt is these segments (CacheBlend, docs/cacheblend.md)."""
         if kv_transfer_params is not None and len(prompts) != 1:
             raise bad_request("kv_transfer_params needs exactly one prompt", "kv_transfer_params")
         if self.drain.expired:
@@ -144,7 +146,8 @@ class ServerContext:
         try:
             return self.engine.add_requests([AddRequest(rid, ids_, params, arrival_time=arrival_time,
                                                         priority=s.priority, tenant=s.tenant, slo=s.slo,
-                                                        kv_transfer_params=kv_transfer_params)
+                                                        kv_transfer_params=kv_transfer_params,
+                                                        segment_lens=segment_lens)
                                              for rid, ids_ in zip(ids, prompts)])
         except EngineDeadError as exc:
             raise OpenAIError(503, f"The engine is not available: {exc}.", code="engine_unavailable") from None
