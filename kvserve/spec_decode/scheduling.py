@@ -86,8 +86,11 @@ class SpecScheduling:
                 self.manager.sync(r.request_id, r.all_token_ids, r.num_prompt_tokens)
                 candidates.append((r.request_id, cap))
                 by_id[r.request_id] = r
+        base = sum(num_new_tokens.values()) - len(candidates)
+        st = self.step_time
+        if candidates and st is not None and st.num_buckets and not st.has(base + len(candidates)):
+            candidates = []  # measure this step size without drafts first (step_time.py)
         if candidates:
-            base = sum(num_new_tokens.values()) - len(candidates)
             t0 = self.clock()
             drafts = self.manager.drafts(candidates, base)
             self._observe_draft_cost(self.clock() - t0, sum(len(d) for d in drafts.values()))

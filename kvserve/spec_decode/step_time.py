@@ -6,11 +6,15 @@ made non-decreasing in n, linear between buckets and along the last segment
 beyond (the shape of `InterpolatedStepTime`; a line through a CPU's points
 misleads, docs/spec_decode.md section 3).
 
-Before it has seen a step size it answers optimistically: flat below the first
-measured bucket, i.e. "extra tokens cost nothing" until measured otherwise.
-So the policy does try speculating, and the steps it then runs (base + drafts
-tokens) are measured; if they cost more than they emit, speculation stops.  A
-`prior` model, when given, answers until two buckets are known.
+With one bucket measured it answers optimistically, flat: "extra tokens cost
+nothing" until measured otherwise, so the policy does try speculating and the
+steps it then runs (base + drafts tokens) are measured.  Below the smallest
+measured bucket it extends the first segment (at least proportionally to n:
+for the concave step times of real hardware that overestimates, never
+underestimates).  The scheduler side also runs a step without drafts whenever
+the no-draft step size is not measured yet (`has`), so speculation is always
+compared against a measured no-speculation step.  A `prior` model, when given,
+answers until two buckets are known.
 
 Pure Python (no torch): the scheduler side calls it.
 """
@@ -62,6 +66,10 @@ class OnlineStepTime:
     def num_buckets(self) -> int:
         return len(self._samples)
 
+    def has(self, num_tokens: int) -> bool:
+        """True when steps of about `num_tokens` tokens (its bucket) were measured."""
+        return bucket(num_tokens) in self._samples
+
     def _rebuild(self) -> None:
         xs, ys, running = [], [], 0.0
         for b in sorted(self._samples):
@@ -80,7 +88,10 @@ class OnlineStepTime:
         if not xs:
             return 1.0  # nothing measured: every step size costs the same
         if num_tokens <= xs[0]:
-            return ys[0]
+            if len(xs) == 1:
+                return ys[0]
+            chord = ys[0] - (ys[1] - ys[0]) * (xs[0] - num_tokens) / (xs[1] - xs[0])
+            return max(chord, ys[0] * max(num_tokens, 1) / xs[0])
         i = bisect.bisect_left(xs, num_tokens)
         if i < len(xs):
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]

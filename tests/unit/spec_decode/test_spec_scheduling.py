@@ -3,6 +3,7 @@ many drafts fit the budget and the KV pool, rollback of rejected drafts (blocks 
 table resent whole), caps, finish/abort, and the online step-time model."""
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import pytest
@@ -152,6 +153,26 @@ def test_online_step_time_is_flat_until_measured_then_interpolates():
     t.observe(8, 0.90)  # an outlier: the median of the window counts
     t.observe(8, 0.22)
     assert t(8) == pytest.approx(0.22) and t(6) == pytest.approx(0.16) and t(12) == pytest.approx(0.34)
+    assert t(3) == pytest.approx(0.075) and t(1) == pytest.approx(0.025)  # never below n/4 of t(4)
+    t.observe(2, 0.05)
+    assert t(1) == pytest.approx(0.025)  # the first segment (2, 0.05)-(4, 0.10) extended
+    assert t.has(8) and not t.has(5)
     t.observe(16, 0.15)  # cheaper than a smaller step: made non-decreasing
     assert t(16) == pytest.approx(0.22)
     assert bucket(3) == 3 and bucket(1000) == bucket(1010) and 900 < bucket(1000) < 1100
+
+
+def test_an_unmeasured_no_draft_step_size_runs_without_drafts_first():
+    s = make()
+    st = OnlineStepTime()
+    ticks = itertools.count()  # every step lasts one tick: extra tokens cost nothing, drafts pay
+    s.spec = SpecScheduling(SpecDecodeManager(Sevens(), SpecLengthPolicy(4, step_time=st)), st,
+                            clock=lambda: float(next(ticks)))
+    r = prefill(s, "r", 6)  # measured: a step of 6 tokens
+    assert st.has(6) and not st.has(1)
+    out = s.schedule()
+    assert out.requests[0].num_draft_tokens == 0  # a 1-token step was never measured: measure it
+    s.update_from_output(out, ModelRunnerOutput(sampled={"r": [SampledToken(2)]}))
+    assert st.has(1)
+    assert s.schedule().requests[0].num_draft_tokens == 4
+    assert r.num_tokens == 8
