@@ -23,6 +23,7 @@ to the sources.  The scheduler never calls into the executor's tier I/O.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kvserve.config import SchedulerConfig
@@ -40,6 +41,28 @@ if TYPE_CHECKING:
 
 # The step types live in kvserve.protocol; re-exported here for older imports.
 __all__ = ["Scheduler", "ModelRunnerOutput", "SampledToken", "ScheduledRequest", "SchedulerOutput"]
+
+
+@dataclass(slots=True)
+class _Step:
+    """The step schedule() is building: its output, the token budget left, and the
+    requests scheduled so far with their token counts, in scheduling order."""
+
+    out: SchedulerOutput
+    budget: int
+    scheduled: list[Request] = field(default_factory=list)
+    num_new_tokens: dict[str, int] = field(default_factory=dict)
+
+    def add(self, request: Request, n: int) -> None:
+        self.scheduled.append(request)
+        self.num_new_tokens[request.request_id] = n
+        self.budget -= n
+
+    def drop(self, request: Request) -> None:
+        """Unschedule `request` (displaced): its tokens go back to the budget."""
+        if request in self.scheduled:
+            self.scheduled.remove(request)
+            self.budget += self.num_new_tokens.pop(request.request_id)
 
 
 class Scheduler:
@@ -181,140 +204,169 @@ class Scheduler:
 
     # -------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.policy.step_token_budget(self.running, self.config.max_num_batched_tokens)
+        """The next step, by one rule: each request it runs gets min(its tokens not yet
+        computed, the budget left) tokens (at most long_prefill_token_threshold): first the
+        running requests (short of blocks, the policy's victims are preempted), then
+        waiting requests while there is room, then drafts for speculative decoding."""
+        step = _Step(SchedulerOutput(), self.policy.step_token_budget(self.running, self.config.max_num_batched_tokens))
         if self.swap is not None:
             self.swap.begin_step()
         self._requeue_fetched()
-        num_new_tokens: dict[str, int] = {}
+        self._schedule_running(step)
+        self._schedule_waiting(step)
+        # Speculative decoding: drafts for the decodes, in the budget left (never preempting).
+        drafts = (self.spec.add_drafts(self, step.scheduled, step.num_new_tokens, step.budget)
+                  if self.spec is not None else {})
+        return self._emit(step, drafts)
 
-        # 1. Running requests, in the policy's order (by default decodes first, then
-        # unfinished prefill chunks).
-        order = self.policy.order_running(self.running)
-        scheduled: list[Request] = []
-        for request in order:
-            if budget <= 0:
+    def _schedule_running(self, step: _Step) -> None:
+        """1. Running requests, in the policy's order (by default decodes first, then
+        unfinished prefill chunks).  Short of blocks, the policy's victim among those not
+        scheduled yet is preempted, until the request fits or is itself the victim."""
+        for request in self.policy.order_running(self.running):
+            if step.budget <= 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self._num_tokens_to_run(request, budget)
+            n = self._num_tokens_to_run(request, step.budget)
             if n <= 0:
                 continue
             while self.kv.allocate_slots(request, n) is None:
-                victim = self.policy.victim([r for r in self.running if r not in scheduled])
-                self._preempt(victim, out)
+                victim = self.policy.victim([r for r in self.running if r not in step.scheduled])
+                self._preempt(victim, step.out)
                 if victim is request:
                     break
-            if request.status != RequestStatus.RUNNING:
-                continue
-            scheduled.append(request)
-            num_new_tokens[request.request_id] = n
-            budget -= n
+            if request.status == RequestStatus.RUNNING:
+                step.add(request, n)
 
-        # 2. Waiting requests, in policy order, while there is room.  A request
-        # that does not fit blocks the ones behind it (no starvation of long
-        # prompts by short ones).
-        preempted_now = set(out.preempted_ids)
+    def _schedule_waiting(self, step: _Step) -> None:
+        """2. Waiting requests, in the policy's order, while there is room.  A request that
+        does not fit blocks the ones behind it (no starvation of long prompts by short
+        ones); one whose KV a source must fetch first leaves for WAITING_FOR_KV."""
+        preempted_now = set(step.out.preempted_ids)
         # Displacement victims come from the requests running before this admission loop
         # (one admitted in this step, possibly with tier loads in flight, is never one).
-        seated = [r for r in self.running]
-        while budget > 0 and len(self.waiting):
-            head = self.waiting.peek()
-            assert head is not None
-            request = head
+        seated = list(self.running)
+        while step.budget > 0 and len(self.waiting):
+            request = self.waiting.peek()
+            assert request is not None
             if request.request_id in preempted_now:
                 break  # it just lost its blocks for lack of room; don't thrash
-            if len(self.running) >= self.config.max_num_seqs:
-                # Every seat is taken: the policy may give the head one (fair, priority).
-                displaced = self.policy.displace(head, [r for r in seated if r.status == RequestStatus.RUNNING])
-                if displaced is None:
-                    break
-                if displaced in scheduled:
-                    scheduled.remove(displaced)
-                    budget += num_new_tokens.pop(displaced.request_id)
-                self._preempt(displaced, out, cause="policy")
-                preempted_now.add(displaced.request_id)
-                # Its step slots were allocated above: with swap they are copied out with the
-                # rest (only tokens already computed count); the blocks go back to the pool.
-            rid = request.request_id
-            plans: list[KVPlan] = []
-            swapped = self.swap is not None and self.swap.is_swapped(rid)
-            if self.kv.holds_blocks(rid):
-                pass  # a forked n > 1 sample: it already holds its shared prompt blocks
-            elif swapped:
-                pass  # swapped out: it resumes with all its computed tokens (swap-in below)
-            elif request.sampling_params.prompt_logprobs is not None:
-                # Prompt logprobs need the logits of every prompt position, so such a
-                # request never reads cached KV (from any source); vLLM does the same.
-                request.num_computed_tokens = 0
-            else:
-                plans = self._find_plans(request)
-                if plans and not plans[-1].ready:
-                    self._wait_for_kv(request, plans[-1])
-                    continue  # it waits for its blocks; admit the next request
-                request.num_computed_tokens = sum(p.num_tokens for p in plans)
-            n = self._num_tokens_to_run(request, budget)
-            placed: Optional[list[list[int]]]
-            if swapped:
-                if n <= 0 or not self._swap_in(request, n, out):
-                    break
-                placed = []
-            else:
-                placed = self.kv.allocate_plans(request, n, plans) if n > 0 else None
-            if placed is None:
-                if not self.kv.holds_blocks(rid):
-                    request.num_computed_tokens = 0
+            if len(self.running) >= self.config.max_num_seqs and not self._displace(request, seated, step,
+                                                                                   preempted_now):
                 break
-            self.waiting.pop()
-            self._fetched.discard(rid)
-            for plan, block_ids in zip(plans, placed):
-                out.kv_loads.extend(plan.source.placed(request, plan, block_ids))
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = request.num_computed_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled.append(request)
-            num_new_tokens[request.request_id] = n
-            budget -= n
+            admitted = self._admit(request, step)
+            if admitted is None:
+                continue  # it waits for its blocks; admit the next request
+            if not admitted:
+                break
 
-        # 2b. Speculative decoding: drafts for the decodes, in the budget left (never preempting).
-        drafts = self.spec.add_drafts(self, scheduled, num_new_tokens, budget) if self.spec is not None else {}
+    def _displace(self, head: Request, seated: list[Request], step: _Step, preempted_now: set[str]) -> bool:
+        """Every seat is taken: the policy may give the head one (fair, priority) by preempting
+        a request seated before the admission loop.  False if it does not."""
+        displaced = self.policy.displace(head, [r for r in seated if r.status == RequestStatus.RUNNING])
+        if displaced is None:
+            return False
+        step.drop(displaced)
+        self._preempt(displaced, step.out, cause="policy")
+        preempted_now.add(displaced.request_id)
+        # Its step slots were allocated above: with swap they are copied out with the
+        # rest (only tokens already computed count); the blocks go back to the pool.
+        return True
 
-        # 3. Emit the step.  num_computed_tokens is committed later, from the
-        # executor's output (update_from_output): the tokens it accepted.
-        for request in scheduled:
-            n = num_new_tokens[request.request_id]
-            start = request.num_computed_tokens
-            end = start + n
-            d = drafts.get(request.request_id, ())  # end - len(d) == num_tokens when drafting
-            sp = request.sampling_params
-            rid = request.request_id
-            sent = self._blocks_sent.get(rid)
-            self._blocks_sent[rid] = self.kv.num_request_blocks(rid)
-            out.requests.append(
-                ScheduledRequest(
-                    request_id=request.request_id,
-                    token_ids=request.all_token_ids[start:end] if not d else [request.all_token_ids[start], *d],
-                    positions=range(start, end),
-                    start_pos=start,
-                    block_ids=self.kv.block_ids(rid, sent or 0),
-                    sample=end - len(d) == request.num_tokens,
-                    sampling_params=sp,
-                    prompt_token_ids=request.prompt_token_ids,
-                    output_token_ids=request.output_token_ids,
-                    generator_key=(request.parent_id or request.request_id, request.sample_index),
-                    prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
-                    full_table=sent is None,
-                    num_draft_tokens=len(d),
-                    blend=self._take_blend(request, end),
-                )
-            )
+    def _admit(self, request: Request, step: _Step) -> Optional[bool]:
+        """Start the head of the queue in this step.  True: admitted; None: it left for
+        WAITING_FOR_KV (a source fetches its KV); False: the pool cannot hold it now."""
+        swapped = self.swap is not None and self.swap.is_swapped(request.request_id)
+        plans = self._supplied(request, swapped)
+        if plans is None:
+            return None
+        n = self._num_tokens_to_run(request, step.budget)
+        placed = self._place(request, n, plans, swapped, step.out)
+        if placed is None:
+            return False
+        self.waiting.pop()
+        self._fetched.discard(request.request_id)
+        for plan, block_ids in zip(plans, placed):
+            step.out.kv_loads.extend(plan.source.placed(request, plan, block_ids))
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = request.num_computed_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        step.add(request, n)
+        return True
+
+    def _supplied(self, request: Request, swapped: bool) -> Optional[list[KVPlan]]:
+        """Set the request's num_computed_tokens to what is already computed and return the
+        KV sources' plans supplying it; None when a source must fetch first (the request
+        then waits in WAITING_FOR_KV)."""
+        if self.kv.holds_blocks(request.request_id):
+            return []  # a forked n > 1 sample: it already holds its shared prompt blocks
+        if swapped:
+            return []  # swapped out: it resumes with all its computed tokens (swap-in, _place)
+        if request.sampling_params.prompt_logprobs is not None:
+            # Prompt logprobs need the logits of every prompt position, so such a
+            # request never reads cached KV (from any source); vLLM does the same.
+            request.num_computed_tokens = 0
+            return []
+        plans = self._find_plans(request)
+        if plans and not plans[-1].ready:
+            self._wait_for_kv(request, plans[-1])
+            return None
+        request.num_computed_tokens = sum(p.num_tokens for p in plans)
+        return plans
+
+    def _place(self, request: Request, n: int, plans: list[KVPlan], swapped: bool,
+               out: SchedulerOutput) -> Optional[list[list[int]]]:
+        """Device blocks for the supplied tokens and `n` more: its host swap slots copied in,
+        or the plans executed by the KV manager (per plan, the blocks it got).  None: the
+        pool is short (nothing placed; one holding no blocks starts over next time)."""
+        if swapped:
+            return [] if n > 0 and self._swap_in(request, n, out) else None
+        placed = self.kv.allocate_plans(request, n, plans) if n > 0 else None
+        if placed is None and not self.kv.holds_blocks(request.request_id):
+            request.num_computed_tokens = 0
+        return placed
+
+    def _emit(self, step: _Step, drafts: dict[str, list[int]]) -> SchedulerOutput:
+        """3. The step as plain data.  num_computed_tokens is committed later, from the
+        executor's output (update_from_output): the tokens it accepted."""
+        out = step.out
+        for request in step.scheduled:
+            n = step.num_new_tokens[request.request_id]
+            out.requests.append(self._scheduled_request(request, n, drafts.get(request.request_id, ())))
             out.num_batched_tokens += n
             self.policy.on_scheduled(request, n)
         out.finished_ids = self._finished_since_last_step
         self._finished_since_last_step = []
         self._take_transfers(out)  # evictions of this schedule, finishes since the last one
         return out
+
+    def _scheduled_request(self, request: Request, n: int, d: Sequence[int]) -> ScheduledRequest:
+        """`n` tokens of `request` from num_computed_tokens; with drafts `d`, its last
+        committed token and the drafts (end - len(d) == num_tokens)."""
+        start = request.num_computed_tokens
+        end = start + n
+        sp = request.sampling_params
+        rid = request.request_id
+        sent = self._blocks_sent.get(rid)
+        self._blocks_sent[rid] = self.kv.num_request_blocks(rid)
+        return ScheduledRequest(
+            request_id=rid,
+            token_ids=request.all_token_ids[start:end] if not d else [request.all_token_ids[start], *d],
+            positions=range(start, end),
+            start_pos=start,
+            block_ids=self.kv.block_ids(rid, sent or 0),
+            sample=end - len(d) == request.num_tokens,
+            sampling_params=sp,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            generator_key=(request.parent_id or request.request_id, request.sample_index),
+            prompt_logprobs=sp.prompt_logprobs is not None and start < request.num_prompt_tokens,
+            full_table=sent is None,
+            num_draft_tokens=len(d),
+            blend=self._take_blend(request, end),
+        )
 
     @staticmethod
     def _take_blend(request: Request, end: int) -> Any:  # Optional[kvserve.blend.spec.BlendStep]
