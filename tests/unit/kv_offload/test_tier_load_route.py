@@ -191,3 +191,35 @@ def test_engine_core_serves_a_tier_hit_with_an_executor_that_only_sees_steps():
     assert b.num_cached_tokens == 12 and manager.stats.blocks_used == 3
     assert [f for st in ex.steps for f in st.kv_fetches] == [KVFetch("b", b.block_hashes[:3])]
     assert sum(len(st.kv_loads) for st in ex.steps) == 1
+
+
+class RecordingIO:
+    """The executor's host block I/O, recording the order of the calls it gets."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def submit_saves(self, items):
+        raise AssertionError("no saves in this test")
+
+    def take_loaded(self, request_id):
+        raise AssertionError("no loads copied in this test")
+
+    def submit_load(self, request_id, block_hashes):
+        self.calls.append(("load", request_id))
+
+    def cancel_load(self, request_id):
+        self.calls.append(("cancel", request_id))
+
+    def poll(self):
+        return KVTransferEvents(loads={"x": 1})
+
+
+def test_the_runners_transfer_drops_cancelled_loads_before_starting_fetches():
+    from kvserve.worker.kv_transfer import KVTransfer
+
+    io = RecordingIO()
+    t = KVTransfer([], io)
+    t.start(["x", "y"], [KVFetch("x", [b"h" * 32])])
+    assert io.calls == [("cancel", "x"), ("cancel", "y"), ("load", "x")]
+    assert t.finished() == KVTransferEvents(loads={"x": 1})
