@@ -341,7 +341,10 @@ class EngineCore:
                     cacheblend=dataclasses.asdict(self.chunk_cache.stats))
 
     def kv_tier_io_pending(self) -> bool:
-        """True while KV tier threads still load or save (their counters will move)."""
+        """True while KV tier threads still load or save, or KV exports wait for a decode
+        instance (their counters will move: an idle engine process keeps reporting them)."""
+        if self.disagg is not None and self.disagg.source.transport.num_exports > 0:
+            return True
         return self.kv_tiers is not None and not self.kv_tiers.io.drain(timeout=0)
 
     def close(self, timeout: Optional[float] = None, flush_device_blocks: bool = True) -> bool:
