@@ -91,7 +91,9 @@ class RemotePeerSource(KVSource):
         self._host: dict[str, list[torch.Tensor]] = {}  # placed, for the runner (take_loaded)
         self._finished: list[tuple[str, RequestStatus, Optional[str | int]]] = []
         self._closed = threading.Event()
-        self._reaper: Optional[threading.Thread] = None  # started with the first export
+        # Expires this instance's exports and sweeps what dead producers left (every role).
+        self._reaper = threading.Thread(target=self._reap, name="kv-export-reaper", daemon=True)
+        self._reaper.start()
         self.stats: dict[str, float] = {k: 0 for k in (
             "requests_local", "requests_exported", "export_failed", "export_skipped", "requests_imported",
             "import_all_cached", "import_first_token_final", "import_failed_error", "import_failed_timeout",
@@ -279,9 +281,6 @@ class RemotePeerSource(KVSource):
             if len(ids) != num_blocks:
                 raise RuntimeError(f"{len(ids)} device blocks for a {P}-token prompt")
             blocks = gather_blocks(self.kv_caches, ids)  # [n, L, 2, bs, H, D], owns its memory
-            if self._reaper is None:
-                self._reaper = threading.Thread(target=self._reap, name="kv-export-reaper", daemon=True)
-                self._reaper.start()
             tid = uuid.uuid4().hex
             expires = time.time() + self.timeout_s
             locator = self.transport.publish(tid, blocks, expires)

@@ -92,13 +92,17 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
+# Expiry rounds (the reaper's, every 0.5 s) between sweeps for files of dead producers.
+_SWEEP_EVERY = 6
+
+
 class ShmTransport(KVTransport):
     """Files on a tmpfs, one per transfer: `<dir>/<instance>-<transfer id>.kv`.
 
     The producer writes `*.tmp` and renames it, so a consumer never reads a half-written
     file; the consumer unlinks it on `release` (one-shot), the producer unlinks it when it
-    expires.  Files are named by the producer's pid, so an instance started later sweeps
-    what a killed one left behind (`_sweep_dead`).
+    expires.  Files are named by the producer's pid, so the other instances on the directory
+    sweep what a killed one left behind (`_sweep_dead`, at start and every few expiry rounds).
 
     Fault injection for tests of transfer timeouts: `?fetch_delay_s=S` delays every fetch by S
     seconds; `?fetch_delay_file=PATH` by the number of seconds PATH holds, while it exists.
@@ -120,6 +124,7 @@ class ShmTransport(KVTransport):
         self.prefix = f"p{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._exports: dict[str, float] = {}  # path -> expires_at
         self._lock = threading.Lock()  # guards _exports: the engine thread publishes, a reaper expires
+        self._rounds = 0
         self._sweep_dead()
 
     def _sweep_dead(self) -> None:
@@ -187,6 +192,9 @@ class ShmTransport(KVTransport):
 
     def expire(self, now: float) -> int:
         expired = 0
+        self._rounds += 1
+        if now and self._rounds % _SWEEP_EVERY == 0:
+            self._sweep_dead()
         with self._lock:
             for p, t in list(self._exports.items()):
                 if not os.path.exists(p):  # the consumer released it

@@ -177,8 +177,9 @@ def test_prefill_killed_mid_transfer(pd):
     assert all(r in ("200", "502", "503", "504") for r in results), results
     assert "200" in results  # p2 took over
     wait_for(lambda: idle(pd["d1"]) and idle(pd["p2"]), what="instances idle")
-    # Exports p1 left behind are swept by the next instance that starts on the directory, or
-    # released when read; the decode instance holds none.
+    # Exports p1 left behind unread (its answer never reached the router) are swept by the
+    # other instances on the directory.
+    wait_for(lambda: no_exports_left(pd), what="p1's orphaned exports swept")
 
 
 def test_decode_killed_mid_stream(pd):

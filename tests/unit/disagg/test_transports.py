@@ -53,6 +53,10 @@ def test_shm_expiry_and_sweep_of_dead_producers(tmp_path):
     (tmp_path / "p4194305-deadbeef-t.kv").write_bytes(b"x")
     ShmTransport(f"shm://{tmp_path}")
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(p) for p in t._exports]
+    (tmp_path / "p4194305-deadbeef-u.kv").write_bytes(b"x")  # left while both run: swept by the reaper rounds
+    for _ in range(6):
+        t.expire(time.time())
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(p) for p in t._exports]
     t.close()
     assert os.listdir(tmp_path) == []
 
