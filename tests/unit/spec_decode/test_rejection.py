@@ -69,12 +69,17 @@ def simulate(P, Q, n: int, mode: str, seed: int, verifier=rejection_sample) -> t
 
 def chi_square_pvalue(samples: torch.Tensor, P: torch.Tensor) -> float:
     """Goodness of fit of [n, T] samples to the chain P from context 0 (cells with expected < 5 pooled)."""
-    n = samples.shape[0]
-    idx = samples[:, 0] * V * V + samples[:, 1] * V + samples[:, 2]
-    observed = torch.bincount(idx, minlength=V ** T).double()
     a, b, c = torch.meshgrid(torch.arange(V), torch.arange(V), torch.arange(V), indexing="ij")
-    expected = (P[0][a] * P[a, b] * P[b, c]).reshape(-1).double() * n
-    assert abs(float(expected.sum()) - n) < 1e-6 * n
+    return chi_square_pvalue_joint(samples, P[0][a] * P[a, b] * P[b, c])
+
+
+def chi_square_pvalue_joint(samples: torch.Tensor, joint: torch.Tensor) -> float:
+    """Goodness of fit of [n, 3] samples to a joint distribution [V', V', V'] (cells with expected < 5 pooled)."""
+    n, v = samples.shape[0], joint.shape[0]
+    idx = samples[:, 0] * v * v + samples[:, 1] * v + samples[:, 2]
+    observed = torch.bincount(idx, minlength=v ** 3).double()
+    expected = joint.reshape(-1).double() * n
+    assert abs(float(expected.sum()) - n) < 1e-5 * n
     big = expected >= 5
     obs = torch.cat([observed[big], observed[~big].sum().reshape(1)])
     exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
