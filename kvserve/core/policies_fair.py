@@ -23,12 +23,13 @@ experiments (an output token costs about twice an input token).
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Iterator, Mapping, Optional, Sequence
 
 from kvserve.config import parse_tenant_weights  # noqa: F401  (re-exported)
 from kvserve.core.clock import Clock, wall_clock
-from kvserve.core.policies import SchedulingPolicy
+from kvserve.core.policies import SchedulingPolicy, _is_prefilling
 from kvserve.request import Request
 
 Tenant = Optional[str]
@@ -40,8 +41,12 @@ class VTCPolicy(SchedulingPolicy):
     name = "fair"
 
     def __init__(self, clock: Clock = wall_clock, tenant_weights: Optional[Mapping[str, float]] = None,
-                 w_prefill: float = 1.0, w_decode: float = 2.0, displace_threshold: float = 2048.0) -> None:
+                 w_prefill: float = 1.0, w_decode: float = 2.0, displace_threshold: float = 2048.0,
+                 protect_prefill: bool = True) -> None:
         super().__init__(clock)
+        # Prompt work of a tenant below its seat share runs in short steps of its own
+        # (order_running, step_token_budget).
+        self.protect_prefill = protect_prefill
         # With every seat taken, a waiting request preempts a running one of a tenant whose
         # counter is more than this ahead of its own (hysteresis: no ping-pong between two
         # tenants with close counters).
@@ -54,6 +59,8 @@ class VTCPolicy(SchedulingPolicy):
         self._queues: dict[Tenant, deque[Request]] = {}
         self._len = 0
         self._last_served: Tenant = None
+        self._seq = itertools.count()
+        self._served_seq: dict[Tenant, int] = {}  # tenant -> when it was last admitted (tie-break)
         self._charged: set[str] = set()  # requests whose prompt was charged
 
     def weight(self, tenant: Tenant) -> float:
@@ -84,13 +91,16 @@ class VTCPolicy(SchedulingPolicy):
         self._len += 1
 
     def _head_tenant(self) -> Optional[Tenant]:
-        best: Optional[tuple[float, float]] = None
+        best: Optional[tuple[float, int, float]] = None
         best_t: Optional[Tenant] = None
         found = False
         for t, q in self._queues.items():
             if not q:
                 continue
-            key = (self.counters.get(t, 0.0), q[0].arrival_time)
+            # Ties (a lifted tenant is level with the least-served one) go round-robin: the
+            # tenant served longest ago first, else a newly active tenant would wait behind
+            # the backlog it was lifted to.
+            key = (self.counters.get(t, 0.0), self._served_seq.get(t, -1), q[0].arrival_time)
             if best is None or key < best:
                 best, best_t, found = key, t, True
         return best_t if found else None
@@ -107,6 +117,7 @@ class VTCPolicy(SchedulingPolicy):
         request = self._queues[t].popleft()
         self._len -= 1
         self._last_served = t
+        self._served_seq[t] = next(self._seq)
         if request.request_id not in self._charged:
             # The prompt is charged when first admitted (VTC charges at dispatch), so the
             # next admission of the same step already sees this tenant's new counter.
@@ -123,8 +134,60 @@ class VTCPolicy(SchedulingPolicy):
 
     def __iter__(self) -> Iterator[Request]:
         # Service order if counters stood still: by (counter, arrival), tenants interleaved.
-        items = [(self.counters.get(t, 0.0), i, r) for t, q in self._queues.items() for i, r in enumerate(q)]
-        return (r for _, _, r in sorted(items, key=lambda e: (e[0], e[1], e[2].arrival_time)))
+        items = [(self.counters.get(t, 0.0), i, self._served_seq.get(t, -1), r)
+                 for t, q in self._queues.items() for i, r in enumerate(q)]
+        return (e[3] for e in sorted(items, key=lambda e: (e[0], e[1], e[2], e[3].arrival_time)))
+
+    # ------------------------------------------- running order and step budget
+    def _seat_over(self, running: Sequence[Request], tenants: set[Tenant]) -> dict[Tenant, float]:
+        """Per tenant of `tenants` and those seated: its seats minus its weighted share of the
+        `len(running)` seats (negative: below its share)."""
+        seats: dict[Tenant, int] = {}
+        for r in running:
+            seats[r.tenant] = seats.get(r.tenant, 0) + 1
+        everyone = set(seats) | tenants
+        total_w = sum(self.weight(t) for t in everyone)
+        return {t: seats.get(t, 0) - len(running) * self.weight(t) / total_w for t in everyone}
+
+    def _protected(self, running: Sequence[Request]) -> set[Tenant]:
+        """Tenants a whole seat below their weighted seat share (among the tenants seated or
+        waiting) that have prompt work: a waiting request or a running prefill chunk."""
+        if not self.protect_prefill or not running:
+            return set()
+        waiting = {t for t, q in self._queues.items() if q}
+        with_work = waiting | {r.tenant for r in running if _is_prefilling(r)}
+        if len(with_work | {r.tenant for r in running}) < 2:
+            return set()  # one tenant: nobody to protect it from
+        over = self._seat_over(running, waiting)
+        return {t for t in with_work if over[t] < -1.0 + 1e-9}
+
+    def order_running(self, running: Sequence[Request]) -> list[Request]:
+        """Decodes first (stall-free, as the default), then prefill chunks, least-served
+        tenant first.  While a tenant below its seat share has prompt work (`_protected`),
+        other tenants' prefill chunks sit this step out (they keep their blocks): a flooding
+        tenant's long prompts would otherwise fill every step, and a light tenant's prompt
+        would wait a whole full step for its first token."""
+        protected = self._protected(running)
+
+        def key(r: Request) -> tuple[int, float]:
+            return (1, self.counters.get(r.tenant, 0.0)) if _is_prefilling(r) else (0, 0.0)
+
+        ordered = sorted(running, key=key)  # stable: admission order within a tenant
+        if protected:
+            ordered = [r for r in ordered if not _is_prefilling(r) or r.tenant in protected]
+        return ordered
+
+    def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
+        """With protected prompt work (order_running), the step is cut to the decodes plus that
+        work, so the light tenant's prefill runs in a short step, not a full one."""
+        protected = self._protected(running)
+        if not protected:
+            return budget
+        work = sum(r.num_tokens - r.num_computed_tokens for r in running
+                   if r.tenant in protected and _is_prefilling(r))
+        work += sum(r.num_tokens - r.num_computed_tokens for t in protected for r in self._queues.get(t, ()))
+        decodes = sum(1 for r in running if not _is_prefilling(r))
+        return max(1, min(budget, decodes + work))
 
     # ---------------------------------------------------------- preemption
     def victim(self, candidates: Sequence[Request]) -> Request:
@@ -142,18 +205,11 @@ class VTCPolicy(SchedulingPolicy):
           `displace_threshold`; the victim is that tenant's latest request."""
         if not running:
             return None
-        seats: dict[Tenant, int] = {}
-        for r in running:
-            seats[r.tenant] = seats.get(r.tenant, 0) + 1
-        tenants = set(seats) | {head.tenant}
-        total_w = sum(self.weight(t) for t in tenants)
-
-        def over(t: Tenant) -> float:
-            return seats.get(t, 0) - len(running) * self.weight(t) / total_w
-
-        if over(head.tenant) < -1.0 + 1e-9:  # a whole seat below its share
-            worst = max((t for t in seats if t != head.tenant), key=over, default=None)
-            if worst is not None and over(worst) > 0:
+        over = self._seat_over(running, {head.tenant})
+        seated = {r.tenant for r in running}
+        if over[head.tenant] < -1.0 + 1e-9:  # a whole seat below its share
+            worst = max((t for t in seated if t != head.tenant), key=over.__getitem__, default=None)
+            if worst is not None and over[worst] > 0:
                 return max((r for r in running if r.tenant == worst), key=lambda r: r.arrival_time)
         victim = self.victim(running)
         lead = self.counters.get(victim.tenant, 0.0) - self.counters.get(head.tenant, 0.0)
