@@ -116,8 +116,7 @@ class ShmTransport(KVTransport):
         if not path:
             base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
             path = str(base / "kvserve")
-        self.dir = Path(path)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(path)  # created with the first export: an engine that never exports needs none
         query = parse_qs(parts.query)
         self.fetch_delay_s = float(query.get("fetch_delay_s", ["0"])[0])
         self.fetch_delay_file = query.get("fetch_delay_file", [None])[0]
@@ -128,6 +127,8 @@ class ShmTransport(KVTransport):
         self._sweep_dead()
 
     def _sweep_dead(self) -> None:
+        if not self.dir.is_dir():
+            return
         for f in self.dir.glob("p*-*.kv*"):
             try:
                 pid = int(f.name[1:].split("-", 1)[0])
@@ -137,6 +138,7 @@ class ShmTransport(KVTransport):
                 f.unlink(missing_ok=True)
 
     def publish(self, transfer_id: str, blocks: torch.Tensor, expires_at: float) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{self.prefix}-{transfer_id}.kv"
         tmp = path.with_suffix(".kv.tmp")
         with open(tmp, "wb") as f:
