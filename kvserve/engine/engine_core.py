@@ -157,6 +157,10 @@ class EngineCore:
         config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
                                                                            max_model_len=max_model_len))
         model, arch = load_model(model_dir, dtype, device, max_positions=max_model_len)
+        from kvserve.models import cpu_linear
+
+        if cpu_linear.packing_enabled(device, dtype):  # oneDNN packed weights: the fast CPU path
+            cpu_linear.pack_linears(model)
         cc = config.cache
         block_bytes = kv_block_bytes(arch, cc.block_size, dtype)
         num_blocks = num_kv_blocks(cc, config.scheduler, block_bytes)

@@ -13,13 +13,13 @@ tensors are shards of a fused layer.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.models import layers
+from kvserve.models import cpu_linear, layers
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, apply_rope
 from kvserve.models.model_config import ModelArchConfig
 from kvserve.protocol import ForwardContext
@@ -118,6 +118,18 @@ class LlamaForCausalLM(nn.Module):
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
 
+    lm_head_packed: Optional[torch.Tensor] = None
+
+    def pack_lm_head(self) -> None:
+        """Pack the LM head for oneDNN (cpu_linear.pack_linears).  A tied head is packed as a
+        copy: the embedding keeps its plain table for lookups."""
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head_packed = self.lm_head.packed_weight  # packed with the other Linears
+            return
+        self.lm_head_packed = cpu_linear.pack(self.embed_tokens.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        if self.lm_head_packed is not None:
+            return cpu_linear.linear(hidden, None, packed=self.lm_head_packed).float()
         return F.linear(hidden, self.lm_head_weight).float()

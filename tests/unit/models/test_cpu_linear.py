@@ -1,0 +1,98 @@
+"""kvserve.models.cpu_linear: oneDNN packed weights (the fast path) equal F.linear (the
+reference path) up to float rounding, layer by layer and for whole loaded models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvserve.models import cpu_linear
+from kvserve.models.layers import Linear, MergedLinear
+from kvserve.models.loader import load_model
+from tests.helpers.tiny_models import build_tiny_model
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(rows: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g)
+    w = torch.randn(200, 96, generator=g)
+    b = torch.randn(200, generator=g) if bias else None
+    y = cpu_linear.linear(x, None, b, packed=cpu_linear.pack(w))
+    ref = F.linear(x, w, b)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_leading_dims_empty_and_strided_input() -> None:
+    w = torch.randn(48, 32)
+    p = cpu_linear.pack(w)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(cpu_linear.linear(x, None, packed=p), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert cpu_linear.linear(torch.randn(0, 32), None, packed=p).shape == (0, 48)
+    xt = torch.randn(32, 6).t()  # not contiguous
+    torch.testing.assert_close(cpu_linear.linear(xt, None, packed=p), F.linear(xt, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_pack_linears_replaces_weights_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(16, 24, bias=True), MergedLinear(24, [8, 8], bias=False))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        ref = model(x)
+        assert cpu_linear.pack_linears(model) == 2
+        fast = model(x)
+    assert all(m.weight.numel() == 0 and m.packed_weight is not None for m in model)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(cpu_linear.ENV, "reference")
+    assert not cpu_linear.packing_enabled(cpu, torch.float32)
+    monkeypatch.setenv(cpu_linear.ENV, "onednn")
+    assert cpu_linear.packing_enabled(cpu, torch.float32) == torch.backends.mkldnn.is_available()
+    assert not cpu_linear.packing_enabled(cpu, torch.bfloat16)  # float32 only: what was measured
+    monkeypatch.setenv(cpu_linear.ENV, "fast")
+    with pytest.raises(ValueError, match="KVSERVE_CPU_LINEAR"):
+        cpu_linear.packing_enabled(cpu, torch.float32)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2"])  # tied head (packed copy) / qkv bias
+def test_loaded_model_packed_equals_reference(name: str, tmp_path: Path) -> None:
+    d = build_tiny_model(name, tmp_path / name, seed=3)
+    ref_model, _ = load_model(d, torch.float32, "cpu", max_positions=64)  # the loader keeps plain weights
+    fast_model, _ = load_model(d, torch.float32, "cpu", max_positions=64)
+    cpu_linear.pack_linears(fast_model)  # what EngineCore.from_config does on CPU in float32
+    assert fast_model.lm_head_packed is not None and ref_model.lm_head_packed is None
+    h = torch.randn(7, ref_model.cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_model.compute_logits(h), ref_model.compute_logits(h), rtol=1e-5, atol=1e-4)
+        layer_f, layer_r = fast_model.layers[0].mlp, ref_model.layers[0].mlp
+        torch.testing.assert_close(layer_f(h), layer_r(h), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_engine_packs_on_cpu_float32_unless_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvserve import LLM, SamplingParams
+
+    d = build_tiny_model("llama-tied", tmp_path / "m", seed=5)
+    prompts = [{"prompt_token_ids": [3, 17, 99, 4, 250, 7]}, {"prompt_token_ids": [8, 8, 1]}]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for mode in ("reference", "onednn"):
+        monkeypatch.setenv(cpu_linear.ENV, mode)
+        with LLM(str(d), num_kv_blocks=32, block_size=8) as llm:
+            model = llm.engine.core.model
+            assert (model.lm_head_packed is not None) == (mode == "onednn")
+            outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs["onednn"] == outs["reference"]
