@@ -167,10 +167,25 @@ def _tokenizer_path(model: Optional[str]) -> Optional[str]:
         return None
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(*_: Any) -> None:
+    raise _Interrupted()
+
+
 def run_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The `kvserve serve --replicas/--pd` entry point; returns the exit status."""
+    cluster: Optional[LocalRayCluster] = None
     try:
         specs = instance_specs(args.replicas, args.pd)
+        if not args.ray_address:
+            cluster = LocalRayCluster(len(os.sched_getaffinity(0)), log_dir=Path(os.environ.get("TMPDIR", "/tmp")))
+            # This driver joins with the cluster's own token, set before Ray is imported (Ray reads
+            # its authentication settings once per process).
+            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         ray = require_ray()
     except (ValueError, RayMissingError) as exc:
         sys.stderr.write(f"kvserve serve: {exc}\n")
@@ -178,22 +193,26 @@ def run_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    cluster: Optional[LocalRayCluster] = None
+    for sig in (signal.SIGTERM, signal.SIGINT):  # during start-up: abort it (and clean up, below)
+        signal.signal(sig, _interrupt)
     launch: Optional[Launch] = None
     try:
-        if args.ray_address:
+        if cluster is None:
             address = args.ray_address
         else:
-            cluster = LocalRayCluster(len(os.sched_getaffinity(0)), log_dir=Path(os.environ.get("TMPDIR", "/tmp")))
-            logger.info("starting a local Ray cluster (%d CPUs)", cluster.num_cpus)
+            logger.info("starting a local Ray cluster (%g CPUs)", cluster.num_cpus)
             address = cluster.start(args.launch_timeout)
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         launch = Launch(ray, args, parser, specs, local=cluster is not None, ray_address=address)
         launch.start()
-        print(json.dumps({"kvserve_launch": launch.summary()}), flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # from now on: a graceful stop
+            signal.signal(sig, lambda *_: stop.set())
+        print(json.dumps({"kvserve_launch": {**launch.summary(), "ray_head_pid": cluster.pid if cluster else None}}),
+              flush=True)
         return launch.supervise(stop)
+    except _Interrupted:
+        logger.warning("interrupted during start-up; stopping what was started")
+        return 1
     except (RuntimeError, ConnectionError, ray.exceptions.RayError) as exc:
         sys.stderr.write(f"kvserve serve: {exc}\n")
         return 1

@@ -1,0 +1,176 @@
+"""`kvserve serve MODEL --replicas 2` for real: a local Ray cluster started and stopped by the command,
+two instances of the tiny test model pinned to disjoint cores, the kv-aware router in front, all on
+loopback.  Tests run in file order on one module-scoped launch; the last ones kill a replica and
+stop the launch.
+
+Checks: greedy outputs through the router equal one engine's (offline LLM on the same model);
+both replicas serve; each instance and its engine process are pinned to their cores with matching
+torch threads; a replica killed mid-stream leaves every client with an answer or an OpenAI error
+within a bound, is removed, and the rest keep serving; SIGTERM stops everything, Ray included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("ray", reason="the Ray launcher needs `pip install ray` (in the test extras)")
+
+from tests.e2e.harness import REPO, build_chat_model, free_port  # noqa: E402
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",
+           "The capital of France is a city that", "Once upon a time there was", "1, 2, 3, 4,"]
+ENGINE = ["--block-size", "4", "--num-kv-blocks", "96", "--max-model-len", "256", "--max-num-seqs", "16"]
+MAX_TOKENS = 12
+
+
+class Launch:
+    def __init__(self, model: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", str(model), "--replicas", "2",
+               "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", *ENGINE]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TMPDIR=str(log_path.parent))
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.summary: dict[str, Any] = {}
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 900.0) -> "Launch":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"launch exited with {self.proc.returncode}:\n{self.text()[-4000:]}"
+            for line in self.text().splitlines():
+                if line.startswith('{"kvserve_launch"'):
+                    self.summary = json.loads(line)["kvserve_launch"]
+                    return self
+            time.sleep(0.5)
+        raise TimeoutError(self.text()[-4000:])
+
+    def instances(self) -> list[dict[str, Any]]:
+        return httpx.get(self.url + "/router/instances", timeout=10).json()["instances"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_chat_model(tmp_path_factory.mktemp("launch-model"))
+
+
+@pytest.fixture(scope="module")
+def launch(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
+    run = Launch(model, tmp_path_factory.mktemp("launch") / "launch.log").wait_ready()
+    yield run
+    if run.proc.poll() is None:
+        run.proc.send_signal(signal.SIGTERM)
+        try:
+            run.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path) -> list[str]:
+    """One engine's greedy texts for PROMPTS (same engine settings as the instances)."""
+    from kvserve import LLM, SamplingParams
+
+    with LLM(model=str(model), block_size=4, num_kv_blocks=96, max_model_len=256, dtype="float32") as llm:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    return [o.outputs[0].text for o in outs]
+
+
+def test_launch_reports_two_pinned_replicas(launch: Launch) -> None:
+    insts = launch.summary["instances"]
+    assert [(i["name"], i["role"]) for i in insts] == [("replica-0", "both"), ("replica-1", "both")]
+    assert launch.summary["router"] == launch.url
+    cores = [set(i["cores"]) for i in insts]
+    available = os.sched_getaffinity(0)
+    if len(available) >= 2:
+        assert cores[0].isdisjoint(cores[1]) and cores[0] | cores[1] <= available
+    for inst, want in zip(insts, cores):
+        assert inst["url"].startswith("http://127.0.0.1:")
+        assert os.sched_getaffinity(inst["pid"]) == want
+        children = [int(c) for c in Path(f"/proc/{inst['pid']}/task/{inst['pid']}/children").read_text().split()]
+        engines = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert engines, "the instance's engine process"
+        for pid in engines:
+            assert os.sched_getaffinity(pid) == want  # inherited from the instance
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"OMP_NUM_THREADS={len(want)}".encode() in environ  # torch's intra-op threads
+    # The router sees both, as replicas (role both, the instances' block size).
+    assert all(i["healthy"] and i["reported_role"] == "both" and i["block_size"] == 4 for i in launch.instances())
+
+
+def test_greedy_outputs_equal_one_engine(launch: Launch, reference: list[str]) -> None:
+    client = openai.OpenAI(base_url=launch.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    served_by = set()
+    for prompt, want in zip(PROMPTS, reference):
+        raw = client.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=MAX_TOKENS,
+                                                          temperature=0.0)
+        served_by.add(raw.headers["x-kvserve-instance"])
+        assert raw.parse().choices[0].text == want, prompt
+        stream = client.completions.create(model="m", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want, prompt
+    assert served_by == {i["url"] for i in launch.summary["instances"]}, "both replicas answer"
+
+
+def test_a_killed_replica_is_removed_and_clients_never_hang(launch: Launch) -> None:
+    client = openai.OpenAI(base_url=launch.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    outcomes: list[str] = []
+
+    def stream_one(i: int) -> None:
+        try:
+            stream = client.completions.create(model="m", prompt=f"{PROMPTS[i % len(PROMPTS)]} {i}",
+                                               max_tokens=200, temperature=0.0, stream=True,
+                                               extra_body={"ignore_eos": True})
+            n = sum(1 for c in stream if c.choices)
+            outcomes.append(f"ok:{n}")
+        except openai.APIError as exc:  # an OpenAI error (the router's error event), not a hang
+            outcomes.append(f"error:{type(exc).__name__}")
+
+    threads = [threading.Thread(target=stream_one, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    victim = launch.summary["instances"][1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(180)
+    assert not any(t.is_alive() for t in threads), f"a client hung: {outcomes}"
+    assert len(outcomes) == 6 and any(o.startswith("ok") for o in outcomes), outcomes
+    deadline = time.monotonic() + 60
+    while next(i for i in launch.instances() if i["url"] == victim["url"])["healthy"]:
+        assert time.monotonic() < deadline, "the dead replica was not removed"
+        time.sleep(0.5)
+    for prompt in PROMPTS[:3]:  # the survivor serves everything
+        raw = client.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=4, temperature=0.0)
+        assert raw.headers["x-kvserve-instance"] == launch.summary["instances"][0]["url"]
+    deadline = time.monotonic() + 30
+    while "replica-1 is gone" not in launch.text():
+        assert time.monotonic() < deadline, "the launcher did not notice the dead replica"
+        time.sleep(0.5)
+
+
+def test_sigterm_stops_the_router_the_instances_and_ray(launch: Launch) -> None:
+    launch.proc.send_signal(signal.SIGTERM)
+    assert launch.proc.wait(180) == 0, launch.text()[-3000:]
+    pids = [i["pid"] for i in launch.summary["instances"]] + [launch.summary["ray_head_pid"]]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(launch.url + "/health", timeout=2)
