@@ -61,3 +61,16 @@ def shuffled_order(n: int, seed: int) -> list[int]:
     while n > 1 and order == list(range(n)):
         rng.shuffle(order)
     return order
+
+
+def generate_segmented(llm: Any, instances: list[TaskInstance], tokenizer: Any, num_docs: int, params: Any,
+                       seed: int) -> list[Any]:
+    """`kvserve eval --segments N`: each instance as [seg0, N documents, question], its
+    documents first sent (and cached) in another order, then generated in the original
+    order: every document is a chunk-cache hit at a position it was not computed at."""
+    from kvserve import SamplingParams
+
+    split = [split_instance(inst, tokenizer, num_docs) for inst in instances]
+    warm = [{"segments": s.segments(shuffled_order(num_docs, seed + k))} for k, s in enumerate(split)]
+    llm.generate(warm, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    return llm.generate([{"segments": s.segments()} for s in split], params, use_tqdm=False)

@@ -137,6 +137,9 @@ def register(subparsers: Any) -> None:
     eng.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block (default: %(default)s)")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                      help="reuse the KV cache of shared prompt prefixes across requests (default: on)")
+    eng.add_argument("--blend-recompute-ratio", type=float, default=0.15, metavar="R",
+                     help="CacheBlend: share of a prompt's cached document-chunk tokens recomputed, in [0, 1] "
+                          "(requests with 'segments' / 'blend_documents'; docs/cacheblend.md; default 0.15)")
     eng.add_argument("--kv-events", action=argparse.BooleanOptionalAction, default=True,
                      help="publish the prefix cache's stored/evicted block hashes at GET /kv_events, which "
                           "`kvserve router --policy kv-aware` follows (default: on)")
@@ -225,6 +228,8 @@ def run_serve(args: argparse.Namespace) -> int:
     problem = check_kv_tier_options(args.kv_tiers, args.kv_codec)
     if problem is None and args.kv_tiers and not args.enable_prefix_caching:
         problem = "--kv-tiers needs prefix caching (tier blocks are found by their hash)"
+    if problem is None and not 0.0 <= args.blend_recompute_ratio <= 1.0:
+        problem = f"--blend-recompute-ratio must be in [0, 1], got {args.blend_recompute_ratio}"
     if problem is not None:
         sys.stderr.write(f"kvserve serve: {problem}\n")
         return 2
@@ -269,6 +274,7 @@ async def _serve(args: argparse.Namespace, model_dir: Path, names: list[str], lo
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_model_len=args.max_model_len,
+        blend_recompute_ratio=args.blend_recompute_ratio,
         num_kv_blocks=args.num_kv_blocks, kv_tiers=args.kv_tiers, kv_codec=args.kv_codec,
         kv_offload_policy=args.kv_offload_policy, kv_tier_write_policy=args.kv_tier_write_policy,
         role=args.role, kv_transfer=args.kv_transfer, kv_transfer_timeout=args.kv_transfer_timeout,

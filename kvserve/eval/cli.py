@@ -41,7 +41,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                           "enable_prefix_caching": not args.no_prefix_caching,
                           "attention_backend": args.attention_backend, "seed": args.seed}
     for name in ("tokenizer", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks",
-                 "max_model_len", "kv_tiers"):
+                 "max_model_len", "kv_tiers", "blend_recompute_ratio"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
@@ -70,7 +70,10 @@ def _run(args: argparse.Namespace) -> int:
                                 num_per_cell=args.num_per_cell, seed=args.seed, accuracy=not args.no_accuracy,
                                 token_metrics=not args.no_token_metrics, token_prompts=args.token_prompts,
                                 token_len=args.token_len, batch=args.batch, token_source=args.token_source,
-                                sharegpt=args.sharegpt, sharegpt_max_len=args.sharegpt_max_len)
+                                sharegpt=args.sharegpt, sharegpt_max_len=args.sharegpt_max_len,
+                                segments=args.segments)
+        if args.segments and not 2 <= args.segments <= 62:
+            raise ValueError("--segments must be between 2 and 62 documents")
         if not settings.accuracy and not settings.token_metrics:
             raise ValueError("nothing to do: both --no-accuracy and --no-token-metrics")
         kwargs = engine_kwargs(args)
@@ -115,6 +118,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--sharegpt-max-len", type=int, default=512, help="tokens per templated ShareGPT prompt")
     g.add_argument("--batch", type=int, default=16, help="requests submitted together")
     g.add_argument("--json", default=None, help="write the full results as JSON here")
+    g.add_argument("--segments", type=int, default=0, metavar="N",
+                   help="CacheBlend: cut each prompt's list into N documents (segments), send them once in "
+                        "another order (cached), then measure in the original order (docs/cacheblend.md)")
     e = p.add_argument_group("engine under test (kvserve.LLM options)")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -126,6 +132,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--kv-cache-memory", type=parse_size, default=None, help="e.g. 2GiB")
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--blend-recompute-ratio", type=float, default=None,
+                   help="CacheBlend: share of cached document tokens recomputed (default 0.15)")
     e.add_argument("--kv-tiers", default=None, help='e.g. "cpu:1GiB" or "cpu:1GiB,disk:/tmp/kv:4GiB"; each '
                                                     "measured request then loads its prompt KV from the tiers")
     e.add_argument("--kv-codec", default="raw", help="codec of the tiers: raw, int8, fp8, cachegen")

@@ -48,6 +48,7 @@ class EvalSettings:
     token_source: str = "auto"  # auto | retrieval | sharegpt
     sharegpt: Optional[str] = None  # prompts file for "sharegpt" (default: the packaged sample)
     sharegpt_max_len: int = 512  # tokens per chat-templated ShareGPT prompt
+    segments: int = 0  # CacheBlend: the list cut into this many documents, cached in another order first (0: off)
 
 
 @dataclass
@@ -190,8 +191,13 @@ def _accuracy(cand: _Candidate, tok: Any, settings: EvalSettings, result: EvalRe
                 ok = 0
                 for group in _chunks(suite, settings.batch):
                     max_new = max(len(tok(i.answer, add_special_tokens=False)["input_ids"]) for i in group) + 8
-                    outs = cand.generate([i.prompt_token_ids(tok) for i in group],
-                                         SamplingParams(temperature=0, max_tokens=max_new))
+                    params = SamplingParams(temperature=0, max_tokens=max_new)
+                    if settings.segments:  # CacheBlend (kvserve/blend/eval_segments.py)
+                        from kvserve.blend.eval_segments import generate_segmented
+
+                        outs = generate_segmented(cand.llm, group, tok, settings.segments, params, settings.seed)
+                    else:
+                        outs = cand.generate([i.prompt_token_ids(tok) for i in group], params)
                     ok += sum(tasks.score(i, o.outputs[0].text) for i, o in zip(group, outs))
                 key = f"{task}/{fmt}/{length}"
                 result.accuracy[key] = {"correct": ok, "total": len(suite), "accuracy": ok / len(suite)}
@@ -222,7 +228,9 @@ def run_eval(model: Optional[str], engine_kwargs: dict[str, Any], settings: Eval
     try:
         if settings.accuracy:
             _accuracy(cand, tok, settings, result, log)
-        if settings.token_metrics:
+        if settings.token_metrics and settings.segments:
+            log("token metrics with --segments: see benchmarks/cacheblend_quality.py (skipped here)")
+        elif settings.token_metrics:
             params = SamplingParams(temperature=0, max_tokens=settings.token_len, ignore_eos=True)
             for cell, prompts in _token_cells(settings, source, tok):
                 for group in _chunks(prompts, settings.batch):
