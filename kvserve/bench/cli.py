@@ -33,6 +33,15 @@ def _guard(fn: Callable[[argparse.Namespace], int], prog: str) -> Callable[[argp
 # ----------------------------------------------------------------------------- handlers
 
 
+def _tenant_weights(text: str) -> dict[str, float]:
+    from kvserve.config import parse_tenant_weights
+
+    try:
+        return parse_tenant_weights(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from kvserve.bench.serve import run_serve
 
@@ -197,6 +206,23 @@ def _add_serve(sub: Any) -> None:
                    help="with --replay-timestamps: multiply trace time by this (0.5 = twice as fast)")
     g.add_argument("--max-concurrency", type=int, default=None,
                    help="at most this many requests in flight; later ones wait for a slot")
+
+    g = p.add_argument_group("tenants and SLO classes (kvserve/bench/tenants.py, docs/scheduling.md)")
+    g.add_argument("--tenants", default=None, metavar="NAME:SHARE,...",
+                   help="give each request a tenant (the body's `tenant`) at random in these proportions, e.g. "
+                        "heavy:4,light:1; the report adds per-tenant TTFT and served tokens")
+    g.add_argument("--only-tenant", default=None, metavar="NAME",
+                   help="send only this tenant's requests, at their send times in the --tenants mix (the tenant "
+                        "alone)")
+    g.add_argument("--tenant-weights", type=_tenant_weights, default=None, metavar="T=W,...",
+                   help="the server's --tenant-weights, for the fair target in the report (default: equal)")
+    g.add_argument("--slo-classes", default=None, metavar="NAME:SHARE:TTFT_MS[/TPOT_MS],...",
+                   help="give each request an SLO class at random in these proportions, sent as slo_ttft_ms / "
+                        "slo_tpot_ms and priority (the first class 0), e.g. interactive:1:1000/100,batch:1:20000; "
+                        "the report adds per-class attainment and goodput")
+    g.add_argument("--length-scale", type=float, default=None, metavar="F",
+                   help="trace datasets: multiply every input and output length by F (at least 1 token), to size "
+                        "a trace to a small model or a CPU")
 
     g = p.add_argument_group("metrics and output")
     g.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",

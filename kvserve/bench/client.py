@@ -42,6 +42,7 @@ class RequestResult:
     token_events: int = 0
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
+    scheduling: dict[str, Any] | None = None  # the request's tenant / SLO body fields, if any
 
     @property
     def tpot_s(self) -> float | None:
@@ -87,6 +88,8 @@ def build_body(req: BenchRequest, model: str, extra_body: dict[str, Any]) -> dic
         "temperature": 0.0,
         "ignore_eos": True,  # non-standard (vLLM, kvserve): output lengths follow the workload
     }
+    if req.body:
+        body.update(req.body)
     body.update(extra_body)
     return body
 
@@ -176,7 +179,7 @@ async def run_requests(
     limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0))
     results = [
-        RequestResult(r.index, r.prompt_len, r.output_len, scheduled_s=float(t))
+        RequestResult(r.index, r.prompt_len, r.output_len, scheduled_s=float(t), scheduling=r.body)
         for r, t in zip(requests, send_times)
     ]
 

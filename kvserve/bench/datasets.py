@@ -33,6 +33,7 @@ class BenchRequest:
     output_len: int  # sent as max_tokens with ignore_eos, so the server generates exactly this
     timestamp_s: float | None = None  # trace arrival (seconds since the trace start)
     hash_ids: tuple[int, ...] = ()
+    body: dict[str, Any] | None = None  # extra body fields of this request (tenant, SLO: bench/tenants.py)
 
 
 # ----------------------------------------------------------------------------- length distributions

@@ -117,6 +117,8 @@ class BenchSummary:
     request_rate: float | None = None  # the offered rate of this run, if synthetic
     roofline_bound_s: float | None = None  # lower bound on the workload's time (roofline.py)
     roofline_fraction: float | None = None  # bound / duration
+    tenants: dict[str, Any] | None = None  # --tenants: bench/tenants.py tenant_report
+    slo_classes: dict[str, Any] | None = None  # --slo-classes: bench/tenants.py class_report
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

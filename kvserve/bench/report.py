@@ -43,6 +43,7 @@ def request_record(r: RequestResult) -> dict[str, Any]:
         "tpot_ms": _ms(r.tpot_s),
         "e2el_ms": _ms(r.e2el_s),
         "itl_ms": [g * 1e3 for g in r.itl_s],
+        "scheduling": r.scheduling,
     }
 
 

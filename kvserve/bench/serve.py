@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from kvserve.bench import tenants
 from kvserve.bench.arrivals import replay_send_times, synthetic_send_times
 from kvserve.bench.client import RequestResult, discover_model, normalize_base_url, run_requests
 from kvserve.bench.datasets import BenchRequest, LengthDist, random_requests, sharegpt_requests, trace_requests
@@ -64,6 +66,8 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
 
     file = path or default_file(dataset)
     records = READERS[dataset](file)
+    if args.length_scale is not None:
+        records = scale_lengths(records, args.length_scale)
     requests, skipped = trace_requests(records, args.num_prompts, renderer, args.seed, args.block_size, str(file))
     if skipped:
         _log(f"note: skipped {skipped} row(s) of {file} with 0 input or output tokens (failed in the original trace)")
@@ -71,6 +75,20 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
         _log(f"note: {renderer.repaired} text prompt(s) did not round-trip exactly; their lengths are exact "
              f"but shared prefixes may differ")
     return requests
+
+
+def scale_lengths(records: list[Any], factor: float) -> list[Any]:
+    """--length-scale: each record's input and output lengths times `factor`, at least 1 (0 stays 0:
+    a failed trace row stays skipped).  Mooncake rows name their prefix blocks, so they cannot be scaled."""
+    if not (factor > 0 and math.isfinite(factor)):
+        raise BenchInputError(f"--length-scale must be a positive number, got {factor}")
+    if any(r.hash_ids for r in records):
+        raise BenchInputError("--length-scale does not apply to traces with prefix blocks (hash_ids: mooncake)")
+
+    def f(n: int) -> int:
+        return max(1, round(n * factor)) if n > 0 else 0
+
+    return [dataclasses.replace(r, input_len=f(r.input_len), output_len=f(r.output_len)) for r in records]
 
 
 def parse_rates(values: Sequence[str] | None) -> list[float]:
@@ -129,6 +147,17 @@ def _run_once(
         bar.close()
 
 
+def _only_tenant(args: argparse.Namespace, requests: list[BenchRequest], times: list[float],
+                 tenant_of: dict[int, str]) -> tuple[list[BenchRequest], list[float]]:
+    """--only-tenant: that tenant's requests at their send times in the mixed workload."""
+    if not args.only_tenant:
+        return requests, times
+    kept = [(q, t) for q, t in zip(requests, times) if tenant_of.get(q.index) == args.only_tenant]
+    if not kept:
+        raise BenchInputError(f"--only-tenant {args.only_tenant!r}: no request has that tenant (see --tenants)")
+    return [q for q, _ in kept], [t for _, t in kept]
+
+
 def run_serve(args: argparse.Namespace) -> int:
     base_url = normalize_base_url(args.base_url)
     if args.extra_body:
@@ -143,12 +172,24 @@ def run_serve(args: argparse.Namespace) -> int:
         raise BenchInputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.replay_timestamps and args.request_rate:
         raise BenchInputError("use either --replay-timestamps or --request-rate, not both")
+    if args.length_scale is not None and args.dataset in ("random", "sharegpt"):
+        raise BenchInputError("--length-scale applies to trace datasets; set --input-len/--output-len instead")
+    if args.only_tenant and not args.tenants:
+        raise BenchInputError("--only-tenant needs --tenants (the mix it is taken from)")
+    if args.tenants:
+        tenants.parse_tenants(args.tenants)  # bad specs fail before the server is contacted
+    if args.slo_classes:
+        tenants.parse_slo_classes(args.slo_classes)
     slo = SLO.parse(args.goodput) if args.goodput else None
     rates = parse_rates(args.request_rate)
     roof = _roofline(args)
 
     model = asyncio.run(discover_model(base_url, args.model))  # fail fast if the server is down
     requests = build_workload(args)
+    tenant_of, class_of = tenants.assign(requests, args.tenants, args.slo_classes, args.seed)
+    order = [c.name for c in tenants.parse_slo_classes(args.slo_classes)] if args.slo_classes else []
+    for r in requests:
+        r.body = tenants.body_fields(r.index, tenant_of, class_of, order) or None
     _log(f"benchmarking {base_url} model={model!r}: {len(requests)} requests from {args.dataset}")
 
     runs: list[tuple[BenchSummary, list[RequestResult]]] = []
@@ -160,13 +201,19 @@ def run_serve(args: argparse.Namespace) -> int:
         schedules = [(r, synthetic_send_times(len(requests), r, args.burstiness, args.seed)) for r in rates]
     for rate, times in schedules:
         label = "replay" if rate is None else f"rate={'inf' if math.isinf(rate) else f'{rate:g}'}"
-        results, duration = _run_once(args, base_url, model, requests, times, label)
+        sent, times = _only_tenant(args, requests, times, tenant_of)
+        results, duration = _run_once(args, base_url, model, sent, times, label)
         summary = summarize(results, duration, slo)
         summary.request_rate = rate
         if roof is not None:
             _attach_roofline(summary, results, roof)
+        if tenant_of:
+            summary.tenants = tenants.tenant_report(results, sent, tenant_of, times, weights=args.tenant_weights)
+        if class_of:
+            summary.slo_classes = tenants.class_report(results, class_of, duration)
         runs.append((summary, results))
-        print_table(f"kvserve bench serve: {args.dataset}, {label}", summary_rows(summary))
+        print_table(f"kvserve bench serve: {args.dataset}, {label}",
+                    summary_rows(summary) + tenants.report_rows(summary.tenants, summary.slo_classes))
 
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config.update(base_url=base_url, model=model, num_requests=len(requests))
