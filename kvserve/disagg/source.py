@@ -296,6 +296,12 @@ class RemotePeerSource(KVSource):
         self.stats["tokens_exported"] += P
         self.stats["bytes_exported"] += blocks.numel() * blocks.element_size()
 
+    def discard(self, request_id: str) -> None:
+        """The engine refused the request after `prepare` (e.g. its prompt does not fit)."""
+        self._exports.discard(request_id)
+        self._forget(request_id, release=True)
+        self._finished = [f for f in self._finished if f[0] != request_id]
+
     # ------------------------------------------------------------ helpers
     def _fail(self, rid: str, kind: str, why: str) -> None:
         self.stats[f"import_failed_{kind}"] += 1

@@ -112,7 +112,8 @@ class EngineCore:
         self.kv_tiers = kv_tiers
         # CacheBlend: document chunks at any position (kvserve/blend/), asked after the prefix cache.
         self.chunk_cache = ChunkCache(self.kv_manager, cc.blend_recompute_ratio,
-                                      namespace=f"{config.model.model}|{config.model.dtype}".encode())
+                                      namespace=f"{config.model.model}|{config.model.dtype}".encode(),
+                                      offload=kv_tiers.manager if kv_tiers is not None else None)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager,
                                    offload=kv_tiers.manager if kv_tiers is not None else None,
                                    sources=[*kv_sources, self.chunk_cache], clock=clock, swap=swap)
@@ -233,7 +234,12 @@ class EngineCore:
         return req
 
     def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+        try:
+            self.scheduler.add_request(request)
+        except Exception:
+            if self.disagg is not None:  # refused: drop what make_request's transfer check kept
+                self.disagg.source.discard(request.request_id)
+            raise
 
     def abort(self, request_id: str) -> Optional[Request]:
         req = self.scheduler.abort(request_id)

@@ -126,3 +126,18 @@ def test_exports_nobody_fetches_expire_while_idle(setup):
     assert not path.exists()
     assert s["p"].core.disagg.stats()["exports_expired"] == before + 1
     assert s["p"].core.disagg.stats()["exports_held"] == 0
+
+
+def test_a_refused_request_releases_its_transfer(setup, monkeypatch):
+    s = setup
+    prompt = prompt_set()[6]
+    params = prefill(s["p"], [prompt])
+    path = Path(params["p0"]["locator"]["path"])
+
+    def refuse(request):  # e.g. the scheduling policy refuses it, or it cannot fit here
+        raise ValueError("refused")
+
+    monkeypatch.setattr(s["d"].core.scheduler, "add_request", refuse)
+    with pytest.raises(ValueError, match="refused"):
+        s["d"].add_request({"prompt_token_ids": prompt}, greedy(4), request_id="r", kv_transfer_params=params["p0"])
+    assert not path.exists() and "r" not in s["d"].core.disagg.source._imports
