@@ -17,6 +17,23 @@ by at most a constant, so a tenant that floods cannot delay another beyond it):
   is first admitted (recomputation after a preemption is not charged again: the
   tenant did not ask for it), every decoded token when it is scheduled.
 
+Beyond VTC (which orders admission only, so a tenant that finds every seat taken, or every
+step filled by another tenant's long prompts, still waits), three rules bound what a flooding
+tenant does to a tenant *below its weighted share of the seats* (`max_num_seqs`) -- a
+*protected* tenant, one with prompt work a whole seat below its share:
+
+* it is admitted first, and a waiting request of it displaces the latest request of the
+  tenant most over its share when every seat is taken (displace);
+* while it has prompt work, the other tenants' prefill chunks sit the step out and the step
+  is cut to the decodes plus that work (order_running, step_token_budget), so its prompt
+  runs at once in a short step instead of sharing a full one;
+* its seats are never taken back by the counter-lead displacement (no ping-pong).
+
+A tenant at or above its share gets none of this; among those, VTC's counters decide.  In
+the simulator (docs/scheduling.md) this keeps a light tenant's TTFT within about 1.5x of its
+TTFT alone next to a tenant flooding at 4x its rate, and backlogged tenants' service in the
+ratio of their weights.
+
 Requests without a tenant are accounted to the tenant None (one shared tenant).
 Weights are per tenant (default 1.0); w_prefill=1, w_decode=2 as in the paper's
 experiments (an output token costs about twice an input token).
@@ -59,6 +76,9 @@ class VTCPolicy(SchedulingPolicy):
         self._queues: dict[Tenant, deque[Request]] = {}
         self._len = 0
         self._last_served: Tenant = None
+        # Tenants protected at the start of the current step (order_running and
+        # step_token_budget, which the scheduler calls first, refresh it); admitted first.
+        self._protected_now: set[Tenant] = set()
         self._seq = itertools.count()
         self._served_seq: dict[Tenant, int] = {}  # tenant -> when it was last admitted (tie-break)
         self._charged: set[str] = set()  # requests whose prompt was charged
@@ -94,8 +114,13 @@ class VTCPolicy(SchedulingPolicy):
         best: Optional[tuple[float, int, float]] = None
         best_t: Optional[Tenant] = None
         found = False
+        # A tenant below its seat share (as of this step's start) is admitted first: with
+        # every seat taken, the head is the only request that may displace one, and a
+        # flooding tenant's head (its counter just below the light tenant's, which was
+        # charged a prompt) would wait for a free seat and hold the light one back.
+        first = {t for t in self._protected_now if self._queues.get(t)}
         for t, q in self._queues.items():
-            if not q:
+            if not q or (first and t not in first):
                 continue
             # Ties (a lifted tenant is level with the least-served one) go round-robin: the
             # tenant served longest ago first, else a newly active tenant would wait behind
@@ -134,9 +159,10 @@ class VTCPolicy(SchedulingPolicy):
 
     def __iter__(self) -> Iterator[Request]:
         # Service order if counters stood still: by (counter, arrival), tenants interleaved.
-        items = [(self.counters.get(t, 0.0), i, self._served_seq.get(t, -1), r)
+        # (protected tenants first, as in _head_tenant).
+        items = [(t not in self._protected_now, self.counters.get(t, 0.0), i, self._served_seq.get(t, -1), r)
                  for t, q in self._queues.items() for i, r in enumerate(q)]
-        return (e[3] for e in sorted(items, key=lambda e: (e[0], e[1], e[2], e[3].arrival_time)))
+        return (e[4] for e in sorted(items, key=lambda e: (e[0], e[1], e[2], e[3], e[4].arrival_time)))
 
     # ------------------------------------------- running order and step budget
     def _seat_over(self, running: Sequence[Request], tenants: set[Tenant]) -> dict[Tenant, float]:
@@ -161,13 +187,17 @@ class VTCPolicy(SchedulingPolicy):
         over = self._seat_over(running, waiting)
         return {t for t in with_work if over[t] < -1.0 + 1e-9}
 
+    def _refresh_protected(self, running: Sequence[Request]) -> set[Tenant]:
+        self._protected_now = self._protected(running)
+        return self._protected_now
+
     def order_running(self, running: Sequence[Request]) -> list[Request]:
         """Decodes first (stall-free, as the default), then prefill chunks, least-served
         tenant first.  While a tenant below its seat share has prompt work (`_protected`),
         other tenants' prefill chunks sit this step out (they keep their blocks): a flooding
         tenant's long prompts would otherwise fill every step, and a light tenant's prompt
         would wait a whole full step for its first token."""
-        protected = self._protected(running)
+        protected = self._refresh_protected(running)
 
         def key(r: Request) -> tuple[int, float]:
             return (1, self.counters.get(r.tenant, 0.0)) if _is_prefilling(r) else (0, 0.0)
@@ -180,7 +210,7 @@ class VTCPolicy(SchedulingPolicy):
     def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
         """With protected prompt work (order_running), the step is cut to the decodes plus that
         work, so the light tenant's prefill runs in a short step, not a full one."""
-        protected = self._protected(running)
+        protected = self._refresh_protected(running)
         if not protected:
             return budget
         work = sum(r.num_tokens - r.num_computed_tokens for r in running
@@ -202,7 +232,8 @@ class VTCPolicy(SchedulingPolicy):
           its share.  (The lift keeps a light tenant's counter level with a flooding one's,
           so counters alone would rarely differ enough; seats are what it waits for.)
         * counter lead: the most-served tenant's counter leads the head's by more than
-          `displace_threshold`; the victim is that tenant's latest request."""
+          `displace_threshold`, and that tenant is not below its seat share; the victim is
+          its latest request."""
         if not running:
             return None
         over = self._seat_over(running, {head.tenant})
@@ -213,6 +244,10 @@ class VTCPolicy(SchedulingPolicy):
                 return max((r for r in running if r.tenant == worst), key=lambda r: r.arrival_time)
         victim = self.victim(running)
         lead = self.counters.get(victim.tenant, 0.0) - self.counters.get(head.tenant, 0.0)
+        if over[victim.tenant] < -1.0 + 1e-9:
+            # Never from a tenant below its seat share: its counter leads because its prompts
+            # were just charged, and taking its seat back would undo the rule above (ping-pong).
+            return None
         return victim if victim.tenant != head.tenant and lead > self.displace_threshold else None
 
     # --------------------------------------------------------------- hooks

@@ -193,14 +193,16 @@ def _flood_then_light(protect: bool) -> tuple[list[int], float, list[str]]:
     p = VTCPolicy(clock=lambda: now[0], protect_prefill=protect)
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128),
                   KVCacheManager(256, BS), policy=p, clock=lambda: now[0])
-    for i in range(8):
-        s.add_request(req(f"a{i}", 60, "a", 0.0, max_tokens=30))
+    for i in range(8):  # distinct prompts (no prefix-cache hits between them)
+        s.add_request(Request(f"a{i}", list(range(100 * i, 100 * i + 60)), SamplingParams(max_tokens=30),
+                              arrival_time=0.0, block_size=BS, tenant="a"))
     for _ in range(6):
         out = s.schedule()
         now[0] += 1 + 0.1 * out.num_batched_tokens
         s.update_from_output(out, ModelRunnerOutput(sampled={r.request_id: [SampledToken(7)]
                                                              for r in out.requests if r.sample}))
-    b = req("b0", 20, "b", now[0])
+    b = Request("b0", list(range(5000, 5020)), SamplingParams(max_tokens=2), arrival_time=now[0], block_size=BS,
+                tenant="b")
     s.add_request(b)
     sizes: list[int] = []
     ran: list[str] = []
@@ -253,3 +255,22 @@ def test_ties_go_to_the_tenant_served_longest_ago():
     assert p.counters == {"a": 4.0, "b": 4.0}
     assert [r.request_id for r in p] == ["b1", "a2"]
     assert p.pop() is b1 and p.pop() is a2
+
+
+def test_a_tenant_below_its_seat_share_is_admitted_first_and_keeps_its_seats():
+    p = VTCPolicy(displace_threshold=10.0)
+    running = [req(f"a{i}", 4, "a", float(i)) for i in range(3)] + [req("b0", 4, "b", 0.5)]
+    for r in running:
+        r.num_computed_tokens = 4  # decoding
+    a9, b1 = req("a9", 4, "a", 1.0), req("b1", 4, "b", 8.0)
+    p.add(a9)
+    p.add(b1)
+    p.counters = {"a": 100.0, "b": 150.0}  # b was just charged its prompts
+    assert p.peek() is a9  # counters alone: a first
+    p.step_token_budget(running, 64)  # the step starts: b holds 1 of 4 seats, a whole seat below its 2
+    assert p._protected_now == {"b"}
+    assert p.peek() is b1 and [r.request_id for r in p] == ["b1", "a9"]
+    # a's head may not take b's seat back through the counter lead (b leads by 50 > 10).
+    assert p.displace(a9, running) is None
+    # b's head takes a seat from a, the tenant over its share.
+    assert p.displace(b1, running) is running[2]
