@@ -13,11 +13,14 @@ Experiments (--experiment, default all):
             found by bisection) to a load where fcfs meets the SLO of about half the
             requests; mixed classes: interactive (TTFT 1 s, TPOT 100 ms) and batch (TTFT 20 s).
             Goodput = requests meeting their SLO per second, per policy, same workload.
-  fairness  two tenants on the Azure lengths, one at 4x the other's Poisson rate, together
-            past saturation: each tenant's share of served tokens, the light tenant's TTFT
-            p50/p99 under fcfs and fair, and its TTFT when alone.
-  swap      a small KV pool (forced preemption): preempted requests' extra latency and
-            throughput with --preemption-mode recompute, swap, auto.
+  fairness  two tenants on the Azure lengths, "heavy" at 4x "light"'s Poisson rate, together past
+            saturation, per light rate (--fair-light-rates: below its half of the capacity, and
+            above it: both backlogged): tokens served per tenant in the arrival window against
+            the max-min fair target (kvserve/bench/fairness.py), the light tenant's TTFT p50/p99
+            under fcfs, fair and fair with --fair-weights, and alone (its same arrivals).
+  swap      fcfs on a small KV pool (forced preemption): per preemption the stall (preempted ->
+            its next token), tokens recomputed, copy time, latency and throughput with
+            --preemption-mode recompute, swap, auto; swap and auto again on a slow host link.
 
 Example (small, to check it works):
   python benchmarks/scheduling_policies.py --engine sim --num-requests 200
@@ -32,12 +35,14 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from kvserve.bench.fairness import TenantRequest, fairness_summary, tenant_stats
 from kvserve.bench.paths import shared_data_dir
 from kvserve.bench.traces import TraceRecord, read_azure, read_burstgpt
+from kvserve.config import parse_tenant_weights
 from kvserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from kvserve.core.swap import PreemptionCostModel, SwapManager
 from kvserve.engine.engine_core import EngineCore
@@ -71,6 +76,7 @@ class Result:
     slo_class: str
     preemptions: int
     met: bool
+    token_times_s: tuple[float, ...] = ()  # when each output token was produced (run clock)
 
 
 # ------------------------------------------------------------------------ workloads
@@ -142,9 +148,17 @@ class SimExecutor:
     swap_block_s: float
     busy_s: float = 0.0
     swap_s: float = 0.0
+    token_times: dict[str, list[float]] = field(default_factory=dict)  # request id -> output token times
+    preempted_at: dict[str, list[float]] = field(default_factory=dict)  # request id -> its preemption times
+    tokens_computed: int = 0  # every batched token, recomputations included
+    blocks_copied: int = 0  # swap-outs + swap-ins
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in step.preempted_ids:
+            self.preempted_at.setdefault(rid, []).append(self.clock.now)
         copies = sum(len(c.block_ids) for c in step.swap_outs + step.swap_ins)
+        self.blocks_copied += copies
+        self.tokens_computed += step.num_batched_tokens
         dt = copies * self.swap_block_s
         self.swap_s += dt
         if step.requests:
@@ -152,6 +166,9 @@ class SimExecutor:
             dt += self.base_s + self.per_token_s * step.num_batched_tokens + self.per_ctx_s * ctx
         self.clock.now += dt
         self.busy_s += dt
+        for r in step.requests:
+            if r.sample:
+                self.token_times.setdefault(r.request_id, []).append(self.clock.now)
         return ModelRunnerOutput(sampled={r.request_id: [SampledToken(5)] for r in step.requests if r.sample})
 
 
@@ -176,12 +193,18 @@ def sim_core(args: argparse.Namespace, policy: str, mode: str, num_blocks: int) 
 
 
 def run_sim(items: list[Item], args: argparse.Namespace, policy: str, mode: str = "recompute",
-            num_blocks: Optional[int] = None) -> tuple[list[Result], float]:
+            num_blocks: Optional[int] = None, stop_at: Optional[float] = None) -> tuple[list[Result], float]:
+    """Every request to completion, or (stop_at) until the simulated clock passes it."""
     core, clock = sim_core(args, policy, mode, num_blocks or args.num_kv_blocks)
+    return drive(core, clock, items, stop_at)
+
+
+def drive(core: EngineCore, clock: SimClock, items: list[Item],
+          stop_at: Optional[float] = None) -> tuple[list[Result], float]:
     reqs: list[tuple[Item, Request]] = []
     pending = list(items)
     i = 0
-    while i < len(pending) or core.has_unfinished():
+    while (i < len(pending) or core.has_unfinished()) and (stop_at is None or clock.now <= stop_at):
         while i < len(pending) and pending[i].arrival_s <= clock.now:
             it = pending[i]
             rng = random.Random(i)
@@ -198,8 +221,10 @@ def run_sim(items: list[Item], args: argparse.Namespace, policy: str, mode: str 
             clock.now = max(clock.now, pending[i].arrival_s)
             continue
         core.step()
-    return [result(it, r.first_token_time, r.finish_time, r.num_output_tokens, r.num_preemptions)
-            for it, r in reqs], clock.now
+    assert isinstance(core.executor, SimExecutor)
+    times = core.executor.token_times
+    return [result(it, r.first_token_time, r.finish_time, r.num_output_tokens, r.num_preemptions,
+                   tuple(times.get(r.request_id, ()))) for it, r in reqs], clock.now
 
 
 # -------------------------------------------------------------------- real engine
@@ -214,6 +239,7 @@ def run_real(items: list[Item], args: argparse.Namespace, policy: str, mode: str
     vocab = engine.core.vocab_size
     t0 = time.time()
     outs: dict[str, Any] = {}
+    times: dict[str, list[float]] = {}  # request id -> output token times (since t0)
     ids: list[tuple[Item, str]] = []
     i = 0
     try:
@@ -235,6 +261,9 @@ def run_real(items: list[Item], args: argparse.Namespace, policy: str, mode: str
                 time.sleep(max(0.0, min(0.01, items[i].arrival_s - now)) if i < len(items) else 0)
                 continue
             for out in engine.step():
+                got = times.setdefault(out.request_id, [])
+                now = time.time() - t0
+                got.extend([now] * (len(out.outputs[0].token_ids) - len(got)))
                 if out.finished:
                     outs[out.request_id] = out
     finally:
@@ -247,11 +276,12 @@ def run_real(items: list[Item], args: argparse.Namespace, policy: str, mode: str
             continue
         m = o.metrics
         results.append(result(it, m.first_token_time and m.first_token_time - t0, m.finish_time and m.finish_time - t0,
-                              len(o.outputs[0].token_ids), m.num_preemptions))
+                              len(o.outputs[0].token_ids), m.num_preemptions, tuple(times.get(rid, ()))))
     return results, time.time() - t0
 
 
-def result(it: Item, first: Optional[float], finish: Optional[float], n_out: int, preemptions: int) -> Result:
+def result(it: Item, first: Optional[float], finish: Optional[float], n_out: int, preemptions: int,
+           token_times: tuple[float, ...] = ()) -> Result:
     ttft = None if first is None else first - it.arrival_s
     tpot = (finish - first) / (n_out - 1) if first is not None and finish is not None and n_out > 1 else None
     met = ttft is not None and n_out == it.output_len
@@ -259,7 +289,7 @@ def result(it: Item, first: Optional[float], finish: Optional[float], n_out: int
         met = (it.slo.ttft_s is None or ttft <= it.slo.ttft_s) and (  # type: ignore[operator]
             it.slo.tpot_s is None or tpot is None or tpot <= it.slo.tpot_s)
     return Result(it.arrival_s, ttft, tpot, None if finish is None else finish - it.arrival_s, n_out, it.tenant,
-                  it.slo_class, preemptions, met)
+                  it.slo_class, preemptions, met, token_times)
 
 
 # ---------------------------------------------------------------------- summaries
@@ -305,7 +335,7 @@ def calibrate(items: list[Item], args: argparse.Namespace, target: float = 0.5) 
 
 def goodput_experiment(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for trace in ("azure", "burstgpt"):
+    for trace in args.goodput_traces:
         items = trace_items(trace, args.num_requests, args.max_model_len, args)
         scale = args.time_scale if args.time_scale else calibrate(items, args)
         load = scaled(items, scale)
@@ -326,51 +356,120 @@ def goodput_experiment(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def tenant_requests(items: list[Item], res: list[Result]) -> list[TenantRequest]:
+    return [TenantRequest(it.tenant, it.arrival_s, it.prompt_len, it.output_len, r.token_times_s)
+            for it, r in zip(items, res)]
+
+
+def fairness_run(items: list[Item], args: argparse.Namespace, policy: str, weights: Optional[str],
+                 t0: float, t1: float) -> dict[str, Any]:
+    """One run; service in (t0, t1], TTFT of arrivals in it (censored at the end of the run)."""
+    saved = args.tenant_weights
+    args.tenant_weights = weights
+    try:
+        fn = run_sim if args.engine == "sim" else run_real
+        kw = dict(stop_at=t1 + args.fair_drain_s) if args.engine == "sim" else {}
+        res, end = fn(items, args, policy, **kw)  # type: ignore[operator]
+    finally:
+        args.tenant_weights = saved
+    stats = tenant_stats(tenant_requests(items, res), t0, t1, censor_at=end)
+    w = parse_tenant_weights(weights) if weights else {}
+    return dict(policy=policy, weights=weights or "equal", tenants={t: asdict(s) for t, s in stats.items()},
+                **fairness_summary(stats, w, t1 - t0, "heavy", "light"))
+
+
 def fairness_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    """Per light-tenant rate (heavy at 4x): the light tenant alone, then both under fcfs, fair
+    and fair with --fair-weights.  Service is measured in (warm-up, duration]."""
     base = trace_items("azure", 2000, args.max_model_len, args)
-    light_alone = two_tenants(base, args.fair_rate, 0.0, args.fair_duration_s, args.seed)
-    light_alone = [i for i in light_alone if i.tenant == "light"]
-    res, _ = run(light_alone, args, "fcfs")
-    alone_p50 = pct([r.ttft_s for r in res if r.ttft_s is not None], 0.5)
-    items = two_tenants(base, args.fair_rate, 4.0, args.fair_duration_s, args.seed)
-    rows = {}
-    for policy in ("fcfs", "fair"):
-        res, dur = run(items, args, policy)
-        # Served tokens within the arrival window (both tenants backlogged), prompt + output.
-        served = {t: sum(it.prompt_len + r.output_len for it, r in zip(items, res)
-                         if r.tenant == t and r.e2e_s is not None and r.arrival_s + r.e2e_s <= args.fair_duration_s)
-                  for t in ("heavy", "light")}
-        light = [r.ttft_s for r in res if r.tenant == "light" and r.ttft_s is not None]
-        rows[policy] = dict(served_tokens=served, heavy_to_light=served["heavy"] / max(1, served["light"]),
-                            light_ttft_p50_s=pct(light, 0.5), light_ttft_p99_s=pct(light, 0.99))
-    print(f"\n### fairness: heavy at 4x the light tenant's {args.fair_rate}/s for {args.fair_duration_s} s "
-          f"(light alone: TTFT p50 {alone_p50 or 0:.2f} s; weights {args.tenant_weights or 'equal'})\n")
-    print("| policy | served heavy:light | light TTFT p50 | light TTFT p99 | p50 vs alone |")
-    print("|---|---|---|---|---|")
-    for policy, s in rows.items():
-        ratio = (s["light_ttft_p50_s"] or 0) / alone_p50 if alone_p50 else 0
-        print(f"| {policy} | {s['heavy_to_light']:.2f} | {s['light_ttft_p50_s'] or 0:.2f} s | "
-              f"{s['light_ttft_p99_s'] or 0:.2f} s | {ratio:.2f}x |")
-    return dict(light_alone_ttft_p50_s=alone_p50, policies=rows)
+    t0, t1 = args.fair_warmup_s, args.fair_duration_s
+    out: dict[str, Any] = {}
+    for rate in args.fair_light_rates:
+        items = two_tenants(base, rate, 4.0, t1, args.seed)
+        alone = [i for i in items if i.tenant == "light"]  # the same arrivals, heavy removed
+        a = fairness_run(alone, args, "fcfs", None, t0, t1)
+        alone_p50 = a["tenants"]["light"]["ttft_p50_s"]
+        rows = [fairness_run(items, args, "fcfs", None, t0, t1), fairness_run(items, args, "fair", None, t0, t1)]
+        for w in args.fair_weights or ():
+            rows.append(fairness_run(items, args, "fair", w, t0, t1))
+        out[f"light_{rate:g}"] = dict(alone=a, runs=rows)
+        print(f"\n### fairness: light tenant at {rate:g} req/s, heavy at {4 * rate:g} req/s, Azure conv lengths; "
+              f"service in ({t0:g}, {t1:g}] s\n")
+        print(f"light alone: TTFT p50 {alone_p50 or 0:.3f} s, p99 {a['tenants']['light']['ttft_p99_s'] or 0:.3f} s; "
+              f"light demand {a['tenants']['light']['demand'] / (t1 - t0):.0f} tok/s, "
+              f"served alone {a['served_tokens_per_s'] or 0:.0f} tok/s\n")
+        print("| policy | weights | served tok/s | heavy:light served | max-min target | served / target "
+              "| light TTFT p50 | p50 vs alone | light TTFT p99 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            lt = r["tenants"]["light"]
+            vs = (lt["ttft_p50_s"] or 0) / alone_p50 if alone_p50 else 0
+            print(f"| {r['policy']} | {r['weights']} | {r['served_tokens_per_s'] or 0:.0f} | {r['served_ratio'] or 0:.2f} "
+                  f"| {r['target_ratio'] or 0:.2f} | {r['ratio_vs_target'] or 0:.2f} | {lt['ttft_p50_s'] or 0:.3f} s "
+                  f"| {vs:.2f}x | {lt['ttft_p99_s'] or 0:.3f} s |", flush=True)
+    return out
+
+
+def preemption_stalls(ex: SimExecutor) -> list[float]:
+    """Per preemption: from the step that preempted the request to its next output token
+    (the wait to be resumed plus the recompute or swap-in): what the preemption cost it."""
+    stalls = []
+    for rid, times in ex.preempted_at.items():
+        tokens = ex.token_times.get(rid, [])
+        for t in times:
+            after = [x for x in tokens if x > t]
+            if after:
+                stalls.append(after[0] - t)
+    return stalls
+
+
+def swap_run(items: list[Item], args: argparse.Namespace, mode: str, blocks: int, link_gbs: float) -> dict[str, Any]:
+    saved = args.sim_link_gbs
+    args.sim_link_gbs = link_gbs
+    try:
+        core, clock = sim_core(args, "fcfs", mode, blocks)
+        res, dur = drive(core, clock, items)
+    finally:
+        args.sim_link_gbs = saved
+    ex = core.executor
+    assert isinstance(ex, SimExecutor)
+    stalls = preemption_stalls(ex)
+    ideal = sum(it.prompt_len + it.output_len - 1 for it in items)
+    pre = [r for r in res if r.preemptions]
+    by = core.scheduler.preemptions_by
+    return dict(mode=mode, link_gbs=link_gbs, preempted_requests=len(pre),
+                preemptions={f"{c}/{m}": n for (c, m), n in by.items()},
+                swapped=sum(n for (_, m), n in by.items() if m == "swap"),
+                stall_mean_s=statistics.fmean(stalls) if stalls else None, stall_p50_s=pct(stalls, 0.5),
+                stall_p90_s=pct(stalls, 0.9),
+                preempted_e2e_mean_s=statistics.fmean([r.e2e_s for r in pre if r.e2e_s is not None]) if pre else None,
+                e2e_mean_s=statistics.fmean([r.e2e_s for r in res if r.e2e_s is not None]),
+                recomputed_tokens=ex.tokens_computed - ideal, blocks_copied=ex.blocks_copied, copy_s=ex.swap_s,
+                output_tokens_per_s=summary(res, dur)["output_tokens_per_s"], duration_s=dur)
 
 
 def swap_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    """fcfs on a small KV pool (forced preemption), per mode; auto also on a slow host link,
+    where its cost model should pick recompute for short contexts."""
+    if args.engine != "sim":
+        raise SystemExit("--experiment swap runs on --engine sim (the real engine's swap needs a GPU host link; "
+                         "measure it with `kvserve serve --preemption-mode ...` and `kvserve bench serve`)")
     items = scaled(trace_items("azure", args.num_requests, args.max_model_len, args), args.swap_time_scale)
-    blocks = args.swap_num_kv_blocks if args.engine == "sim" else args.real_swap_num_kv_blocks
-    rows = {}
-    for mode in ("recompute", "swap", "auto"):
-        res, dur = run(items, args, "fcfs", mode, num_blocks=blocks)
-        pre = [r.e2e_s for r in res if r.preemptions and r.e2e_s is not None]
-        rows[mode] = dict(preempted=len(pre), preempted_e2e_mean_s=statistics.fmean(pre) if pre else None,
-                          e2e_mean_s=statistics.fmean([r.e2e_s for r in res if r.e2e_s is not None]),
-                          output_tokens_per_s=summary(res, dur)["output_tokens_per_s"], duration_s=dur)
-    print(f"\n### preemption: {len(items)} Azure requests, {blocks} KV blocks\n")
-    print("| mode | preempted | their mean e2e | all mean e2e | output tok/s |")
-    print("|---|---|---|---|---|")
-    for mode, s in rows.items():
-        print(f"| {mode} | {s['preempted']} | {s['preempted_e2e_mean_s'] or 0:.2f} s | {s['e2e_mean_s']:.2f} s | "
-              f"{s['output_tokens_per_s']:.0f} |")
-    return rows
+    blocks = args.swap_num_kv_blocks
+    runs = [swap_run(items, args, m, blocks, args.sim_link_gbs) for m in ("recompute", "swap", "auto")]
+    runs += [swap_run(items, args, m, blocks, args.swap_slow_link_gbs) for m in ("swap", "auto")]
+    print(f"\n### preemption: {len(items)} Azure conv requests (time scale {args.swap_time_scale:g}), fcfs, "
+          f"{blocks} KV blocks of {args.block_size} tokens\n")
+    print("| mode | host link | preempted requests | preemptions (by swap) | stall per preemption mean / p50 / p90 "
+          "| tokens recomputed | copy time | preempted requests' mean e2e | all mean e2e | output tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        n = sum(r["preemptions"].values())
+        print(f"| {r['mode']} | {r['link_gbs']:g} GB/s | {r['preempted_requests']} | {n} ({r['swapped']}) | "
+              f"{r['stall_mean_s'] or 0:.2f} / {r['stall_p50_s'] or 0:.2f} / {r['stall_p90_s'] or 0:.2f} s | "
+              f"{r['recomputed_tokens']:,} | {r['copy_s']:.2f} s | {r['preempted_e2e_mean_s'] or 0:.2f} s | "
+              f"{r['e2e_mean_s']:.2f} s | {r['output_tokens_per_s']:.0f} |", flush=True)
+    return dict(runs=runs)
 
 
 def main() -> None:
@@ -388,6 +487,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=8192, help="sim: KV pool (default ~131k tokens)")
     p.add_argument("--real-num-kv-blocks", type=int, default=None, help="real: KV pool (default: memory budget)")
+    p.add_argument("--goodput-traces", nargs="+", choices=("azure", "burstgpt"), default=["azure", "burstgpt"])
     p.add_argument("--interactive-slo", default="1000/100", help="TTFT_MS/TPOT_MS of the interactive class")
     p.add_argument("--batch-slo", default="20000", help="TTFT_MS[/TPOT_MS] of the batch class")
     p.add_argument("--interactive-fraction", type=float, default=0.5)
@@ -395,9 +495,19 @@ def main() -> None:
     p.add_argument("--time-scale", type=float, default=None, help="skip calibration: multiply arrival times by this")
     p.add_argument("--calibration-steps", type=int, default=12)
     p.add_argument("--tenant-weights", default=None)
-    p.add_argument("--fair-rate", type=float, default=6.0, help="light tenant's requests/s (heavy: 4x)")
-    p.add_argument("--fair-duration-s", type=float, default=60.0)
+    p.add_argument("--fair-light-rates", type=float, nargs="+", default=[3.0, 9.0],
+                   help="light tenant's requests/s, one experiment each (heavy: 4x); the default sim serves about "
+                        "12 req/s, so 3 leaves the light tenant below its half, 9 above it (both backlogged)")
+    p.add_argument("--fair-duration-s", type=float, default=60.0, help="arrival window")
+    p.add_argument("--fair-warmup-s", type=float, default=10.0, help="service is measured after this")
+    p.add_argument("--fair-drain-s", type=float, default=10.0,
+                   help="sim: keep running this long after the arrival window (then stop: TTFTs still open count "
+                        "as lower bounds)")
+    p.add_argument("--fair-weights", nargs="*", default=["heavy=2"],
+                   help="extra fair runs with these --tenant-weights (default: heavy=2)")
     p.add_argument("--swap-time-scale", type=float, default=0.01)
+    p.add_argument("--swap-slow-link-gbs", type=float, default=2.0,
+                   help="swap: also run swap and auto with this host link (GB/s)")
     p.add_argument("--swap-num-kv-blocks", type=int, default=1024, help="sim: small pool for the swap experiment")
     p.add_argument("--real-swap-num-kv-blocks", type=int, default=128)
     p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host swap space")
@@ -419,7 +529,7 @@ def main() -> None:
         report["goodput"] = goodput_experiment(args)
     if args.experiment in ("fairness", "all"):
         report["fairness"] = fairness_experiment(args)
-    if args.experiment in ("swap", "all"):
+    if args.experiment == "swap" or (args.experiment == "all" and args.engine == "sim"):
         report["swap"] = swap_experiment(args)
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(report, indent=2, default=str))
