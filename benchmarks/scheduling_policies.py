@@ -505,7 +505,7 @@ def main() -> None:
                         "as lower bounds)")
     p.add_argument("--fair-weights", nargs="*", default=["heavy=2"],
                    help="extra fair runs with these --tenant-weights (default: heavy=2)")
-    p.add_argument("--swap-time-scale", type=float, default=0.01)
+    p.add_argument("--swap-time-scale", type=float, default=0.05, help="swap: arrival times times this")
     p.add_argument("--swap-slow-link-gbs", type=float, default=2.0,
                    help="swap: also run swap and auto with this host link (GB/s)")
     p.add_argument("--swap-num-kv-blocks", type=int, default=1024, help="sim: small pool for the swap experiment")
