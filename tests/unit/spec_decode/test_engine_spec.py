@@ -200,3 +200,27 @@ def test_draft_vocabulary_larger_than_the_target_is_refused(models, tmp_path):
     big = build_tiny_model("llama-tied", tmp_path / "big", overrides={"vocab_size": 1024, "num_hidden_layers": 1})
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(str(target), speculative_method=f"draft:{big}", num_kv_blocks=64)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_drafts_and_acceptance_equal_the_reference_loop(models, method):
+    """With fixed k and nothing limiting the drafts, the engine proposes and accepts exactly what
+    the one-request reference loop (kvserve.spec_decode.reference) does for each request, once
+    the first token is out (the loop also drafts in its first step, the engine only for decodes)."""
+    from kvserve.spec_decode import make_proposer
+    from kvserve.spec_decode.dense_runner import DenseModelRunner
+    from kvserve.spec_decode.metrics import SpecDecodeMetrics
+    from kvserve.spec_decode.reference import speculative_generate
+
+    target, _ = models
+    runner = DenseModelRunner.load(target)
+    expected = SpecDecodeMetrics()
+    ref_tokens = []
+    for p in PROMPTS:
+        first = speculative_generate(runner, None, p, 1).token_ids
+        res = speculative_generate(runner, make_proposer(method), p + first, NEW - 1, num_spec_tokens=4)
+        expected.merge(res.metrics)
+        ref_tokens.append([first + res.token_ids])
+    outs, core, _ = run_llm(target, _prompts(), GREEDY, method=method)
+    assert tokens(outs) == ref_tokens
+    assert core.scheduler.spec.metrics.as_dict() == expected.as_dict()
