@@ -160,3 +160,75 @@ def test_segments_after_the_prefix_hit_only():
     assert sr.start_pos == 12
     assert sr.blend is None  # no document starts at or after the hit
     kv.check_integrity()
+
+
+def _tier_setup(num_blocks: int = 32):
+    from kvserve.core.kv_offload import KVOffloadManager
+    from tests.unit.kv_offload.fakes import FakeTierClient
+
+    client = FakeTierClient()
+    kv = KVCacheManager(num_blocks, BS)
+    offload = KVOffloadManager(client, BS, policy="finish")
+    chunks = ChunkCache(kv, ratio=0.5, offload=offload)
+    sched = Scheduler(SchedulerConfig(max_model_len=128, max_num_batched_tokens=256), kv, offload=offload,
+                      sources=[chunks])
+    return kv, chunks, sched, offload, client
+
+
+def test_chunks_go_down_to_the_tiers_and_come_back_up():
+    kv, chunks, sched, offload, client = _tier_setup()
+    sched.add_request(_request("r1", [DOC_A, DOC_B]))
+    step = sched.schedule()
+    assert all(c.compute for c in step.requests[0].blend.chunks)
+    _finish_step(sched, step)
+    # Under "finish", computed chunks are saved once registered: in the next step's kv_saves.
+    a_hashes = chunk_hashes([1, *DOC_A], BS, chunks.namespace)
+    b_hashes = chunk_hashes([1, *DOC_B], BS, chunks.namespace)
+    step = sched.flush()
+    saved = {s.block_hash for s in step.kv_saves}
+    assert set(a_hashes + b_hashes) <= saved
+    client.confirm_saves(sorted(saved))
+    sched.update_from_output(step, ModelRunnerOutput())
+    assert kv.pool.reset_prefix_cache()  # the device forgets everything; the tier keeps it
+    # Another order: both documents are in the tier, so the request waits for their load.
+    r2 = _request("r2", [DOC_B, DOC_A])
+    sched.add_request(r2)
+    step = sched.schedule()
+    assert step.requests == [] and r2.status == RequestStatus.WAITING_FOR_KV
+    assert client.submitted["r2\x00chunks"] == b_hashes + a_hashes  # document order of r2
+    client.finish_load("r2\x00chunks")
+    sched.schedule()  # the tiers' poll folds the load in; the chunk cache sees it next time
+    step = sched.schedule()
+    # Back in the queue, the offload tiers (asked after the chunk cache) fetch r2's own
+    # prefix block (SEG0's, saved when r1 finished): the chunk load stays ready meanwhile.
+    assert step.requests == [] and list(client.submitted) == ["r2"]
+    client.finish_load("r2")
+    step = sched.schedule()
+    (sr,) = step.requests
+    assert sr.start_pos == 4  # SEG0's full block from the tier
+    assert [(c.dst_start, c.compute) for c in sr.blend.chunks] == [(5, False), (8, False)]
+    (load,) = [x for x in step.kv_loads if x.request_id == "r2\x00chunks"]
+    assert load.first == 0 and load.block_ids == sr.blend.chunks[0].src_block_ids + sr.blend.chunks[1].src_block_ids
+    assert (chunks.stats.hits, chunks.stats.tier_hits, chunks.stats.misses) == (2, 2, 2)
+    kv.check_integrity()
+    _finish_step(sched, step)
+    # Loaded chunks are registered after the step, like computed ones.
+    assert kv.pool.get_cached_block(a_hashes[0]).block_id == sr.blend.chunks[1].src_block_ids[0]
+    assert all(kv.pool.blocks[b].ref_cnt == 0 for c in sr.blend.chunks for b in c.src_block_ids)
+    kv.check_integrity()
+
+
+def test_a_partial_tier_load_computes_the_rest():
+    kv, chunks, sched, offload, client = _tier_setup()
+    a_hashes = chunk_hashes([1, *DOC_A], BS, chunks.namespace)
+    b_hashes = chunk_hashes([1, *DOC_B], BS, chunks.namespace)
+    client.stored.update(a_hashes + b_hashes)
+    sched.add_request(_request("r", [DOC_A, DOC_B]))
+    sched.schedule()
+    client.finish_load("r\x00chunks", num_loaded=2)  # DOC_A (2 blocks) whole, DOC_B's block missing
+    sched.schedule()
+    step = sched.schedule()
+    blend = step.requests[0].blend
+    assert [c.compute for c in blend.chunks] == [False, True]
+    assert (chunks.stats.tier_hits, chunks.stats.misses) == (1, 1)
+    kv.check_integrity()
