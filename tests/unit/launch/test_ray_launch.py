@@ -1,12 +1,13 @@
-"""`kvserve serve MODEL --replicas 2` for real: a local Ray cluster started and stopped by the command,
-two instances of the tiny test model pinned to disjoint cores, the kv-aware router in front, all on
-loopback.  Tests run in file order on one module-scoped launch; the last ones kill a replica and
-stop the launch.
+"""`kvserve serve MODEL --replicas 2` and `--pd 1:1` for real: a local Ray cluster started and stopped
+by the command, two instances of the tiny test model pinned to disjoint cores, the kv-aware router
+in front, all on loopback.  For each mode, tests run in file order on one launch; the last ones kill
+an instance and stop the launch.
 
-Checks: greedy outputs through the router equal one engine's (offline LLM on the same model);
-both replicas serve; each instance and its engine process are pinned to their cores with matching
-torch threads; a replica killed mid-stream leaves every client with an answer or an OpenAI error
-within a bound, is removed, and the rest keep serving; SIGTERM stops everything, Ray included.
+Checks: greedy outputs through the router equal one engine's (offline LLM on the same model); both
+replicas serve (--replicas), the decode instance computes no prompt token (--pd); each instance and
+its engine process are pinned to their cores with matching torch threads; an instance killed
+mid-stream leaves every client with an answer or an OpenAI error within a bound and is removed;
+SIGTERM stops everything, Ray included.
 """
 from __future__ import annotations
 
@@ -30,16 +31,21 @@ from tests.e2e.harness import REPO, build_chat_model, free_port  # noqa: E402
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",
            "The capital of France is a city that", "Once upon a time there was", "1, 2, 3, 4,"]
-ENGINE = ["--block-size", "4", "--num-kv-blocks", "96", "--max-model-len", "256", "--max-num-seqs", "16"]
+ENGINE = ["--block-size", "4", "--num-kv-blocks", "96", "--max-model-len", "256", "--max-num-seqs", "16",
+          "--served-model-name", "m"]  # passed on to every instance
 MAX_TOKENS = 12
 
 
+MODES = {"replicas": ["--replicas", "2"], "pd": ["--pd", "1:1"]}
+
+
 class Launch:
-    def __init__(self, model: Path, log_path: Path) -> None:
+    def __init__(self, model: Path, log_path: Path, mode: str) -> None:
+        self.mode = mode
         self.port = free_port()
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", str(model), "--replicas", "2",
+        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", str(model), *MODES[mode],
                "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", *ENGINE]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TMPDIR=str(log_path.parent))
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -69,9 +75,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_chat_model(tmp_path_factory.mktemp("launch-model"))
 
 
-@pytest.fixture(scope="module")
-def launch(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
-    run = Launch(model, tmp_path_factory.mktemp("launch") / "launch.log").wait_ready()
+@pytest.fixture(scope="module", params=list(MODES))
+def launch(request: pytest.FixtureRequest, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
+    run = Launch(model, tmp_path_factory.mktemp("launch") / "launch.log", request.param).wait_ready()
     yield run
     if run.proc.poll() is None:
         run.proc.send_signal(signal.SIGTERM)
@@ -92,9 +98,11 @@ def reference(model: Path) -> list[str]:
     return [o.outputs[0].text for o in outs]
 
 
-def test_launch_reports_two_pinned_replicas(launch: Launch) -> None:
+def test_launch_reports_two_pinned_instances(launch: Launch) -> None:
     insts = launch.summary["instances"]
-    assert [(i["name"], i["role"]) for i in insts] == [("replica-0", "both"), ("replica-1", "both")]
+    want_roles = ([("replica-0", "both"), ("replica-1", "both")] if launch.mode == "replicas"
+                  else [("prefill-0", "prefill"), ("decode-0", "decode")])
+    assert [(i["name"], i["role"]) for i in insts] == want_roles
     assert launch.summary["router"] == launch.url
     cores = [set(i["cores"]) for i in insts]
     available = os.sched_getaffinity(0)
@@ -110,8 +118,11 @@ def test_launch_reports_two_pinned_replicas(launch: Launch) -> None:
             assert os.sched_getaffinity(pid) == want  # inherited from the instance
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             assert f"OMP_NUM_THREADS={len(want)}".encode() in environ  # torch's intra-op threads
-    # The router sees both, as replicas (role both, the instances' block size).
-    assert all(i["healthy"] and i["reported_role"] == "both" and i["block_size"] == 4 for i in launch.instances())
+    # The router sees both, in their roles, with the instances' block size.
+    seen = {i["url"]: i for i in launch.instances()}
+    for inst in insts:
+        assert seen[inst["url"]]["healthy"] and seen[inst["url"]]["reported_role"] == inst["role"]
+        assert seen[inst["url"]]["block_size"] == 4
 
 
 def test_greedy_outputs_equal_one_engine(launch: Launch, reference: list[str]) -> None:
@@ -125,10 +136,26 @@ def test_greedy_outputs_equal_one_engine(launch: Launch, reference: list[str]) -
         stream = client.completions.create(model="m", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                            stream=True)
         assert "".join(c.choices[0].text for c in stream if c.choices) == want, prompt
-    assert served_by == {i["url"] for i in launch.summary["instances"]}, "both replicas answer"
+    urls = [i["url"] for i in launch.summary["instances"]]
+    if launch.mode == "replicas":
+        assert served_by == set(urls), "both replicas answer"
+    else:  # the decode instance answers, and it computed no prompt token: all came over the transfer
+        assert served_by == {urls[1]}
+        decode = httpx.get(urls[1] + "/metrics", timeout=10).text
+        assert _metric(decode, "kvserve:prompt_tokens_computed_total") == 0
+        assert _metric(decode, "kvserve:kv_transfer_tokens_total", 'direction="in"') > 0
+        assert _metric(httpx.get(urls[0] + "/metrics", timeout=10).text, "kvserve:prompt_tokens_computed_total") > 0
 
 
-def test_a_killed_replica_is_removed_and_clients_never_hang(launch: Launch) -> None:
+def _metric(text: str, name: str, label: str = "") -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_killed_instance_is_removed_and_clients_never_hang(launch: Launch) -> None:
     client = openai.OpenAI(base_url=launch.url + "/v1", api_key="none", max_retries=0, timeout=120)
     outcomes: list[str] = []
 
@@ -156,11 +183,17 @@ def test_a_killed_replica_is_removed_and_clients_never_hang(launch: Launch) -> N
     while next(i for i in launch.instances() if i["url"] == victim["url"])["healthy"]:
         assert time.monotonic() < deadline, "the dead replica was not removed"
         time.sleep(0.5)
-    for prompt in PROMPTS[:3]:  # the survivor serves everything
-        raw = client.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=4, temperature=0.0)
-        assert raw.headers["x-kvserve-instance"] == launch.summary["instances"][0]["url"]
+    for prompt in PROMPTS[:3]:
+        if launch.mode == "replicas":  # the survivor serves everything
+            raw = client.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=4,
+                                                              temperature=0.0)
+            assert raw.headers["x-kvserve-instance"] == launch.summary["instances"][0]["url"]
+        else:  # no decode instance left: an OpenAI error at once, not a hang
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0.0)
+            assert err.value.status_code == 503
     deadline = time.monotonic() + 30
-    while "replica-1 is gone" not in launch.text():
+    while f"{victim['name']} is gone" not in launch.text():
         assert time.monotonic() < deadline, "the launcher did not notice the dead replica"
         time.sleep(0.5)
 
