@@ -180,6 +180,9 @@ def run_engine(model_dir: Path, reqs: Sequence[BenchRequest], output_len: int, k
 
         _timed(res, go)
         res.extra.update(_engine_metrics(outs))
+        spec = llm.engine.core.scheduler.spec  # --speculative-method: acceptance in the JSON
+        if spec is not None:
+            res.extra["spec_decode"] = spec.metrics.as_dict()
     except Exception as exc:  # noqa: BLE001 - report, keep the baselines' numbers
         res.status, res.detail = "failed", f"{type(exc).__name__}: {exc}"
     return res
