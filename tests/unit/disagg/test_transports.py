@@ -67,17 +67,37 @@ def test_unknown_scheme_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")  # an optional dependency of the ray:// transport only
-    # address="local": a private cluster, never one someone else runs on this host.
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="kvserve")
-    yield ray
-    ray.shutdown()
+def ray_local(tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (an optional dependency of the ray:// transport only)")
+    from kvserve.launch.cluster import LocalRayCluster  # the launcher's: patient on a loaded machine
+
+    cluster = LocalRayCluster(1, log_dir=tmp_path_factory.mktemp("ray"))
+    # Ray reads its auth token from the environment when it first loads: set it before.
+    env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    import ray
+
+    try:
+        address = cluster.start()
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, namespace="kvserve")
+        yield address
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.mark.parametrize("codec", ["raw", "int8"])
 def test_ray_round_trip_fetches_only_the_asked_groups(ray_local, codec):
-    t = transport_for_url(f"ray://local?codec={codec}&group=2")
+    t = transport_for_url(f"ray://{ray_local}?codec={codec}&group=2")
     b = blocks(5)
     loc = t.publish("r1", b, time.time() + 60)
     got = t.fetch(loc, 3, 2, torch.float32, SHAPE, 30.0)
