@@ -178,7 +178,9 @@ def test_a_killed_instance_is_removed_and_clients_never_hang(launch: Launch) -> 
     for t in threads:
         t.join(180)
     assert not any(t.is_alive() for t in threads), f"a client hung: {outcomes}"
-    assert len(outcomes) == 6 and any(o.startswith("ok") for o in outcomes), outcomes
+    assert len(outcomes) == 6, outcomes
+    if launch.mode == "replicas":  # streams on the survivor finish (with --pd 1:1 all were on the victim)
+        assert any(o.startswith("ok") for o in outcomes), outcomes
     deadline = time.monotonic() + 60
     while next(i for i in launch.instances() if i["url"] == victim["url"])["healthy"]:
         assert time.monotonic() < deadline, "the dead replica was not removed"
