@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from kvserve.config import parse_tenant_weights  # noqa: F401  (re-exported)
 from kvserve.core.clock import Clock, wall_clock
@@ -79,6 +79,7 @@ class VTCPolicy(SchedulingPolicy):
         # Tenants protected at the start of the current step (order_running and
         # step_token_budget, which the scheduler calls first, refresh it); admitted first.
         self._protected_now: set[Tenant] = set()
+        self._admitted_now: list[Request] = []  # popped since the step started (now seated)
         self._seq = itertools.count()
         self._served_seq: dict[Tenant, int] = {}  # tenant -> when it was last admitted (tie-break)
         self._charged: set[str] = set()  # requests whose prompt was charged
@@ -143,6 +144,7 @@ class VTCPolicy(SchedulingPolicy):
         self._len -= 1
         self._last_served = t
         self._served_seq[t] = next(self._seq)
+        self._admitted_now.append(request)
         if request.request_id not in self._charged:
             # The prompt is charged when first admitted (VTC charges at dispatch), so the
             # next admission of the same step already sees this tenant's new counter.
@@ -185,9 +187,18 @@ class VTCPolicy(SchedulingPolicy):
         if len(with_work | {r.tenant for r in running}) < 2:
             return set()  # one tenant: nobody to protect it from
         over = self._seat_over(running, waiting)
-        return {t for t in with_work if over[t] < -1.0 + 1e-9}
+        return {t for t in with_work if over[t] < -1.0 + 1e-9 and not self._ahead(t, over)}
+
+    def _ahead(self, tenant: Tenant, active: Iterable[Tenant]) -> bool:
+        """Its counter leads the least-served active tenant's by more than displace_threshold:
+        it has had more than its service already, so seats are not given it out of turn (else
+        a backlogged light tenant would run ahead of VTC's order and the two displacement
+        rules would hand seats back and forth)."""
+        least = min(self.counters.get(u, 0.0) for u in active)
+        return self.counters.get(tenant, 0.0) - least > self.displace_threshold
 
     def _refresh_protected(self, running: Sequence[Request]) -> set[Tenant]:
+        self._admitted_now = []  # a new step starts
         self._protected_now = self._protected(running)
         return self._protected_now
 
@@ -236,9 +247,14 @@ class VTCPolicy(SchedulingPolicy):
           its latest request."""
         if not running:
             return None
-        over = self._seat_over(running, {head.tenant})
+        # Shares count the requests admitted earlier in this step too (the scheduler offers
+        # only older ones as victims): without them a run of displacements in one step makes
+        # the displacing tenant look short of seats still, and the other one short next step.
+        ids = {r.request_id for r in running}
+        seated_now = list(running) + [r for r in self._admitted_now if r.request_id not in ids]
+        over = self._seat_over(seated_now, {head.tenant})
         seated = {r.tenant for r in running}
-        if over[head.tenant] < -1.0 + 1e-9:  # a whole seat below its share
+        if over[head.tenant] < -1.0 + 1e-9 and not self._ahead(head.tenant, over):  # a whole seat below
             worst = max((t for t in seated if t != head.tenant), key=over.__getitem__, default=None)
             if worst is not None and over[worst] > 0:
                 return max((r for r in running if r.tenant == worst), key=lambda r: r.arrival_time)

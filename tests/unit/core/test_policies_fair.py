@@ -265,12 +265,20 @@ def test_a_tenant_below_its_seat_share_is_admitted_first_and_keeps_its_seats():
     a9, b1 = req("a9", 4, "a", 1.0), req("b1", 4, "b", 8.0)
     p.add(a9)
     p.add(b1)
-    p.counters = {"a": 100.0, "b": 150.0}  # b was just charged its prompts
+    p.counters = {"a": 100.0, "b": 105.0}  # b was just charged a prompt
     assert p.peek() is a9  # counters alone: a first
     p.step_token_budget(running, 64)  # the step starts: b holds 1 of 4 seats, a whole seat below its 2
     assert p._protected_now == {"b"}
     assert p.peek() is b1 and [r.request_id for r in p] == ["b1", "a9"]
-    # a's head may not take b's seat back through the counter lead (b leads by 50 > 10).
+    assert p.displace(b1, running) is running[2]  # from a, the tenant over its share
+    # b's new seat counts in the shares for the rest of the step: b1 popped (admitted), b's
+    # next request is at its share (2 of 4) and displaces nobody.
+    assert p.pop() is b1
+    b2 = req("b2", 4, "b", 9.0)
+    assert p.displace(b2, running[:2] + running[3:]) is None
+    # b far ahead in service (by more than the threshold): no seats out of turn, and a's head
+    # still may not take b's seat through the counter lead while b is below its seat share.
+    p.counters = {"a": 100.0, "b": 150.0}
+    p.step_token_budget(running, 64)
+    assert p._protected_now == set() and p.displace(b2, running) is None
     assert p.displace(a9, running) is None
-    # b's head takes a seat from a, the tenant over its share.
-    assert p.displace(b1, running) is running[2]
