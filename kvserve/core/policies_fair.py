@@ -30,7 +30,7 @@ tenant does to a tenant *below its weighted share of the seats* (`max_num_seqs`)
 * its seats are never taken back by the counter-lead displacement (no ping-pong).
 
 A tenant at or above its share gets none of this; among those, VTC's counters decide.  In
-the simulator (docs/scheduling.md) this keeps a light tenant's TTFT within about 1.5x of its
+the simulator (docs/scheduling.md) this keeps a light tenant's TTFT within about 1.3x of its
 TTFT alone next to a tenant flooding at 4x its rate, and backlogged tenants' service in the
 ratio of their weights.
 
