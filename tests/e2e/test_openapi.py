@@ -45,7 +45,9 @@ def test_request_bodies_are_the_real_models(openapi: dict[str, Any]) -> None:
     assert _body_refs(paths["/detokenize"]["post"]) == ["DetokenizeRequest"]
     schemas = openapi["components"]["schemas"]
     completion = schemas["CompletionRequest"]
-    assert "prompt" in completion["required"] and completion["additionalProperties"] is False
+    # `prompt`, or CacheBlend's `segments` in its place: one of the two is required.
+    required = completion.get("required", []) + [f for alt in completion.get("anyOf", []) for f in alt["required"]]
+    assert "prompt" in required and "segments" in required and completion["additionalProperties"] is False
     assert {"max_tokens", "temperature", "stop_token_ids", "stream_options"} <= set(completion["properties"])
     assert "messages" in schemas["ChatCompletionRequest"]["required"]
 

@@ -18,6 +18,7 @@ import time
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import InitErrorDetails, ValidationError
 
 from kvserve.sampling_params import MAX_LOGPROBS
 
@@ -116,6 +117,18 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[int] = Field(None, ge=1)  # only best_of == n (or null) is supported
     suffix: Optional[str] = None  # not supported
     add_special_tokens: bool = True  # vLLM: add BOS etc. when tokenizing a text prompt
+
+    # OpenAPI: one of the two is required (the schema says so; _prompt_or_segments enforces it).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["prompt"]}, {"required": ["segments"]}]})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_or_segments(cls, data: Any) -> Any:
+        """Neither `prompt` nor `segments`: the OpenAI error for a missing `prompt`, as before segments."""
+        if isinstance(data, dict) and data.get("prompt") is None and data.get("segments") is None:
+            raise ValidationError.from_exception_data(
+                cls.__name__, [InitErrorDetails(type="missing", loc=("prompt",), input=data)])
+        return data
 
     @field_validator("prompt", mode="before")
     @classmethod
