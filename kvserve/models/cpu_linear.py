@@ -11,8 +11,8 @@ forward:
     oneDNN       49.3   44.9   72.9  130.0  350.3 1183.3
 
 oneDNN wants its weights reordered into its blocked layout once
-(`torch.ops.mkldnn._reorder_linear_weight`); `pack_linears(model)` does that at
-load time and frees the plain weights (the packed copy replaces them, so memory is
+(`torch.ops.mkldnn._reorder_linear_weight`); `pack_linears(model)` does that once the
+weights are loaded (EngineCore.from_config) and frees the plain weights (the packed copy replaces them, so memory is
 unchanged), after which `Linear.forward` calls
 `torch.ops.mkldnn._linear_pointwise`.
 
@@ -79,8 +79,7 @@ def pack_linears(model: nn.Module) -> int:
             module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
             count += 1
     pack_head = getattr(model, "pack_lm_head", None)
-    if callable(pack_head):
-        pack_head()
+    if callable(pack_head) and pack_head():  # True when it packed a copy (a tied head)
         count += 1
     logger.debug("oneDNN packed weights for %d linear layers", count)
     return count

@@ -29,7 +29,7 @@ __all__ = ["Linear", "MergedLinear", "RMSNorm", "RotaryEmbedding", "apply_rope",
 
 
 class Linear(nn.Linear):
-    """y = x W^T (+ b); W: [out_features, in_features].  On CPU in float32 the loader
+    """y = x W^T (+ b); W: [out_features, in_features].  On CPU in float32 EngineCore
     packs the weight for oneDNN (kvserve.models.cpu_linear: faster than F.linear there,
     same result up to rounding); `packed_weight` then holds it and `weight` is empty."""
 

@@ -120,13 +120,14 @@ class LlamaForCausalLM(nn.Module):
 
     lm_head_packed: Optional[torch.Tensor] = None
 
-    def pack_lm_head(self) -> None:
-        """Pack the LM head for oneDNN (cpu_linear.pack_linears).  A tied head is packed as a
-        copy: the embedding keeps its plain table for lookups."""
+    def pack_lm_head(self) -> bool:
+        """Pack the LM head for oneDNN (cpu_linear.pack_linears); True when that packed a new
+        tensor.  A tied head is packed as a copy: the embedding keeps its plain table for lookups."""
         if not self.cfg.tie_word_embeddings:
             self.lm_head_packed = self.lm_head.packed_weight  # packed with the other Linears
-            return
+            return False
         self.lm_head_packed = cpu_linear.pack(self.embed_tokens.weight)
+        return True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
