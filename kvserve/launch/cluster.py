@@ -55,6 +55,26 @@ def _ray_has_dashboard_extras() -> bool:
     return get_dashboard_dependency_error() is None
 
 
+def use_cluster_token(token: str) -> None:
+    """Make this process authenticate to Ray with `token` (a `LocalRayCluster`'s).
+
+    Ray reads RAY_AUTH_MODE/RAY_AUTH_TOKEN into a per-process cache the first time it needs them;
+    when Ray was already imported and used here (a test process that collected other Ray tests),
+    the environment alone is not re-read and the driver is refused with InvalidAuthToken.  So the
+    cache and Ray's config are refreshed too, the way Ray's own test helpers do.
+    """
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    if "ray" not in sys.modules:
+        return  # Ray will read the environment when it first loads
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication: nothing is cached
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 class LocalRayCluster:
     """`ray start --head --block` on this machine with `num_cpus` CPUs; `stop()` ends it."""
 

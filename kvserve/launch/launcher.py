@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kvserve.launch.actors import ProcessActor
-from kvserve.launch.cluster import LocalRayCluster, RayMissingError, require_ray
+from kvserve.launch.cluster import LocalRayCluster, RayMissingError, require_ray, use_cluster_token
 from kvserve.launch.plan import InstanceSpec, instance_argv, instance_specs, router_argv, split_cores
 
 logger = logging.getLogger("kvserve.launch")
@@ -184,8 +184,7 @@ def run_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             cluster = LocalRayCluster(len(os.sched_getaffinity(0)), log_dir=Path(os.environ.get("TMPDIR", "/tmp")))
             # This driver joins with the cluster's own token, set before Ray is imported (Ray reads
             # its authentication settings once per process).
-            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
-            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+            use_cluster_token(cluster.token)
         ray = require_ray()
     except (ValueError, RayMissingError) as exc:
         sys.stderr.write(f"kvserve serve: {exc}\n")

@@ -72,13 +72,12 @@ def ray_local(tmp_path_factory):
 
     if importlib.util.find_spec("ray") is None:
         pytest.skip("ray is not installed (an optional dependency of the ray:// transport only)")
-    from kvserve.launch.cluster import LocalRayCluster  # the launcher's: patient on a loaded machine
+    from kvserve.launch.cluster import LocalRayCluster, use_cluster_token  # patient on a loaded machine
 
     cluster = LocalRayCluster(1, log_dir=tmp_path_factory.mktemp("ray"))
-    # Ray reads its auth token from the environment when it first loads: set it before.
     env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    # Also when Ray was loaded earlier in this process (collecting the launcher's tests imports it).
+    use_cluster_token(cluster.token)
     import ray
 
     try:
