@@ -68,6 +68,10 @@ class Proposer(ABC):
             raise ValueError(f"{len(states)} states but {len(ks)} lengths")
         return [self.propose(s, k) for s, k in zip(states, ks)]
 
+    def release_cache(self, state: ProposerState) -> None:
+        """The request was preempted: free what the state caches that can be recomputed
+        from its tokens (a draft model's KV); the state itself stays."""
+
     def finish(self, state: ProposerState) -> None:
         """The request finished (or was aborted): release what the state holds.
         Proposers that learn across requests (the suffix proposer's global tree)

@@ -53,19 +53,24 @@ class DenseSequence:
         del self.token_ids[n:]
 
     def common_prefix(self, tokens: Sequence[int]) -> int:
-        """Length of the longest common prefix (list compares run in C; binary search on a mismatch)."""
-        mine, theirs = self.token_ids, list(tokens)
-        n = min(len(mine), len(theirs))
-        if mine[:n] == theirs[:n]:
-            return n
-        lo, hi = 0, n - 1  # prefix [0, lo) agrees; [0, hi + 1) does not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if mine[:mid] == theirs[:mid]:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        """Length of the longest common prefix of the cached tokens and `tokens`."""
+        return common_prefix(self.token_ids, tokens)
+
+
+def common_prefix(mine: list[int], tokens: Sequence[int]) -> int:
+    """Length of the longest common prefix (list compares run in C; binary search on a mismatch)."""
+    theirs = list(tokens)
+    n = min(len(mine), len(theirs))
+    if mine[:n] == theirs[:n]:
+        return n
+    lo, hi = 0, n - 1  # prefix [0, lo) agrees; [0, hi + 1) does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mine[:mid] == theirs[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass

@@ -68,6 +68,13 @@ class SpecDecodeManager:
         self.metrics.observe(num_drafted, num_accepted)
         self.policy.observe(request_id, num_drafted, num_accepted)
 
+    def preempted(self, request_id: str) -> None:
+        """Preempted (its KV freed): the proposer frees what it caches for it (a draft
+        model's KV), keeping the state; the request resumes with the same tokens."""
+        state = self._states.get(request_id)
+        if state is not None:
+            self.proposer.release_cache(state)
+
     def finish(self, request_id: str) -> None:
         """Finished or aborted: release the state (the suffix proposer learns its output here)."""
         state = self._states.pop(request_id, None)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from kvserve.spec_decode import make_proposer
 from kvserve.spec_decode.adaptive import SpecLengthPolicy
+from kvserve.spec_decode.base import Proposer
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.manager import SpecDecodeManager
 from kvserve.spec_decode.metrics import SpecDecodeMetrics
@@ -42,6 +43,23 @@ SUFFIX_GLOBAL_TOKENS = 16384
 _DRAFT_COST_EMA = 0.2
 
 
+def _make_proposer(config: SpeculativeConfig, *, vocab_size: int, device: str, dtype: str,
+                   num_blocks: Optional[int], block_size: Optional[int], attention_backend: str) -> Proposer:
+    assert config.method is not None
+    if config.draft_model is None:
+        options = {"global_max_tokens": SUFFIX_GLOBAL_TOKENS} if config.method == "suffix" else {}
+        return make_proposer(config.method, **options)
+    if num_blocks is None or block_size is None:
+        raise ValueError("a draft model needs its KV pool's num_blocks and block_size (the engine's)")
+    import torch  # only the draft model needs it
+
+    from kvserve.spec_decode.paged_draft import PagedDraftProposer
+
+    return PagedDraftProposer.load(config.draft_model, num_blocks=num_blocks, block_size=block_size,
+                                   dtype=getattr(torch, dtype), device=device, attention_backend=attention_backend,
+                                   target_vocab_size=vocab_size)
+
+
 class SpecScheduling:
     def __init__(self, manager: SpecDecodeManager, step_time: Optional[OnlineStepTime] = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -53,17 +71,18 @@ class SpecScheduling:
 
     @classmethod
     def build(cls, config: SpeculativeConfig, *, vocab_size: int, device: str = "cpu",
-              dtype: str = "float32", clock: Callable[[], float] = time.perf_counter) -> "SpecScheduling":
-        """The proposer by `config.method` (a draft model loads here), the policy, the model."""
+              dtype: str = "float32", clock: Callable[[], float] = time.perf_counter,
+              num_blocks: Optional[int] = None, block_size: Optional[int] = None,
+              attention_backend: str = "auto", proposer: Optional[Proposer] = None) -> "SpecScheduling":
+        """The proposer by `config.method` (or `proposer`, already built), the policy, the
+        step-time model.  A draft model loads here onto its own paged KV pool of `num_blocks`
+        blocks of `block_size` tokens (the engine passes its target's), batched, with the
+        target's `attention_backend` (kvserve.spec_decode.paged_draft)."""
         assert config.method is not None, "speculation is off"
-        options: dict[str, object] = {}
-        if config.method == "suffix":
-            options["global_max_tokens"] = SUFFIX_GLOBAL_TOKENS
-        elif config.draft_model is not None:
-            import torch  # only the draft model needs it
-
-            options.update(dtype=getattr(torch, dtype), device=device, target_vocab_size=vocab_size)
-        proposer = make_proposer(config.method, **options)
+        if proposer is None:
+            proposer = _make_proposer(config, vocab_size=vocab_size, device=device, dtype=dtype,
+                                      num_blocks=num_blocks, block_size=block_size,
+                                      attention_backend=attention_backend)
         step_time = OnlineStepTime() if config.adaptive else None
         policy = SpecLengthPolicy(config.num_speculative_tokens, step_time=step_time, adaptive=config.adaptive)
         return cls(SpecDecodeManager(proposer, policy), step_time, clock)
@@ -138,6 +157,8 @@ class SpecScheduling:
         if self._step_start is not None and self.step_time is not None:
             self.step_time.observe(step.num_batched_tokens, self.clock() - self._step_start)
         self._step_start = None
+        for rid in step.preempted_ids:  # a draft model frees their draft KV too
+            self.manager.preempted(rid)
         for sr in step.requests:
             if sr.num_draft_tokens and sr.request_id in self.manager:  # absent: aborted meanwhile
                 accepted = result.num_accepted.get(sr.request_id, len(sr.positions)) - 1
