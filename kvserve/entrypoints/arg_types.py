@@ -1,7 +1,9 @@
-"""argparse value types and the listening socket shared by `kvserve serve` and `kvserve router`."""
+"""argparse value types, the listening socket and the log set-up shared by `kvserve serve`,
+`kvserve router` and the launcher."""
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 
 
@@ -43,3 +45,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def configure_logging(level_name: str) -> int:
+    """The root logger at `level_name` (--log-level) with kvserve's line format; returns the level."""
+    level = getattr(logging, level_name.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return level

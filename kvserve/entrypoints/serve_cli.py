@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from kvserve.entrypoints.arg_types import bind_socket, port, positive_float, positive_int
+from kvserve.entrypoints.arg_types import bind_socket, configure_logging, port, positive_float, positive_int
 from kvserve.entrypoints.openai.defaults import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from kvserve.utils import sizes
 
@@ -245,8 +245,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"kvserve serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
                          "(is another server running there? choose another --port)\n")
         return 1
-    level = getattr(logging, args.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = configure_logging(args.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool next to the engine
     with sock:
         return asyncio.run(_serve(args, model_dir, args.served_model_name or [default_name], level, sock))

@@ -5,6 +5,7 @@ import argparse
 from typing import Any
 
 from kvserve.entrypoints.arg_types import positive_float, positive_int
+from kvserve.router.cli import add_policy_arg
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -20,8 +21,7 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
                         "KV moves over --kv-transfer, default shm:// on one machine, ray:// on a cluster)")
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="join this Ray cluster (HOST:PORT of its head) instead of starting a local one")
-    g.add_argument("--router-policy", default="kv-aware", choices=["round-robin", "least-load", "kv-aware"],
-                   help="the router's --policy (default: %(default)s)")
+    add_policy_arg(g, "--router-policy", default="kv-aware", intro="the router's --policy. ")
     g.add_argument("--cpus-per-instance", type=positive_float, default=None, metavar="N",
                    help="Ray CPUs each instance reserves (default: this machine's cores / instances on a local "
                         "cluster, 1 on --ray-address); each is pinned to an equal share of its node's cores")

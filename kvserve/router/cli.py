@@ -7,22 +7,24 @@ import os
 import sys
 from typing import Any
 
-from kvserve.entrypoints.arg_types import bind_socket, port, positive_float, positive_int
+from kvserve.entrypoints.arg_types import bind_socket, configure_logging, port, positive_float, positive_int
 
 logger = logging.getLogger("kvserve.router")
 
+_POLICY_HELP = ("round-robin: in turn; least-load: fewest queued+running requests (scraped from each instance's "
+                "/metrics), then lowest KV usage; kv-aware: most cached prefix minus load, from an index of the "
+                "instances' KV blocks (default: %(default)s)")
 
 
+def add_policy_arg(group: Any, flag: str = "--policy", default: str = "round-robin", intro: str = "") -> None:
+    """The routing-policy flag, one definition for `kvserve router --policy` and the router that
+    `kvserve serve --replicas/--pd` launches (`--router-policy`, kvserve/launch/cli_args.py)."""
+    from kvserve.router.policies import policy_names
 
-
-
-
-
+    group.add_argument(flag, default=default, choices=policy_names(), help=intro + _POLICY_HELP)
 
 
 def register(subparsers: Any) -> None:
-    from kvserve.router.policies import policy_names
-
     p = subparsers.add_parser(
         "router", help="route OpenAI API requests over several serving instances",
         description="An OpenAI-compatible front for kvserve (or any OpenAI-compatible) instances: picks an "
@@ -46,10 +48,7 @@ def register(subparsers: Any) -> None:
     net.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                      help="log one line per HTTP request (default: off)")
     route = p.add_argument_group("routing")
-    route.add_argument("--policy", default="round-robin", choices=policy_names(),
-                       help="round-robin: in turn; least-load: fewest queued+running requests (scraped from "
-                            "each instance's /metrics), then lowest KV usage; kv-aware: most cached prefix "
-                            "minus load, from an index of the instances' KV blocks (default: %(default)s)")
+    add_policy_arg(route)
     route.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="the instances' tokenizer directory (their MODEL_DIR); kv-aware tokenizes prompts "
                             "with it to compute the engine's block hashes")
@@ -112,8 +111,7 @@ def run_router(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"kvserve router: {exc}\n")
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if args.log_level != "debug":  # httpx logs every request it sends at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
     tokenizer = None
