@@ -32,10 +32,7 @@ import asyncio
 import json
 import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,49 +45,7 @@ SHARED = Path(os.environ.get("KVSERVE_SHARED_DATA", REPO.parent / "shared" / "da
 TRACE = SHARED / "traces" / "mooncake" / "conversation_trace.jsonl"
 MOONCAKE_BLOCK = 512
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proc:
-    """A `kvserve ...` subprocess on 127.0.0.1 with its log in a file."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log = open(log, "wb")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", *args, "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.log} exited:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.url} not ready after {timeout_s}s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+from kvserve.launch.process import CliProcess, wait_healthy  # noqa: E402
 
 
 def build_model(out: Path) -> Path:
@@ -165,7 +120,7 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def run_policy(name: str, router: Proc, pair: list[Proc], prompts: list[list[int]], send_at: list[float],
+def run_policy(name: str, router: CliProcess, pair: list[CliProcess], prompts: list[list[int]], send_at: list[float],
                args: argparse.Namespace) -> dict[str, Any]:
     before = [scrape(p.url) for p in pair]
     t0 = time.perf_counter()
@@ -221,18 +176,16 @@ def main() -> int:
     # (label, router flags): round-robin, then kv-aware at each --kv-overlap-weight.
     configs = [("round-robin", ["--policy", "round-robin"])] + [
         (f"kv-aware w={w:g}", ["--policy", "kv-aware", "--kv-overlap-weight", str(w)]) for w in args.kv_weights]
-    instances = [Proc(serve, logs / f"instance{i}.log") for i in range(2 * len(configs))]
+    instances = [CliProcess(serve, logs / f"instance{i}.log") for i in range(2 * len(configs))]
     pairs = [instances[2 * k:2 * k + 2] for k in range(len(configs))]
-    routers: list[Proc] = []
+    routers: list[CliProcess] = []
     try:
-        for p in instances:
-            p.wait_ready(600)
+        wait_healthy(instances, 900)
         for (label, flags), pair in zip(configs, pairs):
-            routers.append(Proc(["router", *flags, "--tokenizer", str(model), "--block-size", str(args.block_tokens),
+            routers.append(CliProcess(["router", *flags, "--tokenizer", str(model), "--block-size", str(args.block_tokens),
                                  *[a for p in pair for a in ("--instance", p.url)]],
                                 logs / f"router-{label.replace(' ', '-')}.log"))
-        for r in routers:
-            r.wait_ready(120)
+        wait_healthy(routers, 120)
         results = [run_policy(label, r, pair, prompts, send_at, args)
                    for (label, _), r, pair in zip(configs, routers, pairs)]
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from kvserve.launch.actors import free_port
+from kvserve.launch.process import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -75,30 +76,56 @@ def use_cluster_token(token: str) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-class LocalRayCluster:
-    """`ray start --head --block` on this machine with `num_cpus` CPUs; `stop()` ends it."""
+_RAYLET_NODE_ID = re.compile(rb"Setting node ID node_id=([0-9a-f]+)")
 
-    def __init__(self, num_cpus: float, host: str = "127.0.0.1", log_dir: Optional[Path] = None) -> None:
+
+def _session_node_ids(session: Path) -> set[str]:
+    """The ids of the nodes started in `session`: from the port files Ray writes there (a head
+    writes its GCS port before its raylet starts), else from the raylet's first log lines (a
+    worker node writes no port file before its agent runs)."""
+    ids = {f.name.rsplit("_", 1)[1] for f in session.glob("*_port_*") if "." not in f.name}
+    try:
+        with open(session / "logs" / "raylet.out", "rb") as log:
+            ids.update(m.decode() for m in _RAYLET_NODE_ID.findall(log.read(65536)))
+    except OSError:
+        pass
+    return ids
+
+
+class LocalRayCluster:
+    """`ray start --head --block` on this machine with `num_cpus` CPUs; `stop()` ends it.
+
+    With `join=HEAD_ADDRESS` (and that cluster's `token`) it is instead a worker node of that
+    cluster: `ray start --address HEAD_ADDRESS --block`, in its own temp directory, so several
+    nodes can run on one machine (tests of `--ray-address`); `stop()` ends only this node."""
+
+    def __init__(self, num_cpus: float, host: str = "127.0.0.1", log_dir: Optional[Path] = None,
+                 join: Optional[str] = None, token: Optional[str] = None) -> None:
         self.num_cpus = num_cpus
         self.host = host
-        self.port = free_port(host)
+        self.join = join
+        self.port = free_port(host)  # the head's GCS port (unused by a worker node)
         # Ray authenticates its clients by token; this cluster gets its own (not ~/.ray/auth_token,
         # which other clusters on the machine may rewrite).  Drivers join with it in RAY_AUTH_TOKEN.
-        self.token = secrets.token_hex(32)
+        if join is not None and token is None:
+            raise ValueError("a worker node needs its cluster's token")
+        self.token = token or secrets.token_hex(32)
         self.proc: Optional[subprocess.Popen[bytes]] = None
-        self.log_path = (log_dir or Path("/tmp")) / f"kvserve-ray-head-{os.getpid()}.log"
-        # Ray's own files (sessions, sockets) in a directory of this cluster only: short, since
+        # Ray's own files (sessions, sockets) in a directory of this node only: short, since
         # Ray puts Unix sockets in it, and removed at stop.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="kvray-", dir="/tmp"))
+        kind = "head" if join is None else "node"
+        self.log_path = (log_dir or Path("/tmp")) / f"kvserve-ray-{kind}-{os.getpid()}-{self.temp_dir.name}.log"
 
     @property
     def pid(self) -> Optional[int]:
-        """The `ray start` process (its children are the cluster's processes)."""
+        """The `ray start` process (its children are the node's processes)."""
         return self.proc.pid if self.proc is not None else None
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The cluster's address (a worker node's: the head it joined)."""
+        return self.join if self.join is not None else f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 300.0, attempts: int = 3) -> str:
         """Start the head and return its address.  Ray 2.x gives its dashboard agent a fixed
@@ -114,14 +141,19 @@ class LocalRayCluster:
                 logger.warning("the local Ray cluster did not start (attempt %d of %d), retrying: %s", attempt,
                                attempts, str(exc).splitlines()[0])
                 self.port = free_port(self.host)
+                # A fresh directory: a worker node's session is named after its cluster's, so a
+                # retry would otherwise find the failed attempt's raylet log and its fatal line.
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
                 self.temp_dir.mkdir(parents=True, exist_ok=True)
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout_s: float) -> str:
         ports = [free_port(self.host) for _ in range(4)]
-        cmd = [ray_executable(), "start", "--head", "--block", "--port", str(self.port),
+        where = (["--head", "--port", str(self.port), "--include-dashboard=false"] if self.join is None
+                 else ["--address", self.join])  # --port and --include-dashboard are head-only flags
+        cmd = [ray_executable(), "start", *where, "--block",
                "--node-ip-address", self.host, "--num-cpus", f"{self.num_cpus:g}", "--num-gpus", "0",
-               "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
+               "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
                "--dashboard-agent-grpc-port", str(ports[0]), "--dashboard-agent-listen-port", str(ports[1]),
                "--metrics-export-port", str(ports[2]), "--runtime-env-agent-port", str(ports[3])]
         # A slow (loaded) machine starts Ray's agents slowly; the raylet must not give up on them.
@@ -164,7 +196,7 @@ class LocalRayCluster:
         if not sessions:
             return False
         for session in sessions:
-            node_ids = {f.name.rsplit("_", 1)[1] for f in session.glob("*_port_*") if "." not in f.name}
+            node_ids = _session_node_ids(session)
             for node_id in node_ids:
                 target = session / f"dashboard_agent_listen_port_{node_id}"
                 if target.exists():

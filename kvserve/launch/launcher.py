@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
+from kvserve.entrypoints.arg_types import configure_logging
 from kvserve.launch.actors import ProcessActor
 from kvserve.launch.cluster import LocalRayCluster, RayMissingError, require_ray, use_cluster_token
 from kvserve.launch.plan import InstanceSpec, instance_argv, instance_specs, router_argv, split_cores
@@ -63,14 +64,18 @@ class Launch:
         env = _secret_env(args)
         flags = instance_argv(self.parser, args)
         starts = []
+        here_ip = ray.util.get_node_ip_address()
         for spec, actor, info, cores in zip(self.specs, actors, infos, shares):
-            host = "127.0.0.1" if self.local else info["ip"]
+            # An instance on the router's machine listens on loopback (a local cluster, or nodes of
+            # a cluster that share this host); one elsewhere on its node's IP, for the router to reach.
+            host = "127.0.0.1" if self.local or info["ip"] == here_ip else info["ip"]
             model = [str(args.model)] if args.model else []  # none: the instances' default model
             argv = ["serve", *model, *flags, "--role", spec.role, *self._transfer_flags(spec)]
             starts.append(actor.start.remote(argv, host, cores, env, None, timeout))
         self.instances = [(s, a, {}) for s, a in zip(self.specs, actors)]
         results = ray.get(starts)  # a failed start raises with that instance's log
-        self.instances = [(s, a, r) for s, a, r in zip(self.specs, actors, results)]
+        self.instances = [(s, a, {**r, "node_id": info["node_id"]})
+                          for s, a, r, info in zip(self.specs, actors, results, infos)]
         for spec, _, r in self.instances:
             logger.info("%s (%s) at %s, pid %d, cores %s", spec.name, spec.role, r["url"], r["pid"], r["cores"])
         self._start_router(env, timeout)
@@ -189,8 +194,7 @@ def run_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except (ValueError, RayMissingError) as exc:
         sys.stderr.write(f"kvserve serve: {exc}\n")
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # during start-up: abort it (and clean up, below)
         signal.signal(sig, _interrupt)

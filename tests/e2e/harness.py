@@ -1,19 +1,19 @@
-"""Helpers for end-to-end tests: a tiny model on disk, a real `kvserve serve` process, /metrics parsing."""
+"""Helpers for end-to-end tests: a tiny model on disk, real `kvserve serve` and `kvserve router`
+processes, /metrics parsing."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from kvserve.launch.process import CliProcess, wait_healthy
+from kvserve.launch.process import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,45 +37,24 @@ def build_chat_model(out_dir: Path) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_port("127.0.0.1")
 
 
-class ServerProcess:
-    """`python -m kvserve.entrypoints.cli serve MODEL ...` on 127.0.0.1, logs to a file."""
+class ServerProcess(CliProcess):
+    """`python -m kvserve.entrypoints.cli serve MODEL ...` on 127.0.0.1, logs to a file (the
+    start and the /health wait are kvserve.launch.process's, shared with the benchmarks)."""
 
     def __init__(self, model_dir: Path, log_path: Path, *extra_args: str,
                  env: Optional[dict[str, str]] = None) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(env or {}))
-        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--no-access-log", *extra_args]
-        # cwd=REPO with -m: the checkout under test is imported, not an installed copy.
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        super().__init__(["serve", str(model_dir), "--no-access-log", *extra_args], log_path, env=env)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.url
 
     def wait_ready(self, timeout_s: float = 420.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log_text()[-3000:]}")
+        wait_healthy([self], timeout_s)
+        return self
 
     def engine_pid(self) -> int:
         match = re.search(r"engine pid (\d+)", self.log_text())
@@ -85,16 +64,19 @@ class ServerProcess:
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout_s: float = 60.0) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+
+class RouterProcess(CliProcess):
+    """`python -m kvserve.entrypoints.cli router ARGS...` on 127.0.0.1."""
+
+    def __init__(self, log_path: Path, *args: str) -> None:
+        super().__init__(["router", *args], log_path)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> "RouterProcess":
+        wait_healthy([self], timeout_s, interval_s=0.1)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> Optional[int]:
+        return super().stop(timeout_s)
 
 
 def get_metrics(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,43 +16,10 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.harness import REPO, ServerProcess, free_port, get_metrics, metric
+# test_pd_disagg imports RouterProcess from here.
+from tests.e2e.harness import RouterProcess, ServerProcess, get_metrics, metric
 
 HEADER = "x-kvserve-instance"
-
-
-class RouterProcess:
-    def __init__(self, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self._log = open(log_path, "wb")
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "router", "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 60.0) -> "RouterProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
