@@ -120,11 +120,12 @@ class EngineCore:
         if config.speculative.enabled:  # speculative decoding: the scheduler drafts, the executor verifies
             from kvserve.spec_decode.scheduling import SpecScheduling
 
-            # A draft model gets its own paged KV pool sized like the target's (spec_decode/paged_draft.py).
+            # A draft model gets its own paged KV pool sized from the target's (spec_decode/paged_draft.py).
             self.scheduler.spec = SpecScheduling.build(config.speculative, vocab_size=vocab_size, clock=clock,
                                                        device=config.device.device, dtype=config.model.dtype,
                                                        num_blocks=num_kv_blocks, block_size=cc.block_size,
-                                                       attention_backend=config.device.attention_backend)
+                                                       attention_backend=config.device.attention_backend,
+                                                       max_num_seqs=config.scheduler.max_num_seqs)
         self.stats = EngineStats()
         # Set by from_config (None for an executor built elsewhere).
         self.model: Optional[torch.nn.Module] = None

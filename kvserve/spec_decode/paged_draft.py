@@ -27,8 +27,9 @@ which tests hold it equal to):
   from its first proposal until it finishes, aborts or is preempted
   (`release_cache`), or until another request needs them and it is not drafting
   in this step (evicted least recently used first; it recomputes its prefix the
-  next time it drafts).  Short of blocks even then, a request drafts nothing in
-  that step: the draft never fails a step.
+  next time it drafts).  Short of blocks even then, a request drafts only what
+  fits in the rest of the pool (nothing if its catch-up does not fit): the draft
+  never fails a step.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class PagedDraftProposer(Proposer):
         self._live: OrderedDict[str, PagedDraftState] = OrderedDict()  # states holding blocks, LRU first
         self.num_forwards = 0  # draft forward passes run (for tests and the benchmark)
         self.num_evictions = 0  # idle requests' draft KV freed for another's drafts
-        self.num_short = 0  # proposals that got no drafts for want of blocks
+        self.num_short = 0  # proposals cut (or given none) for want of blocks
 
     @classmethod
     def load(cls, model_dir: str | Path, *, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
@@ -216,8 +217,13 @@ class PagedDraftProposer(Proposer):
             if not self.pool.grow(s.key, rows):
                 self._evict(self.pool.missing(s.key, rows), drafting)
                 if not self.pool.grow(s.key, rows):
+                    # Short of blocks: the drafts that fit in the rest of the pool, as the
+                    # target drafts into the slots it holds (greedy: a prefix of the full k).
                     self.num_short += 1
-                    continue  # short of blocks: no drafts for it this step
+                    room = (len(self.pool.tables.get(s.key, ())) + self.pool.num_free) * self.pool.block_size
+                    k = min(k, room - s.num_tokens + 1)
+                    if k <= 0 or not self.pool.grow(s.key, s.num_tokens + k - 1):
+                        continue  # not even the catch-up fits: no drafts for it this step
             self._live[s.key] = s
             self._live.move_to_end(s.key)
             fits.append((i, s, k))

@@ -43,6 +43,15 @@ SUFFIX_GLOBAL_TOKENS = 16384
 _DRAFT_COST_EMA = 0.2
 
 
+def draft_pool_blocks(target_blocks: int, block_size: int, max_num_seqs: int, max_k: int) -> int:
+    """Blocks of the draft's pool: enough that drafting is never short of blocks where the
+    target has room.  A drafting request of n tokens holds cdiv(n + k - 1) draft blocks
+    <= cdiv(n) + cdiv(k - 1) and at least cdiv(n) target blocks (this step's decode), and
+    idle requests' draft KV is evicted first, so the target's count plus cdiv(K - 1) per
+    running request suffices."""
+    return target_blocks + max_num_seqs * -(-(max_k - 1) // block_size)
+
+
 def _make_proposer(config: SpeculativeConfig, *, vocab_size: int, device: str, dtype: str,
                    num_blocks: Optional[int], block_size: Optional[int], attention_backend: str) -> Proposer:
     assert config.method is not None
@@ -73,13 +82,17 @@ class SpecScheduling:
     def build(cls, config: SpeculativeConfig, *, vocab_size: int, device: str = "cpu",
               dtype: str = "float32", clock: Callable[[], float] = time.perf_counter,
               num_blocks: Optional[int] = None, block_size: Optional[int] = None,
-              attention_backend: str = "auto", proposer: Optional[Proposer] = None) -> "SpecScheduling":
+              attention_backend: str = "auto", max_num_seqs: int = 0,
+              proposer: Optional[Proposer] = None) -> "SpecScheduling":
         """The proposer by `config.method` (or `proposer`, already built), the policy, the
-        step-time model.  A draft model loads here onto its own paged KV pool of `num_blocks`
-        blocks of `block_size` tokens (the engine passes its target's), batched, with the
-        target's `attention_backend` (kvserve.spec_decode.paged_draft)."""
+        step-time model.  A draft model loads here onto its own paged KV pool, batched, with
+        the target's `attention_backend` (kvserve.spec_decode.paged_draft): `num_blocks`
+        and `block_size` are the target's pool, `max_num_seqs` its most running requests
+        (see draft_pool_blocks)."""
         assert config.method is not None, "speculation is off"
         if proposer is None:
+            if num_blocks is not None and block_size is not None:
+                num_blocks = draft_pool_blocks(num_blocks, block_size, max_num_seqs, config.num_speculative_tokens)
             proposer = _make_proposer(config, vocab_size=vocab_size, device=device, dtype=dtype,
                                       num_blocks=num_blocks, block_size=block_size,
                                       attention_backend=attention_backend)

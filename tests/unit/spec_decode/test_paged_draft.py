@@ -68,9 +68,9 @@ def simulate(dense: DraftModelProposer, proposer: PagedDraftProposer, seed: int,
         for rid, k, g in zip(ids, ks, got):
             d_state = reqs[rid][0]
             want = dense.propose(d_state, k)
-            if short_ok and not g and want:  # the small pool had no room for its drafts
+            if short_ok and len(g) < len(want):  # the small pool had room for fewer drafts
                 counts["short"] += 1
-                want = []
+                want = want[:len(g)]  # greedy: the drafts that fit are the first ones
             check_same(dense, d_state.token_ids, want, g)
             counts["drafts"] += len(g)
             # Verify: accept a prefix of the drafts, then a correction (wrong on purpose
@@ -126,12 +126,15 @@ def test_small_pool_evicts_idle_requests_and_stays_exact(draft_dir, dense):
     assert counts["drafts"] > 5 * counts["short"], counts  # shortage is the exception
 
 
-def test_a_request_that_cannot_fit_drafts_nothing(draft_dir):
-    proposer = paged(draft_dir, "cpu", num_blocks=2, block_size=4)
-    big = proposer.new_state(list(range(20)))
-    small = proposer.new_state([1, 2, 3])
-    out = proposer.propose_batch([big, small], [3, 3])
-    assert out[0] == [] and len(out[1]) == 3
+def test_short_of_blocks_drafts_what_fits(draft_dir, dense):
+    proposer = paged(draft_dir, "cpu", num_blocks=3, block_size=4)
+    small = proposer.new_state([1, 2])  # 2 tokens + 2 drafts: rows 0..2, 1 block
+    big = proposer.new_state(list(range(20)))  # its catch-up alone needs 5 blocks
+    mid = proposer.new_state(list(range(5, 11)))  # 6 tokens + 4 drafts need 3 blocks; 2 are left
+    out = proposer.propose_batch([small, big, mid], [2, 3, 4])
+    assert len(out[0]) == 2 and out[1] == [] and len(out[2]) == 3  # rows 0..7: 3 drafts
+    assert out[2] == dense.propose(dense.new_state(list(range(5, 11))), 3)
+    assert proposer.num_short == 2
     proposer.check_integrity()
 
 
