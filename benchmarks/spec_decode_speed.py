@@ -11,7 +11,12 @@ Scenarios, each run through kvserve.LLM (the real scheduler, paged KV, model run
   batch 1   --num-prompts prompts, one at a time
   batch 8   8 prompts at once
   batch 64  (--large-batch) 64 ShareGPT prompts at once: adaptive speculation against off
-Methods: off, then each of --methods with fixed k (= --k) and with adaptive k ("+adaptive").
+Methods: off, then each of --methods with fixed k (= --k) and with adaptive k ("+adaptive"):
+  ngram, suffix  the lookup proposers
+  draft          a draft model batched on its own paged KV pool (kvserve/spec_decode/paged_draft.py):
+                 by default an early-exit draft of the target (its first --draft-layers layers with
+                 its norm and head, written once by kvserve.spec_decode.truncated_draft), the only
+                 draft with SmolLM2's tokenizer at hand; draft:PATH for any other model directory
 
 One engine is loaded once; a method is swapped in as the scheduler's SpecScheduling before its
 run (a fresh one each run: the adaptive policy learns acceptance and step times from scratch,
@@ -26,14 +31,17 @@ length) is the engine's own SpecDecodeMetrics.
 
     python benchmarks/spec_decode_speed.py                         # all scenarios, 3 repeats
     python benchmarks/spec_decode_speed.py --methods ngram,suffix,draft:/path/to/draft --json sd.json
+    python benchmarks/spec_decode_speed.py --methods draft --draft-layers 12 --batches 1 --large-batch 0
     python benchmarks/spec_decode_speed.py --model /tmp/tiny --repeats 1 --max-tokens 16   # a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -42,9 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvserve import LLM, SamplingParams  # noqa: E402
 from kvserve.bench.paths import shared_data_dir  # noqa: E402
+import torch  # noqa: E402
+
 from kvserve.spec_decode.config import SpeculativeConfig  # noqa: E402
 from kvserve.spec_decode.measure import workload_prompts  # noqa: E402
-from kvserve.spec_decode.scheduling import SpecScheduling  # noqa: E402
+from kvserve.spec_decode.paged_draft import PagedDraftProposer  # noqa: E402
+from kvserve.spec_decode.scheduling import SpecScheduling, draft_pool_blocks  # noqa: E402
+from kvserve.spec_decode.truncated_draft import write_truncated_draft  # noqa: E402
 
 
 def chat_prompts(llm: LLM, workload: str, n: int, max_prompt_tokens: int) -> list[list[int]]:
@@ -62,15 +74,50 @@ def chat_prompts(llm: LLM, workload: str, n: int, max_prompt_tokens: int) -> lis
     return out
 
 
-def make_spec(llm: LLM, method: str, k: int) -> Optional[SpecScheduling]:
-    """None for "off"; "ngram", "suffix", "draft:PATH", each optionally "+adaptive"."""
+def draft_path(method: str, llm: LLM, args: argparse.Namespace) -> Optional[str]:
+    """The draft model directory of a draft method: "draft:PATH", or "draft" for an early-exit
+    draft of the target (its first --draft-layers layers, written once to --draft-dir)."""
+    name = method.partition("+")[0]
+    if name.startswith("draft:"):
+        return name[len("draft:"):]
+    if name != "draft":
+        return None
+    target = llm.engine.config.model.model
+    tag = hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:10]
+    out = Path(args.draft_dir or Path(tempfile.gettempdir()) / f"kvserve-draft-{tag}-{args.draft_layers}l")
+    if not (out / "config.json").is_file():
+        write_truncated_draft(target, out, args.draft_layers)
+    return str(out)
+
+
+_PROPOSERS: dict[str, Any] = {}  # draft model -> its loaded PagedDraftProposer (one load per run of the script)
+
+
+def make_spec(llm: LLM, method: str, args: argparse.Namespace) -> Optional[SpecScheduling]:
+    """None for "off"; "ngram", "suffix", "draft", "draft:PATH", each optionally "+adaptive".
+    A draft model is loaded once, on its own paged pool sized from the engine's (as the engine
+    sizes it for --speculative-method draft:PATH); each run gets a fresh policy."""
     if method == "off":
         return None
     name, _, mode = method.partition("+")
     cfg = llm.engine.config
-    return SpecScheduling.build(SpeculativeConfig(name, k, adaptive=mode == "adaptive"),
-                                vocab_size=llm.engine.core.vocab_size, device=cfg.device.device,
-                                dtype=cfg.model.dtype, clock=llm.engine.core.clock)
+    core = llm.engine.core
+    draft = draft_path(method, llm, args)
+    proposer = None
+    if draft is not None:
+        name = f"draft:{draft}"
+        proposer = _PROPOSERS.get(draft)
+        if proposer is None:
+            bs = cfg.cache.block_size
+            blocks = draft_pool_blocks(core.kv_manager.num_blocks, bs, cfg.scheduler.max_num_seqs, args.k)
+            proposer = _PROPOSERS[draft] = PagedDraftProposer.load(
+                draft, num_blocks=blocks, block_size=bs, dtype=getattr(torch, cfg.model.dtype),
+                device=cfg.device.device, attention_backend=cfg.device.attention_backend,
+                target_vocab_size=core.vocab_size)
+        assert proposer.pool.num_free == proposer.pool.num_blocks, "draft KV left over from the last run"
+    return SpecScheduling.build(SpeculativeConfig(name, args.k, adaptive=mode == "adaptive"),
+                                vocab_size=core.vocab_size, device=cfg.device.device,
+                                dtype=cfg.model.dtype, clock=core.clock, proposer=proposer)
 
 
 def run_once(llm: LLM, groups: list[list[list[int]]], sp: SamplingParams,
@@ -79,6 +126,7 @@ def run_once(llm: LLM, groups: list[list[list[int]]], sp: SamplingParams,
     core = llm.engine.core
     core.scheduler.spec = spec
     tokens, seconds, outputs = 0, 0.0, []
+    forwards0 = getattr(spec.manager.proposer, "num_forwards", 0) if spec is not None else 0
     for group in groups:
         core.reset_prefix_cache()
         outs = llm.generate([{"prompt_token_ids": p} for p in group], sp, use_tqdm=False)
@@ -91,6 +139,9 @@ def run_once(llm: LLM, groups: list[list[list[int]]], sp: SamplingParams,
                            "outputs": outputs}
     if spec is not None:
         res["spec"] = spec.metrics.as_dict()
+        proposer = spec.manager.proposer
+        if isinstance(proposer, PagedDraftProposer):
+            res["spec"]["draft_forwards"] = proposer.num_forwards - forwards0
     core.scheduler.spec = None
     return res
 
@@ -101,7 +152,7 @@ def run_scenario(llm: LLM, name: str, groups: list[list[list[int]]], methods: li
     for rep in range(args.repeats):
         off_outputs = None
         for m in methods:
-            r = run_once(llm, groups, sp, make_spec(llm, m, args.k))
+            r = run_once(llm, groups, sp, make_spec(llm, m, args))
             if m == "off":
                 off_outputs = r["outputs"]
             r["same"] = off_outputs is not None and r["outputs"] == off_outputs
@@ -118,6 +169,8 @@ def run_scenario(llm: LLM, name: str, groups: list[list[list[int]]], methods: li
             s = rs[-1]["spec"]
             row.update(acceptance_rate=s["acceptance_rate"], mean_acceptance_length=s["mean_acceptance_length"],
                        num_draft_tokens=s["num_draft_tokens"], acceptance_rate_per_position=s["acceptance_rate_per_position"])
+            if "draft_forwards" in s:
+                row["draft_forwards"] = s["draft_forwards"]
         table[m] = row
     return table
 
@@ -135,7 +188,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--methods", default="ngram,suffix", help="comma-separated: ngram, suffix, draft:PATH")
+    p.add_argument("--methods", default="ngram,suffix,draft",
+                   help="comma-separated: ngram, suffix, draft (an early-exit draft of the target), draft:PATH")
+    p.add_argument("--draft-layers", type=int, default=8,
+                   help='"draft": keep the target\'s first N decoder layers (and its norm and head)')
+    p.add_argument("--draft-dir", default=None, help='"draft": where to write it (default: a temp directory)')
     p.add_argument("--k", type=int, default=4, help="--num-speculative-tokens (the most drafts per step)")
     p.add_argument("--workloads", default="edit,sharegpt")
     p.add_argument("--batches", default="1,8", help="batch sizes of the per-proposer scenarios")
@@ -150,8 +207,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     kw: dict[str, Any] = dict(dtype=args.dtype, max_num_seqs=max(64, args.large_batch))
