@@ -34,6 +34,7 @@ which tests hold it equal to):
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -127,6 +128,10 @@ class PagedDraftProposer(Proposer):
         self.num_forwards = 0  # draft forward passes run (for tests and the benchmark)
         self.num_evictions = 0  # idle requests' draft KV freed for another's drafts
         self.num_short = 0  # proposals cut (or given none) for want of blocks
+        self.max_k_seen = 0  # the most drafts asked of one request so far
+        # Seconds of the last propose_batch spent catching up on prompts (first proposals,
+        # recomputes after preemption): SpecScheduling keeps them out of the per-draft cost.
+        self.last_prefill_s = 0.0
 
     @classmethod
     def load(cls, model_dir: str | Path, *, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
@@ -169,16 +174,24 @@ class PagedDraftProposer(Proposer):
         if len(states) != len(ks):
             raise ValueError(f"{len(states)} states but {len(ks)} lengths")
         out: list[list[int]] = [[] for _ in states]
+        self.last_prefill_s = 0.0
+        self.max_k_seen = max([self.max_k_seen, *ks])
         todo = self._prepare(states, ks)
         if not todo:
             return out
         # Step 0: catch up on the committed tokens; the last position's argmax is draft 1.
         reqs = []
-        for i, s, _ in todo:
+        prefill = False
+        for i, s, k in todo:
             keep = len(s.cached)
+            # More than a rollback ever leaves (k accepted drafts + the bonus token): a prompt.
+            prefill = prefill or s.num_tokens - keep > 1 + self.max_k_seen
             reqs.append(self._scheduled(s, s.token_ids[keep:], keep, first=True))
             s.cached = list(s.token_ids)
+        t0 = time.perf_counter()
         tokens = self._forward(reqs)
+        # A one-off prompt catch-up is no per-draft cost: the policy's estimate leaves it out.
+        self.last_prefill_s = time.perf_counter() - t0 if prefill else 0.0
         for (i, s, _), t in zip(todo, tokens):
             out[i].append(t)
         # Steps 1..: one token per request still drafting (the paged decode kernel).

@@ -160,6 +160,9 @@ class SpecScheduling:
         if self.manager.proposer.proposes_for_free or num_drafted == 0:
             return
         pol = self.manager.policy
+        # A draft model's first proposal for a request catches up on its prompt: a one-off
+        # prefill, not a cost of each draft (paged_draft.py reports it; the dense one does not).
+        seconds = max(0.0, seconds - getattr(self.manager.proposer, "last_prefill_s", 0.0))
         per_token = seconds / num_drafted
         pol.draft_token_s = per_token if pol.draft_token_s == 0.0 else (
             pol.draft_token_s + _DRAFT_COST_EMA * (per_token - pol.draft_token_s))

@@ -166,3 +166,23 @@ def test_larger_draft_vocabulary_is_refused(draft_dir):
     with pytest.raises(ValueError, match="larger than the target"):
         PagedDraftProposer.load(draft_dir, num_blocks=8, block_size=4, target_vocab_size=100)
 
+
+
+def test_prompt_catch_up_is_kept_out_of_the_per_draft_cost(draft_dir):
+    """A first proposal prefills the prompt in the draft: reported apart, and the policy's
+    per-draft cost estimate leaves it out (else one long prompt would turn drafting off)."""
+    from kvserve.spec_decode.adaptive import SpecLengthPolicy
+    from kvserve.spec_decode.manager import SpecDecodeManager
+    from kvserve.spec_decode.scheduling import SpecScheduling
+
+    proposer = paged(draft_dir, "cpu")
+    s = proposer.new_state(list(range(100, 160)))
+    d = proposer.propose(s, 3)
+    assert proposer.last_prefill_s > 0
+    s.append(d[:1] + [(d[1] + 1) % VOCAB])  # one accepted, then a correction
+    proposer.propose(s, 3)
+    assert proposer.last_prefill_s == 0.0  # a rollback's catch-up is part of drafting
+    spec = SpecScheduling(SpecDecodeManager(proposer, SpecLengthPolicy(4, adaptive=False)))
+    proposer.last_prefill_s = 1.5
+    spec._observe_draft_cost(2.0, 4)
+    assert spec.manager.policy.draft_token_s == pytest.approx(0.125)
