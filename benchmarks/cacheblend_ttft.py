@@ -74,10 +74,10 @@ def run_docs(args: argparse.Namespace) -> dict[str, Any]:
         # Cache the chunks in another order (not measured), then measure the blended prompt.
         other = orders[(rep + 7) % len(orders)]
         llm.generate({"segments": [head, *[docs[i] for i in other], q[:1]]}, ONE, use_tqdm=False)
-        if args.kv_tiers:  # the chunks must come from the tiers: empty the device cache
-            llm.engine.core.wait_for_kv_saves(60)
-            llm.engine.core.reset_prefix_cache()
         for r in args.ratios:
+            if args.kv_tiers:  # the chunks must come from the tiers (at every ratio): empty the device cache
+                llm.engine.core.wait_for_kv_saves(60)
+                llm.engine.core.reset_prefix_cache()
             segs = {"segments": [head, *[docs[i] for i in order], q], "blend_recompute_ratio": r}
             results.setdefault(str(r), []).append(_ttft(llm.generate(segs, ONE, use_tqdm=False)[0]))
     stats = llm.engine.core.chunk_cache.stats

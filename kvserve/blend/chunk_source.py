@@ -5,9 +5,11 @@ pool: chunk blocks are ordinary cached blocks (ref counts, LRU eviction shared w
 prefix blocks, the pool's eviction hook, so the offload tiers see them too); only
 their hashes differ.  A chunk's hashes chain over its own tokens from a chunk root
 (namespace + "chunk"), not over what precedes it in a prompt, so a chunk found
-once is found wherever it appears.  A chunk is computed after the prompt's first
-token (the attention sink), which its hashes cover too.  A partial last block is registered too, under
-a hash that also names its length.
+once is found wherever it appears.  A chunk is computed after its *sink*, the prompt's
+first segment (the system prompt / instruction every prompt of an application starts with;
+`sink_tokens` caps it, 1 = the BOS alone), which its hashes cover too: a document is found
+again in any order and at any position after the same first segment.  A partial last block
+is registered too, under a hash that also names its length.
 
 Life of one admission (a request with segments, see spec.py):
 
@@ -104,7 +106,8 @@ class ChunkCache(KVSource):
     name = "chunks"
 
     def __init__(self, kv: KVCacheManager, ratio: float = 0.15, check_layer: int = 1,
-                 namespace: bytes = b"", sink_tokens: int = 1, offload: Optional[KVOffloadManager] = None) -> None:
+                 namespace: bytes = b"", sink_tokens: Optional[int] = None,
+                 offload: Optional[KVOffloadManager] = None) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"blend_recompute_ratio must be in [0, 1], got {ratio}")
         self.kv = kv
@@ -112,9 +115,13 @@ class ChunkCache(KVSource):
         self.ratio = ratio  # the default of requests that do not name one
         self.check_layer = check_layer
         self.namespace = namespace
-        # Chunks are computed after the prompt's first `sink_tokens` tokens (BOS, or the chat
-        # template's first token): without them a chunk's first token becomes its attention
-        # sink and every chunk token's KV is far from what it is in a real prompt.
+        # Chunks are computed after the prompt's first segment (at most `sink_tokens` of its
+        # tokens; None: all of it).  Without a sink a chunk's first token becomes its attention
+        # sink and every chunk token's KV is far from what it is in a real prompt; with the BOS
+        # alone (sink_tokens=1) the demo model still loses half its exact matches at ratio 0
+        # (docs/cacheblend.md: the first segment holds the tokens later layers attend to).
+        if sink_tokens is not None and sink_tokens < 1:
+            raise ValueError(f"sink_tokens must be at least 1 (or None: the whole first segment), got {sink_tokens}")
         self.sink_tokens = sink_tokens
         self.stats = ChunkStats()
         self.offload = offload  # the KV tiers (None: device only)
@@ -145,13 +152,19 @@ class ChunkCache(KVSource):
     def _docs(self, request: Request, start: int) -> list[tuple[int, int, list[BlockHash]]]:
         """(start, length, chunk hashes) of each document segment starting at or after `start`."""
         assert request.segment_lens is not None
-        sink = request.prompt_token_ids[:self.sink_tokens]
+        sink = self._sink(request)
         out = []
         for s, n in zip(segment_starts(request.segment_lens)[1:-1], request.segment_lens[1:-1]):
             if s >= start:
                 out.append((s, n, chunk_hashes([*sink, *request.prompt_token_ids[s:s + n]], self.block_size,
                                                self.namespace)))
         return out
+
+    def _sink(self, request: Request) -> list[int]:
+        """The tokens a chunk of `request` is computed after: its first segment (capped)."""
+        assert request.segment_lens is not None
+        n = request.segment_lens[0] if self.sink_tokens is None else min(self.sink_tokens, request.segment_lens[0])
+        return request.prompt_token_ids[:n]
 
     def _take_loaded(self, rid: str) -> list[list[BlockHash]]:
         """The chunks a finished tier load brought in whole, in load order (consumed)."""
@@ -209,7 +222,7 @@ class ChunkCache(KVSource):
         for c in loaded:
             by_first[c[0]], fresh = fresh[:len(c)], fresh[len(c):]
             hold.loaded.append((by_first[c[0]], c))
-        sink = request.prompt_token_ids[:self.sink_tokens]
+        sink = self._sink(request)
         for s, n, hashes, kind in found:
             if kind == "device":
                 blocks = [b for b in (self.kv.pool.get_cached_block(h) for h in hashes) if b is not None]

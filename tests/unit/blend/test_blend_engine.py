@@ -68,10 +68,11 @@ def test_ratio_one_equals_full_recompute_token_for_token(model_dir):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5])
 def test_exact_chunk_kv_gives_the_full_result_at_any_ratio(model_dir, ratio):
-    # A prompt that is [sink, doc, question]: the doc's chunk KV (computed after the sink
-    # alone) is exactly its KV in the prompt, so blending must reproduce full prefill
-    # whatever it recomputes.  A wrong placement, rotation, mask or selection breaks this.
-    segs = _segments(1, lens=(1, 45, 11))
+    # A prompt that is [prefix, doc, question]: the doc's chunk KV (computed after the
+    # prompt's first segment alone) is exactly its KV in the prompt, so blending must
+    # reproduce full prefill whatever it recomputes.  A wrong placement, rotation, mask,
+    # selection or sink (e.g. the BOS alone instead of the whole first segment) breaks this.
+    segs = _segments(1, lens=(9, 45, 11))
     flat = [t for s in segs for t in s]
     with _llm(model_dir, blend_recompute_ratio=ratio) as llm:
         rows = _Rows(llm)
@@ -83,6 +84,26 @@ def test_exact_chunk_kv_gives_the_full_result_at_any_ratio(model_dir, ratio):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         torch.testing.assert_close(rows.rows[out.request_id][0], rows.rows[ref.request_id][0],
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_chunks_are_computed_after_the_first_segment(model_dir):
+    # The sink is the whole first segment: the same documents after another first segment
+    # are other chunks (misses), in another order after the same one they are hits.
+    a, b, c, q = _segments(7, lens=(12, 30, 25, 6))
+    other = _segments(8, lens=(12,))[0]
+    with _llm(model_dir) as llm:
+        stats = llm.engine.core.chunk_cache.stats
+        _run(llm, {"segments": [a, b, c, q]})
+        _run(llm, {"segments": [a, c, b, q]})
+        assert (stats.hits, stats.misses) == (2, 2)
+        _run(llm, {"segments": [other, b, c, q]})
+        assert (stats.hits, stats.misses) == (2, 4)
+        # The first token alone (sink_tokens=1): found after any first segment starting with it.
+        llm.engine.core.chunk_cache.sink_tokens = 1
+        _run(llm, {"segments": [[a[0], *other[1:]], b, c, q]})
+        assert (stats.hits, stats.misses) == (2, 6)
+        _run(llm, {"segments": [[a[0], *other[2:]], c, b, q]})
+        assert (stats.hits, stats.misses) == (4, 6)
 
 
 def test_moved_chunks_at_ratio_zero_differ_from_full_prefill(model_dir):

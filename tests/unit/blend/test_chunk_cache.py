@@ -21,7 +21,7 @@ QUESTION = [30, 31]
 
 def _setup(num_blocks: int = 32, budget: int = 256):
     kv = KVCacheManager(num_blocks, BS)
-    chunks = ChunkCache(kv, ratio=0.5)
+    chunks = ChunkCache(kv, ratio=0.5, sink_tokens=1)  # the BOS alone: small exact block counts
     sched = Scheduler(SchedulerConfig(max_model_len=128, max_num_batched_tokens=budget), kv, sources=[chunks])
     return kv, chunks, sched
 
@@ -169,7 +169,7 @@ def _tier_setup(num_blocks: int = 32):
     client = FakeTierClient()
     kv = KVCacheManager(num_blocks, BS)
     offload = KVOffloadManager(client, BS, policy="finish")
-    chunks = ChunkCache(kv, ratio=0.5, offload=offload)
+    chunks = ChunkCache(kv, ratio=0.5, offload=offload, sink_tokens=1)
     sched = Scheduler(SchedulerConfig(max_model_len=128, max_num_batched_tokens=256), kv, offload=offload,
                       sources=[chunks])
     return kv, chunks, sched, offload, client
