@@ -130,8 +130,11 @@ def run_once(llm: LLM, groups: list[list[list[int]]], sp: SamplingParams,
     for group in groups:
         core.reset_prefix_cache()
         outs = llm.generate([{"prompt_token_ids": p} for p in group], sp, use_tqdm=False)
-        first = min(o.metrics.first_token_time for o in outs)
-        last = max(o.metrics.finish_time for o in outs)
+        firsts = [o.metrics.first_token_time for o in outs]
+        lasts = [o.metrics.finish_time for o in outs]
+        assert None not in firsts and None not in lasts, "a finished request without its times"
+        first = min(t for t in firsts if t is not None)
+        last = max(t for t in lasts if t is not None)
         tokens += sum(max(0, len(o.outputs[0].token_ids) - 1) for o in outs)
         seconds += last - first
         outputs += [list(o.outputs[0].token_ids) for o in outs]

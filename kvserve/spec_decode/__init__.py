@@ -15,7 +15,9 @@ METHODS = ("ngram", "suffix", "draft:PATH")
 
 
 def make_proposer(method: str, **options: Any) -> Proposer:
-    """A proposer by `--speculative-method` name: ngram | suffix | draft:PATH (a model directory)."""
+    """A proposer by `--speculative-method` name: ngram | suffix | draft:PATH (a model directory).
+    For draft:PATH this is the dense, one-request-at-a-time reference (DraftModelProposer); the
+    engine builds the batched, paged one (SpecScheduling.build -> paged_draft.PagedDraftProposer)."""
     if method == "ngram":
         from kvserve.spec_decode.ngram import NgramProposer
 

@@ -2,9 +2,11 @@
 
 Reference implementation: the draft runs through kvserve's own model code
 (kvserve/models/llama.py + loader) on a dense per-request KV cache
-(kvserve.spec_decode.dense_runner), greedily, one request at a time.  In the
-engine the draft will run batched on its own paged KV pool; this class fixes
-the interface and the semantics that implementation is tested against:
+(kvserve.spec_decode.dense_runner), greedily, one request at a time.  The
+engine runs the draft batched on its own paged KV pool
+(kvserve.spec_decode.paged_draft.PagedDraftProposer); this class fixes the
+interface and the semantics that implementation is tested equal to
+(tests/unit/spec_decode/test_paged_draft.py, test_engine_draft.py):
 
 - the draft's cache holds the request's committed tokens plus the drafts it
   last proposed; proposing again keeps the cached prefix that still agrees
