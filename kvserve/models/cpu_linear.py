@@ -1,25 +1,26 @@
-"""Linear layers on CPU through oneDNN with pre-packed weights.
+"""Linear layers on CPU with pre-packed weights: kvserve's blocked kernel, or oneDNN.
 
-Why: on the CPUs this project runs on, torch's `F.linear` (MKL sgemm) is far from
-the memory and compute limits for the row counts of serving.  Over the weights of
-a whole SmolLM2-135M forward (30 layers + the LM head, float32, 2-core AMD EPYC,
-AVX2; `chrt -f 50 python benchmarks/cpu_linear.py`, session 7), median ms per
-forward:
+Why: on the CPUs this project runs on, torch's `F.linear` (MKL sgemm) is far from the
+memory and compute limits for the row counts of serving, and oneDNN reaches only about
+half of the memory bandwidth at the few rows of a decode step.  Over the weights of a
+whole SmolLM2-135M forward (30 layers + the LM head, float32, 2-core AMD EPYC, AVX2;
+`chrt -f 50 python benchmarks/cpu_linear.py`), minimum ms per forward, session 8:
 
-    rows            1      2      8     32    128    512
-    F.linear     75.5  119.4  149.9  231.5  529.1 1613.2
-    oneDNN       49.3   44.9   72.9  130.0  350.3 1183.3
+    rows            1      8     32    128    512
+    blocked      38.9   44.4  104.6  268.2 1210.0    (kvserve.models.cpu_gemm)
+    oneDNN       55.3   67.0  128.9  286.1 1182.5
 
-oneDNN wants its weights reordered into its blocked layout once
-(`torch.ops.mkldnn._reorder_linear_weight`); `pack_linears(model)` does that once the
-weights are loaded (EngineCore.from_config) and frees the plain weights (the packed copy replaces them, so memory is
-unchanged), after which `Linear.forward` calls
-`torch.ops.mkldnn._linear_pointwise`.
+Modes (KVSERVE_CPU_LINEAR): "blocked" (default) packs each weight into kvserve's column
+blocks (kvserve/models/csrc/cpu_model_ops.cpp); a weight whose row count is not a multiple
+of 16, or a machine where the extension cannot be built, gets oneDNN's packing instead
+(`torch.ops.mkldnn._reorder_linear_weight`).  "onednn" packs everything for oneDNN.
+`pack_linears(model)` packs once the weights are loaded (EngineCore.from_config) and frees
+the plain weights (the packed copy replaces them, so memory is unchanged).
 
-Results equal `F.linear` up to float rounding (another summation order).  The
-reference path is a model loaded without packing (`KVSERVE_CPU_LINEAR=reference`,
-or `pack_linears` not called): tests/unit/models/test_cpu_linear.py holds the two
-equal, and the parity tests hold the packed path to HF transformers token for token.
+Results equal `F.linear` up to float rounding (another summation order).  The reference
+path is a model loaded without packing (`KVSERVE_CPU_LINEAR=reference`, or `pack_linears`
+not called): tests/unit/models/test_cpu_linear.py holds the paths equal, and the parity
+tests hold the packed path to HF transformers token for token.
 """
 from __future__ import annotations
 
@@ -31,22 +32,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.models import cpu_gemm
+
 logger = logging.getLogger(__name__)
 
-ENV = "KVSERVE_CPU_LINEAR"  # "onednn" (default) or "reference" (plain F.linear)
+ENV = "KVSERVE_CPU_LINEAR"  # "blocked" (default), "onednn" or "reference" (plain F.linear)
+MODES = ("blocked", "onednn", "reference")
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "blocked")
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
+    return value
 
 
 def packing_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether models loaded for this device and dtype get packed weights."""
-    mode = os.environ.get(ENV, "onednn")
-    if mode not in ("onednn", "reference"):
-        raise ValueError(f"{ENV}={mode!r}: expected 'onednn' or 'reference'")
-    return (mode == "onednn" and device.type == "cpu" and dtype == torch.float32
+    return (mode() != "reference" and device.type == "cpu" and dtype == torch.float32
             and torch.backends.mkldnn.is_available())
 
 
+def _use_blocked(weight: torch.Tensor) -> bool:
+    # The blocked kernel covers [N, K] with N a multiple of its block (every real model's
+    # projections and vocabularies are); other shapes, or no compiler, go to oneDNN.
+    return (mode() == "blocked" and weight.shape[0] % cpu_gemm.BLOCK == 0 and weight.dtype == torch.float32
+            and cpu_gemm.load() is not None)
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] float32 CPU weight -> oneDNN's packed tensor for it (opaque layout)."""
+    """[out, in] float32 CPU weight -> its packed form: kvserve's column blocks (3-D, see
+    kvserve.models.cpu_gemm) or oneDNN's packed tensor (2-D, opaque layout)."""
+    if _use_blocked(weight):
+        return cpu_gemm.pack_weight(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
@@ -56,6 +74,8 @@ def linear(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
     if packed is None:
         assert weight is not None and weight.numel() > 0, "a packed layer was called without its packed weight"
         return F.linear(x, weight, bias)
+    if packed.dim() == 3:  # column blocks: [N / 16, K, 16]
+        return cpu_gemm.linear(x, packed, bias, packed.shape[0] * cpu_gemm.BLOCK)
     out_features = packed.shape[0]
     if x.numel() == 0:
         return x.new_zeros(*x.shape[:-1], out_features)
@@ -81,5 +101,5 @@ def pack_linears(model: nn.Module) -> int:
     pack_head = getattr(model, "pack_lm_head", None)
     if callable(pack_head) and pack_head():  # True when it packed a copy (a tied head)
         count += 1
-    logger.debug("oneDNN packed weights for %d linear layers", count)
+    logger.debug("packed weights (%s) for %d linear layers", mode(), count)
     return count

@@ -1,5 +1,6 @@
-"""kvserve.models.cpu_linear: oneDNN packed weights (the fast path) equal F.linear (the
-reference path) up to float rounding, layer by layer and for whole loaded models."""
+"""kvserve.models.cpu_linear: packed weights (kvserve's blocked kernel, oneDNN: the fast paths)
+equal F.linear (the reference path) up to float rounding, layer by layer and for whole loaded
+models."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,30 +9,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvserve.models import cpu_linear
+from kvserve.models import cpu_gemm, cpu_linear
 from kvserve.models.layers import Linear, MergedLinear
 from kvserve.models.loader import load_model
 from tests.helpers.tiny_models import build_tiny_model
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+FAST_MODES = ["blocked", "onednn"]
+
+
+@pytest.fixture(params=FAST_MODES)
+def fast_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(cpu_linear.ENV, request.param)
+    return str(request.param)
 
 
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("out_features", [200, 208])  # 208 = 13 blocks of 16; 200 is oneDNN's in both modes
+def test_packed_linear_equals_f_linear(rows: int, bias: bool, out_features: int, fast_mode: str) -> None:
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=g)
-    w = torch.randn(200, 96, generator=g)
-    b = torch.randn(200, generator=g) if bias else None
-    y = cpu_linear.linear(x, None, b, packed=cpu_linear.pack(w))
+    w = torch.randn(out_features, 96, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    packed = cpu_linear.pack(w)
+    blocked = fast_mode == "blocked" and out_features % 16 == 0 and cpu_gemm.load() is not None
+    assert packed.dim() == (3 if blocked else 2)  # the path taken is the one asked for
+    y = cpu_linear.linear(x, None, b, packed=packed)
     ref = F.linear(x, w, b)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
 
 
 @needs_onednn
-def test_leading_dims_empty_and_strided_input() -> None:
+def test_leading_dims_empty_and_strided_input(fast_mode: str) -> None:
     w = torch.randn(48, 32)
     p = cpu_linear.pack(w)
     x = torch.randn(2, 5, 32)
@@ -42,7 +54,7 @@ def test_leading_dims_empty_and_strided_input() -> None:
 
 
 @needs_onednn
-def test_pack_linears_replaces_weights_and_keeps_outputs() -> None:
+def test_pack_linears_replaces_weights_and_keeps_outputs(fast_mode: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(Linear(16, 24, bias=True), MergedLinear(24, [8, 8], bias=False))
     x = torch.randn(5, 16)
@@ -58,8 +70,9 @@ def test_packing_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.setenv(cpu_linear.ENV, "reference")
     assert not cpu_linear.packing_enabled(cpu, torch.float32)
-    monkeypatch.setenv(cpu_linear.ENV, "onednn")
-    assert cpu_linear.packing_enabled(cpu, torch.float32) == torch.backends.mkldnn.is_available()
+    for mode in FAST_MODES:
+        monkeypatch.setenv(cpu_linear.ENV, mode)
+        assert cpu_linear.packing_enabled(cpu, torch.float32) == torch.backends.mkldnn.is_available()
     assert not cpu_linear.packing_enabled(cpu, torch.bfloat16)  # float32 only: what was measured
     monkeypatch.setenv(cpu_linear.ENV, "fast")
     with pytest.raises(ValueError, match="KVSERVE_CPU_LINEAR"):
@@ -68,7 +81,7 @@ def test_packing_policy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_onednn
 @pytest.mark.parametrize("name", ["llama-tied", "qwen2"])  # tied head (packed copy) / qkv bias
-def test_loaded_model_packed_equals_reference(name: str, tmp_path: Path) -> None:
+def test_loaded_model_packed_equals_reference(name: str, tmp_path: Path, fast_mode: str) -> None:
     d = build_tiny_model(name, tmp_path / name, seed=3)
     ref_model, _ = load_model(d, torch.float32, "cpu", max_positions=64)  # the loader keeps plain weights
     fast_model, _ = load_model(d, torch.float32, "cpu", max_positions=64)
@@ -89,10 +102,13 @@ def test_engine_packs_on_cpu_float32_unless_reference(tmp_path: Path, monkeypatc
     prompts = [{"prompt_token_ids": [3, 17, 99, 4, 250, 7]}, {"prompt_token_ids": [8, 8, 1]}]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
-    for mode in ("reference", "onednn"):
+    for mode in ("reference", *FAST_MODES):
         monkeypatch.setenv(cpu_linear.ENV, mode)
         with LLM(str(d), num_kv_blocks=32, block_size=8) as llm:
             model = llm.engine.core.model
-            assert (model.lm_head_packed is not None) == (mode == "onednn")
+            assert (model.lm_head_packed is not None) == (mode != "reference")
+            if mode == "blocked" and cpu_gemm.load() is not None:  # the tiny model's shapes are all blocked
+                assert model.lm_head_packed is not None and model.lm_head_packed.dim() == 3
             outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs["blocked"] == outs["reference"]
     assert outs["onednn"] == outs["reference"]
