@@ -69,7 +69,7 @@ def use_cluster_token(token: str) -> None:
     if "ray" not in sys.modules:
         return  # Ray will read the environment when it first loads
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
     except ImportError:  # a Ray without token authentication: nothing is cached
         return
     Config.initialize("")

@@ -71,7 +71,7 @@ class RouterProcess(CliProcess):
     def __init__(self, log_path: Path, *args: str) -> None:
         super().__init__(["router", *args], log_path)
 
-    def wait_ready(self, timeout_s: float = 60.0) -> "RouterProcess":
+    def wait_ready(self, timeout_s: float = 180.0) -> "RouterProcess":
         wait_healthy([self], timeout_s, interval_s=0.1)
         return self
 
