@@ -11,7 +11,7 @@ the hooks `on_scheduled` and `on_finished`, which the scheduler calls with
 plain request state (`priority`, `tenant`, `slo`, arrival time, token counts).
 Time comes from the injected clock, never from `time` directly.
 
-Add one here and name it in `POLICIES` (SchedulerConfig.policy), or pass an
+Add one here and name it in `_REGISTRY` / `_policies` (SchedulerConfig.policy), or pass an
 instance to `Scheduler(policy=...)`.
 """
 from __future__ import annotations
@@ -193,11 +193,26 @@ class PriorityPolicy(SchedulingPolicy):
         return victim if victim.priority > head.priority else None
 
 
-from kvserve.core.policies_fair import VTCPolicy  # noqa: E402  (they subclass SchedulingPolicy)
-from kvserve.core.policies_slo import SLOPolicy  # noqa: E402
+_REGISTRY: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFSPolicy, "priority": PriorityPolicy}
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFSPolicy, "priority": PriorityPolicy,
-                                               "fair": VTCPolicy, "slo": SLOPolicy}
+
+def _policies() -> dict[str, type[SchedulingPolicy]]:
+    """The registry, with the policies of the other modules added on first use: they subclass
+    SchedulingPolicy, so importing them here at load time made `import
+    kvserve.core.policies_fair` (before this module) fail with a circular ImportError."""
+    if "fair" not in _REGISTRY:
+        from kvserve.core.policies_fair import VTCPolicy
+        from kvserve.core.policies_slo import SLOPolicy
+        _REGISTRY.update(fair=VTCPolicy, slo=SLOPolicy)
+    return _REGISTRY
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `POLICIES` (name -> class) is built on first access.
+    if name == "POLICIES":
+        return _policies()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Older names.
 WaitingQueue = SchedulingPolicy
@@ -209,9 +224,9 @@ def make_policy(policy: str, clock: Clock = wall_clock, **options: Any) -> Sched
     """The named policy; `options` are its keyword arguments (those it does not take are
     dropped, so one set of engine options serves every policy)."""
     try:
-        cls = POLICIES[policy]
+        cls = _policies()[policy]
     except KeyError:
-        raise ValueError(f"unknown scheduling policy {policy!r}; choose from {sorted(POLICIES)}") from None
+        raise ValueError(f"unknown scheduling policy {policy!r}; choose from {sorted(_policies())}") from None
     accepted = inspect.signature(cls.__init__).parameters
     return cls(clock, **{k: v for k, v in options.items() if k in accepted and v is not None})
 

@@ -93,6 +93,7 @@ def test_lift_with_nobody_waiting_uses_the_tenant_served_last():
 def test_victim_is_from_the_most_served_tenant():
     p = VTCPolicy()
     p.counters = {"a": 10.0, "b": 40.0}
+    p.service = dict(p.counters)
     a, b1, b2 = req("a", 4, "a", 5.0), req("b1", 4, "b", 1.0), req("b2", 4, "b", 2.0)
     assert p.victim([a, b1, b2]) is b2
 
@@ -266,6 +267,7 @@ def test_a_tenant_below_its_seat_share_is_admitted_first_and_keeps_its_seats():
     p.add(a9)
     p.add(b1)
     p.counters = {"a": 100.0, "b": 105.0}  # b was just charged a prompt
+    p.service = dict(p.counters)
     assert p.peek() is a9  # counters alone: a first
     p.step_token_budget(running, 64)  # the step starts: b holds 1 of 4 seats, a whole seat below its 2
     assert p._protected_now == {"b"}
@@ -279,6 +281,71 @@ def test_a_tenant_below_its_seat_share_is_admitted_first_and_keeps_its_seats():
     # b far ahead in service (by more than the threshold): no seats out of turn, and a's head
     # still may not take b's seat through the counter lead while b is below its seat share.
     p.counters = {"a": 100.0, "b": 150.0}
+    p.service = dict(p.counters)
     p.step_token_budget(running, 64)
     assert p._protected_now == set() and p.displace(b2, running) is None
     assert p.displace(a9, running) is None
+
+
+def test_the_lift_leaves_service_up_to_lift_credit_below_the_floor():
+    p = VTCPolicy(lift_credit=100.0)
+    p.add(req("a1", 4, "a", 0.0))
+    p.counters["a"] = p.service["a"] = 500.0
+    p.add(req("b1", 40, "b", 1.0))  # b idle until now: counter lifted to a's 500, service to 400
+    assert (p.counters["b"], p.service["b"]) == (500.0, 400.0)
+    assert p.pop().request_id == "a1" and p.pop().request_id == "b1"  # prompts go on both
+    assert (p.counters["b"], p.service["b"]) == (540.0, 440.0)
+    p.service["b"] = 0.0
+    p.add(req("b2", 4, "b", 2.0))  # lifted again (to b's own, the last served): never more
+    assert (p.counters["b"], p.service["b"]) == (540.0, 440.0)  # than lift_credit below it
+
+
+def test_a_light_tenant_ahead_only_through_the_lift_keeps_its_protection_and_seats():
+    """The weight-2 miss: a light tenant below its seat share, lifted level with the flooding
+    one at each new request and charged its prompts, led the flooding tenant's (weighted, slow)
+    counter by more than displace_threshold, so it lost its protection and even its seats to
+    the counter-lead displacement.  Its service (bounded lift credit) does not lead."""
+    p = VTCPolicy(tenant_weights={"heavy": 2.0}, displace_threshold=100.0, lift_credit=300.0)
+    running = [req(f"h{i}", 4, "heavy", float(i)) for i in range(5)] + [req("l0", 4, "light", 0.5)]
+    for r in running:
+        r.num_computed_tokens = 4  # decoding
+    p.add(req("h9", 4, "heavy", 1.0))
+    p.counters["heavy"] = p.service["heavy"] = 1000.0
+    l1 = req("l1", 4, "light", 8.0)
+    p.add(l1)  # lifted to heavy's 1000, service to 700
+    p.counters["light"] += 250.0  # then charged prompts: 250 ahead of heavy's counter
+    p.service["light"] += 250.0
+    assert p.counters["light"] - p.counters["heavy"] > p.displace_threshold
+    p.step_token_budget(running, 64)  # light: 1 of 6 seats, share 2: a whole seat below
+    assert p._protected_now == {"light"} and p.peek() is l1
+    assert p.displace(l1, running) is running[4]  # heavy's latest seat
+    # Light's seat is not the counter-lead victim either (nor under KV pressure): the most
+    # served tenant is heavy.
+    assert p.victim(running).tenant == "heavy"
+    assert p.displace(req("h10", 4, "heavy", 9.0), running) is None
+    # Past the credit, light is ahead in service too: no seats out of turn.
+    p.service["light"] = p.counters["light"]
+    p.step_token_budget(running, 64)
+    assert p._protected_now == set()
+
+
+def test_decode_steps_are_charged_with_their_drafts_and_recomputes_are_not():
+    p = VTCPolicy(w_prefill=1.0, w_decode=2.0)
+    r = req("a0", 6, "a", 0.0, max_tokens=8)
+    p.add(r)
+    p.pop()
+    assert p.counters["a"] == 6.0
+    p.on_scheduled(r, 6)  # the prompt: charged at admission, not again
+    assert p.counters["a"] == 6.0
+    r.num_computed_tokens = 6
+    r.append_output_token(7)
+    p.on_scheduled(r, 1)  # a decode
+    assert p.counters["a"] == 8.0
+    p.on_scheduled(r, 4)  # a decode with 3 drafts (speculative decoding): 4 positions
+    assert p.counters["a"] == 16.0
+    r.append_output_token(7)
+    r.num_computed_tokens = 0  # preempted by recompute: prompt and outputs computed again
+    p.on_scheduled(r, 6)
+    r.num_computed_tokens = 6
+    p.on_scheduled(r, 1)  # a recomputed output position (not the last token): not charged
+    assert p.counters["a"] == 16.0
