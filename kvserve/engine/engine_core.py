@@ -162,10 +162,13 @@ class EngineCore:
         config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
                                                                            max_model_len=max_model_len))
         model, arch = load_model(model_dir, dtype, device, max_positions=max_model_len)
-        from kvserve.models import cpu_linear
+        from kvserve.models import cpu_linear, fused_ops
 
-        if cpu_linear.packing_enabled(device, dtype):  # oneDNN packed weights: the fast CPU path
+        if cpu_linear.packing_enabled(device, dtype):  # packed weights: the fast CPU path
             cpu_linear.pack_linears(model)
+        fused = fused_ops.extension_for(device, dtype)
+        if fused is not None:  # fused layer ops (RMSNorm, rotary, SwiGLU): CPU float32
+            fused_ops.enable(model, fused)
         cc = config.cache
         block_bytes = kv_block_bytes(arch, cc.block_size, dtype)
         num_blocks = num_kv_blocks(cc, config.scheduler, block_bytes)

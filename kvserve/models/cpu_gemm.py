@@ -8,21 +8,16 @@ when the extension cannot be built, and callers then keep oneDNN or F.linear.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from kvserve.utils.cpp_ext import CppExtension
+from kvserve.models.cpu_kernels import load
+
+__all__ = ["BLOCK", "linear", "load", "pack_weight"]
 
 BLOCK = 16  # output columns per block; must match kNR in the source
-_EXT = CppExtension("kvserve_cpu_model_ops", Path(__file__).resolve().parent / "csrc" / "cpu_model_ops.cpp",
-                    "the CPU model kernels extension")
-
-
-def load() -> Optional[Any]:
-    return _EXT.load()
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

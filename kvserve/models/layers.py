@@ -16,7 +16,7 @@ dimension, declared to the loader the same way (expert index as the shard).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,10 @@ class MergedLinear(Linear):
 
 
 class RMSNorm(nn.Module):
-    """Computed in float32 and cast back, as HF transformers does."""
+    """Computed in float32 and cast back, as HF transformers does.  With `ext` set
+    (kvserve.models.fused_ops.enable) one fused kernel per call; `reference` is the torch code."""
+
+    ext: Any = None  # the CPU kernels' module, or None: the torch code
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -60,6 +63,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ext is not None and x.dim() == 2 and x.is_contiguous():
+            return self.ext.rms_norm(x, self.weight, self.eps)
+        return self.reference(x)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before this norm, fused with it: (h, norm(h)) for h = residual + x."""
+        if self.ext is not None and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
+            h, normed = self.ext.add_rms_norm(x, residual, self.weight, self.eps)
+            return h, normed
+        h = residual + x
+        return h, self.reference(h)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -13,7 +13,7 @@ tensors are shards of a fused layer.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ from kvserve.protocol import ForwardContext
 
 
 class Attention(nn.Module):
+    ext: Any = None  # the CPU kernels' module (kvserve.models.fused_ops.enable): rotary in one call
+
     def __init__(self, cfg: ModelArchConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -45,20 +47,28 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        # Without q/k norms, q and k are rotated in place in the fused projection (one kernel).
+        rotated = self.ext is not None and not self.qk_norm and qkv.is_contiguous()
+        if rotated:
+            self.ext.rope_inplace(qkv, cos.view(T, self.head_dim), sin.view(T, self.head_dim),
+                                  self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        if not rotated:
+            if self.qk_norm:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         out = ctx.backend.forward(self.layer_idx, q, k, v, ctx)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
+    ext: Any = None  # the CPU kernels' module (kvserve.models.fused_ops.enable): SwiGLU in one call
+
     def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
@@ -66,7 +76,10 @@ class MLP(nn.Module):
         self.down_proj = layers.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(layers.silu_and_mul(self.gate_up_proj(x), self.intermediate_size))
+        gate_up = self.gate_up_proj(x)
+        if self.ext is not None and gate_up.dim() == 2:
+            return self.down_proj(self.ext.silu_and_mul(gate_up))
+        return self.down_proj(layers.silu_and_mul(gate_up, self.intermediate_size))
 
 
 class DecoderLayer(nn.Module):
@@ -78,8 +91,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn_out = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        h, x = self.post_attention_layernorm.add_forward(attn_out, h)  # h + attn_out, and its norm
+        return h + self.mlp(x)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,4 +1,5 @@
-// kvserve's CPU model kernels (float32): a linear layer on weights packed in column blocks.
+// kvserve's CPU model kernels (float32): a linear layer on weights packed in column blocks, and
+// the fused elementwise ops of a decoder layer (RMSNorm, residual add + RMSNorm, rotary, SwiGLU).
 //
 // Why: a decode step reads every weight once for a handful of rows, so it is bound by memory
 // bandwidth; oneDNN and MKL reach about half of it on the 2-core AMD machines this project runs on
@@ -22,7 +23,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -152,6 +155,170 @@ torch::Tensor blocked_linear(const torch::Tensor& x, const torch::Tensor& packed
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused elementwise layer ops (float32, rows of a [T, width] tensor; rows in parallel when the
+// tensor is large enough to be worth it).  Each replaces several torch ops, which at the few rows
+// of a decode step cost far more in dispatch than in arithmetic.  Reference: the torch code in
+// kvserve/models/layers.py and rope.py, held equal in tests/unit/models/test_fused_ops.py.
+
+namespace {
+
+// Rows per parallel task: at least ~16K elements, so a decode step's few rows run on one thread.
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+// exp(x), vectorizable: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes
+// expf's coefficients, ~1 ulp), 2^n assembled in the exponent bits; x is clamped to [-87, 88].
+inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+#ifdef KVSERVE_AVX2
+// exp_approx on 8 lanes (the same steps, so the same results up to FMA rounding).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// weight * (h / sqrt(mean(h^2) + eps)) for one row, as HF's LlamaRMSNorm computes it in float32
+// (the sum of squares in 8 lanes, so it vectorizes).
+inline void rms_norm_row(const float* h, const float* weight, float eps, int64_t n, float* out) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += h[i + j] * h[i + j];
+  float ss = 0.f;
+  for (; i < n; ++i) ss += h[i] * h[i];
+  for (int j = 0; j < 8; ++j) ss += lanes[j];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t k = 0; k < n; ++k) out[k] = weight[k] * (h[k] * inv);
+}
+
+void check_rows(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), what,
+              ": contiguous float32 [T, width]");
+}
+
+}  // namespace
+
+// RMSNorm of x [T, H]: returns weight * x / rms(x).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.numel() == H && weight.is_contiguous() && weight.scalar_type() == torch::kFloat32, "weight: [H] float32");
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, row_grain(H), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) rms_norm_row(xp + t * H, wp, static_cast<float>(eps), H, op + t * H);
+  });
+  return out;
+}
+
+// The residual add and the next RMSNorm in one pass: h = x + residual, returns (h, RMSNorm(h)).
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& weight,
+                                        double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual differ in shape");
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.numel() == H && weight.is_contiguous() && weight.scalar_type() == torch::kFloat32, "weight: [H] float32");
+  auto h = torch::empty_like(x);
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *rp = residual.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *hp = h.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, T, row_grain(H), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = 0; i < H; ++i) hp[t * H + i] = rp[t * H + i] + xp[t * H + i];
+      rms_norm_row(hp + t * H, wp, static_cast<float>(eps), H, op + t * H);
+    }
+  });
+  return {h, out};
+}
+
+// Rotary embedding (rotate-half form) applied in place to the first `num_heads` heads of each row
+// of qkv [T, width] (the q and k heads of a fused q|k|v projection), head_dim D each, with
+// cos/sin [T, D] (both halves of a row equal, as RotaryEmbedding's tables are).
+void rope_inplace(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t num_heads,
+                  int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  check_rows(cos, "cos");
+  check_rows(sin, "sin");
+  const int64_t T = qkv.size(0), W = qkv.size(1), D = head_dim, half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && num_heads * D <= W, "rope_inplace: ", num_heads, " heads of ", D, " exceed width ", W);
+  TORCH_CHECK(cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(), "cos/sin: [T, head_dim]");
+  float* qp = qkv.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  at::parallel_for(0, T, row_grain(num_heads * D), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *c = cp + t * D, *s = sp + t * D;
+      for (int64_t hd = 0; hd < num_heads; ++hd) {
+        float* x = qp + t * W + hd * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = x[i], b = x[i + half];
+          x[i] = a * c[i] - b * s[i];
+          x[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+// SwiGLU on a fused gate|up projection gate_up [T, 2 I]: returns silu(gate) * up, [T, I].
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) == 2 * I, "gate_up: an even width");
+  auto out = torch::empty({T, I}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, row_grain(2 * I), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *g = gp + t * 2 * I, *u = g + I;
+      float* o = op + t * I;
+      int64_t i = 0;
+#ifdef KVSERVE_AVX2
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < I; ++i) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocked_linear", &blocked_linear, "y = x W^T + b with W packed in [NB, K, 16] column blocks");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H]");
+  m.def("add_rms_norm", &add_rms_norm, "h = x + residual; returns (h, RMSNorm(h))");
+  m.def("rope_inplace", &rope_inplace, "rotary embedding of the first num_heads heads of qkv [T, W], in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of gate_up [T, 2I]");
 }
