@@ -34,21 +34,26 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kvserve.bench.fairness import TenantRequest, fairness_summary, tenant_stats
-from kvserve.bench.paths import shared_data_dir
-from kvserve.bench.traces import TraceRecord, read_azure, read_burstgpt
-from kvserve.config import parse_tenant_weights
-from kvserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from kvserve.core.swap import PreemptionCostModel, SwapManager
-from kvserve.engine.engine_core import EngineCore
-from kvserve.protocol import ModelRunnerOutput, SampledToken, SchedulerOutput
-from kvserve.request import SLO, Request
-from kvserve.sampling_params import SamplingParams
+# This checkout's kvserve, not an installed copy (`python benchmarks/...` puts benchmarks/ first
+# on the path, and an editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvserve.bench.fairness import TenantRequest, fairness_summary, tenant_stats  # noqa: E402
+from kvserve.bench.paths import shared_data_dir  # noqa: E402
+from kvserve.bench.traces import TraceRecord, read_azure, read_burstgpt  # noqa: E402
+from kvserve.config import parse_tenant_weights  # noqa: E402
+from kvserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from kvserve.core.swap import PreemptionCostModel, SwapManager  # noqa: E402
+from kvserve.engine.engine_core import EngineCore  # noqa: E402
+from kvserve.protocol import ModelRunnerOutput, SampledToken, SchedulerOutput  # noqa: E402
+from kvserve.request import SLO, Request  # noqa: E402
+from kvserve.sampling_params import SamplingParams  # noqa: E402
 
 POLICIES = ("fcfs", "priority", "fair", "slo")
 VOCAB = 32000
