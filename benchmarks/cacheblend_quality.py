@@ -43,12 +43,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--num", type=int, default=40, help="instances")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--sink-tokens", type=int, default=None,
+                    help="compute chunks after at most this many tokens of the first segment "
+                         "(default: all of it, the engine's default; 1: the BOS alone)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
 
     llm = LLM(args.model, max_num_batched_tokens=16384, max_num_seqs=4)
     ref = LLM(args.model, **REFERENCE_ENGINE)
+    llm.engine.core.chunk_cache.sink_tokens = args.sink_tokens
     tok = llm.get_tokenizer()
     rows: dict[str, list[torch.Tensor]] = {}
     runner = llm.engine.core.runner
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{k + 1}/{len(suite)}: " + " ".join(f"{key}={v}" for key, v in correct.items()), file=sys.stderr)
     stats = llm.engine.core.chunk_cache.stats
     result = {"model": args.model, "task": args.task, "format": args.format, "length": args.length,
+              "sink_tokens": args.sink_tokens,
               "docs": args.docs, "num": len(suite), "seed": args.seed,
               "exact_match": {key: v / len(suite) for key, v in correct.items()},
               "token_metrics": {key: m.summary() for key, m in metrics.items()},
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['model']} {result['task']}/{result['format']}/{result['length']} tokens, "
-             f"{result['docs']} documents, {result['num']} instances",
+             f"{result['docs']} documents, {result['num']} instances, chunks computed after "
+             + ("the first segment" if result["sink_tokens"] is None else f"{result['sink_tokens']} token(s)"),
              "| ratio | exact match | top-1 agreement | KL (nats) | greedy match |",
              "|---|---|---|---|---|",
              f"| full prefill | {result['exact_match']['full']:.3f} | 1 | 0 | - |"]
