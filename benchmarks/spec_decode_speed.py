@@ -56,7 +56,7 @@ from kvserve.spec_decode.config import SpeculativeConfig  # noqa: E402
 from kvserve.spec_decode.measure import workload_prompts  # noqa: E402
 from kvserve.spec_decode.paged_draft import PagedDraftProposer  # noqa: E402
 from kvserve.spec_decode.scheduling import SpecScheduling, draft_pool_blocks  # noqa: E402
-from kvserve.spec_decode.truncated_draft import write_truncated_draft  # noqa: E402
+from kvserve.spec_decode.truncated_draft import parse_layers, write_truncated_draft  # noqa: E402
 
 
 def chat_prompts(llm: LLM, workload: str, n: int, max_prompt_tokens: int) -> list[list[int]]:
@@ -83,10 +83,11 @@ def draft_path(method: str, llm: LLM, args: argparse.Namespace) -> Optional[str]
     if name != "draft":
         return None
     target = llm.engine.config.model.model
-    tag = hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:10]
-    out = Path(args.draft_dir or Path(tempfile.gettempdir()) / f"kvserve-draft-{tag}-{args.draft_layers}l")
+    layers = parse_layers(args.draft_keep_layers) if args.draft_keep_layers else list(range(args.draft_layers))
+    tag = hashlib.sha256(f"{Path(target).resolve()}|{layers}".encode()).hexdigest()[:12]
+    out = Path(args.draft_dir or Path(tempfile.gettempdir()) / f"kvserve-draft-{tag}")
     if not (out / "config.json").is_file():
-        write_truncated_draft(target, out, args.draft_layers)
+        write_truncated_draft(target, out, layers=layers)
     return str(out)
 
 
@@ -195,6 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="comma-separated: ngram, suffix, draft (an early-exit draft of the target), draft:PATH")
     p.add_argument("--draft-layers", type=int, default=8,
                    help='"draft": keep the target\'s first N decoder layers (and its norm and head)')
+    p.add_argument("--draft-keep-layers", default=None,
+                   help='"draft": keep these decoder layers instead, e.g. 0-9,24-29 (a layer-skipping draft)')
     p.add_argument("--draft-dir", default=None, help='"draft": where to write it (default: a temp directory)')
     p.add_argument("--k", type=int, default=4, help="--num-speculative-tokens (the most drafts per step)")
     p.add_argument("--workloads", default="edit,sharegpt")
