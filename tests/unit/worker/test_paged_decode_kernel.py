@@ -30,15 +30,16 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
-def test_kernel_equals_softmax_attention(block_size: int, heads: int, kv_heads: int) -> None:
-    g = torch.Generator().manual_seed(block_size * 100 + heads * 10 + kv_heads)
+@pytest.mark.parametrize("head_dim", [64, 128, 32])  # 64/128: the AVX2 register path; 32: the portable loop
+def test_kernel_equals_softmax_attention(block_size: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    g = torch.Generator().manual_seed(block_size * 100 + heads * 10 + kv_heads + head_dim)
     lens = torch.tensor([1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3, 700])
     max_blocks = -(-int(lens.max()) // block_size)
     num_blocks = len(lens) * max_blocks + 3
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, 64, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, 64, generator=g)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     tables = torch.randperm(num_blocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks)
-    q = torch.randn(len(lens), heads, 64, generator=g)
+    q = torch.randn(len(lens), heads, head_dim, generator=g)
     for scale in (0.125, 4.0):  # 4.0: scores hundreds apart, most weights underflow to 0
         got = ext.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
         want = reference(q, k_cache, v_cache, tables, lens, scale)

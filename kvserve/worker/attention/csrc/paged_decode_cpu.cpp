@@ -56,6 +56,92 @@ inline void prefetch_rows(const float* base, int64_t rows, int64_t stride, int64
     for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(base + t * stride + i, 0, 1);
 }
 
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KVSERVE_AVX2 1
+
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// One request, all its query heads, head_dim D = 8 * ND (AVX2 registers).  Blocks are walked in
+// order and each is read whole (all KV heads: one contiguous run, the next block prefetched),
+// as the portable loop below does; per query head, within a block, the scaled q and the output
+// accumulator live in registers (the portable loop keeps the accumulator in memory for every
+// token, which made it store-bound) and go back to `acc` once per block.
+template <int ND>
+void attend_request_avx2(const float* qb, const float* kp, const float* vp, const int64_t* table, int64_t L,
+                         int64_t BS, int64_t KVH, int64_t H, float scale, float* ob, float* scores, float* acc_mem,
+                         float* mx, float* denom) {
+  constexpr int64_t D = ND * 8;
+  const int64_t G = H / KVH, row = KVH * D, nblocks = (L + BS - 1) / BS;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t hq = 0; hq < H; ++hq) {
+    mx[hq] = -std::numeric_limits<float>::infinity();
+    denom[hq] = 0.f;
+  }
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t blk = table[j], n = std::min(BS, L - j * BS);
+    if (j + 1 < nblocks) {
+      const int64_t nxt = table[j + 1], nn = std::min(BS, L - (j + 1) * BS);
+      prefetch_rows(kp + nxt * BS * row, 1, 0, nn * row);
+      prefetch_rows(vp + nxt * BS * row, 1, 0, nn * row);
+    }
+    for (int64_t hq = 0; hq < H; ++hq) {
+      const int64_t h = hq / G;
+      const float* kb = kp + blk * BS * row + h * D;
+      const float* vb = vp + blk * BS * row + h * D;
+      float* am = acc_mem + hq * D;
+      __m256 q[ND], acc[ND];
+      for (int i = 0; i < ND; ++i) {
+        q[i] = _mm256_mul_ps(_mm256_loadu_ps(qb + hq * D + 8 * i), vscale);
+        acc[i] = j == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(am + 8 * i);
+      }
+      float bmax = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; ++t) {
+        const float* kr = kb + t * row;
+        __m256 s0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(kr));
+        __m256 s1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(kr + 8));
+        for (int i = 2; i + 1 < ND; i += 2) {
+          s0 = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(kr + 8 * i), s0);
+          s1 = _mm256_fmadd_ps(q[i + 1], _mm256_loadu_ps(kr + 8 * i + 8), s1);
+        }
+        const float sc = hsum(_mm256_add_ps(s0, s1));
+        scores[t] = sc;
+        bmax = sc > bmax ? sc : bmax;
+      }
+      const float m_new = bmax > mx[hq] ? bmax : mx[hq];
+      const float correction = exp_neg(mx[hq] - m_new);  // 0 on the first block (mx = -inf)
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        scores[t] = exp_neg(scores[t] - m_new);
+        sum += scores[t];
+      }
+      denom[hq] = denom[hq] * correction + sum;
+      mx[hq] = m_new;
+      const __m256 c = _mm256_set1_ps(correction);
+      for (int i = 0; i < ND; ++i) acc[i] = _mm256_mul_ps(acc[i], c);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 w = _mm256_set1_ps(scores[t]);
+        const float* vr = vb + t * row;
+        for (int i = 0; i < ND; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * i), acc[i]);
+      }
+      for (int i = 0; i < ND; ++i) _mm256_storeu_ps(am + 8 * i, acc[i]);
+    }
+  }
+  for (int64_t hq = 0; hq < H; ++hq) {
+    const __m256 inv = _mm256_set1_ps(1.f / denom[hq]);
+    for (int i = 0; i < ND; ++i)
+      _mm256_storeu_ps(ob + hq * D + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc_mem + hq * D + 8 * i), inv));
+  }
+}
+#endif
+
 }  // namespace
 
 // q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] (contiguous);
@@ -84,6 +170,21 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
   // One work item per request: its blocks are read once each, whole (all KV heads:
   // one contiguous BS x KVH x D run), so the reads stream instead of hopping.
+#ifdef KVSERVE_AVX2
+  if (D == 64 || D == 128) {  // the register-resident path (head sizes of the models we serve)
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(BS), acc(H * D), mx(H), denom(H);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t L = lp[b];
+        TORCH_CHECK(L >= 1 && L <= MB * BS, "seq_len out of range for the block table");
+        auto attend = D == 64 ? attend_request_avx2<8> : attend_request_avx2<16>;
+        attend(qp + b * H * D, kp, vp, tp + b * MB, L, BS, KVH, H, fscale, op + b * H * D, scores.data(), acc.data(),
+               mx.data(), denom.data());
+      }
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(H * BS), acc(H * D), mx(H), denom(H);
     for (int64_t b = begin; b < end; ++b) {
