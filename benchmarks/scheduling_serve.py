@@ -93,12 +93,23 @@ class Bench:
                "--no-plots", "--no-progress", "--result-file", str(out), *bench_args]
         self.log(f"{name}: kvserve bench serve {' '.join(cmd[5:])}")
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{name}: kvserve bench serve failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        command = " ".join(["kvserve bench serve", *cmd[5:]])
+        if done.returncode != 0 or not out.exists():
+            # Recorded and skipped (its table rows are left out): one failed run does not
+            # lose the others.
+            self.log(f"{name}: kvserve bench serve failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            self.runs[name] = dict(command=command, error=done.stderr[-3000:])
+            self.save()
+            return {}
         summary = json.loads(out.read_text())["runs"][0]["summary"]
-        self.runs[name] = dict(command=" ".join(["kvserve bench serve", *cmd[5:]]), summary=summary,
-                               file=str(out))
+        self.runs[name] = dict(command=command, summary=summary, file=str(out))
+        self.save()
         return summary
+
+    def save(self, **extra: Any) -> None:
+        """The result file so far (rewritten after every run, so a crash keeps what ran)."""
+        doc = dict(args=vars(self.args), wall_s=time.monotonic() - self.t0, **extra, runs=self.runs)
+        Path(self.args.result_file).write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def warm_up(url: str) -> None:
@@ -191,7 +202,8 @@ def calibrate(b: Bench, proc: CliProcess, p: dict[str, Any], trace: str) -> floa
     heavy: Optional[float] = None  # one where it met too few
     for i in range(1 if given else max(1, a.calibration_runs)):
         name = f"goodput-{trace}-fcfs-{i}"
-        met = b.bench(proc, name, *goodput_args(p, trace, scale))["slo_classes"]["slo_met_fraction"] or 0.0
+        summary = b.bench(proc, name, *goodput_args(p, trace, scale))
+        met = (summary.get("slo_classes") or {}).get("slo_met_fraction") or 0.0
         b.log(f"  {trace} time scale {scale:.4g}: fcfs meets {met:.0%}")
         if best is None or abs(met - 0.5) < abs(best[1] - 0.5):
             best = (scale, met, name)
@@ -218,6 +230,8 @@ def swap_run(b: Bench, mode: str, p: dict[str, Any]) -> None:
         after = metric_total(proc.url, "kvserve:preemptions")
         b.runs[f"swap-{mode}"]["preemptions"] = {k: v - before.get(k, 0.0) for k, v in after.items()
                                                  if v - before.get(k, 0.0)}
+        if "file" not in b.runs[f"swap-{mode}"]:
+            return  # the run failed (recorded)
         records = json.loads(Path(b.runs[f"swap-{mode}"]["file"]).read_text())["runs"][0]["requests"]
         b.runs[f"swap-{mode}"]["max_gap_ms"] = [max(r["itl_ms"]) for r in records if r["itl_ms"]]
 
@@ -227,7 +241,9 @@ def run_all(b: Bench) -> dict[str, Any]:
     exps = set(a.experiments)
     with b.server("fcfs", "--scheduling-policy", "fcfs") as proc:
         cap = a.capacity or b.bench(proc, "capacity", "--dataset", "azure-conv", "--num-prompts",
-                                    str(a.capacity_prompts), "--request-rate", "inf")["request_throughput"]
+                                    str(a.capacity_prompts), "--request-rate", "inf").get("request_throughput")
+        if not cap:
+            raise SystemExit(f"the capacity run failed (log: {b.work}); every size derives from it")
         p = plan(a, cap)
         b.log(f"capacity {cap:.3f} req/s; plan {json.dumps(p)}; estimated {p['estimated_s'] / 60:.1f} min in all")
         if "fairness" in exps:
@@ -257,18 +273,24 @@ def run_all(b: Bench) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- tables
+def ok(b: Bench, name: str) -> Optional[dict[str, Any]]:
+    """The run `name` if it ran and did not fail."""
+    run = b.runs.get(name)
+    return run if run is not None and "summary" in run else None
+
+
 def _ms(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v * 1e3:.0f} ms"
 
 
 def fairness_table(b: Bench, level: str) -> list[str]:
-    alone = b.runs.get(f"fair-{level}-alone")
+    alone = ok(b, f"fair-{level}-alone")
     alone_light = alone["summary"]["tenants"]["tenants"]["light"] if alone else {}
     alone_p50 = alone_light.get("ttft_p50_s")
     lines = ["| policy | weights | served tok/s | heavy:light served | max-min target | served / target "
              "| light TTFT p50 | p50 vs alone | light TTFT p99 |", "|---|---|---|---|---|---|---|---|---|"]
     for name, policy, weights in (("fcfs", "fcfs", "equal"), ("fair", "fair", "equal"), ("fair-w2", "fair", "heavy=2")):
-        run = b.runs.get(f"fair-{level}-{name}")
+        run = ok(b, f"fair-{level}-{name}")
         if run is None:
             continue
         t = run["summary"]["tenants"]
@@ -287,10 +309,10 @@ def fairness_table(b: Bench, level: str) -> list[str]:
 def goodput_table(b: Bench, trace: str) -> list[str]:
     lines = ["| policy | SLO met | interactive met | batch met | goodput (req/s) | vs fcfs | TTFT p50 | TTFT p99 |",
              "|---|---|---|---|---|---|---|---|"]
-    base = b.runs.get(f"goodput-{trace}-fcfs")
+    base = ok(b, f"goodput-{trace}-fcfs")
     base_g = base and base["summary"]["slo_classes"]["goodput_rps"]
     for policy in ("fcfs", "priority", "slo"):
-        run = b.runs.get(f"goodput-{trace}-{policy}")
+        run = ok(b, f"goodput-{trace}-{policy}")
         if run is None:
             continue
         s = run["summary"]
@@ -308,8 +330,8 @@ def swap_table(b: Bench) -> list[str]:
     lines = ["| mode | preemptions (from /metrics) | completed | output tok/s | e2e mean / p99 "
              "| longest gap per request p50 / p90 / max |", "|---|---|---|---|---|---|"]
     for mode in ("recompute", "swap", "auto"):
-        run = b.runs.get(f"swap-{mode}")
-        if run is None:
+        run = ok(b, f"swap-{mode}")
+        if run is None or "max_gap_ms" not in run:
             continue
         s, gaps = run["summary"], sorted(run["max_gap_ms"])
         pre = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(run["preemptions"].items())) or "none"
@@ -388,11 +410,11 @@ def main() -> int:
     p = run_all(b)
     text = tables(b, p)
     print(text)
-    wall = time.monotonic() - b.t0
-    doc = dict(args=vars(args), plan=p, wall_s=wall, tables=text, runs=b.runs)
-    Path(args.result_file).write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    b.log(f"wrote {args.result_file} ({wall / 60:.1f} min; per-run files in {work})")
-    return 0
+    b.save(plan=p, tables=text)
+    failed = sorted(k for k, v in b.runs.items() if "error" in v)
+    b.log(f"wrote {args.result_file} ({(time.monotonic() - b.t0) / 60:.1f} min; per-run files in {work})"
+          + (f"; FAILED runs: {failed}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
