@@ -20,10 +20,11 @@ defaults (the plan and its estimate are printed once C is known).
                   about half the SLOs (found with at most --calibration-runs fcfs runs, or given
                   with --azure-time-scale / --burstgpt-time-scale); SLO classes
                   interactive:1:1000/100,batch:1:20000 (priority 0 / 1); fcfs, priority, slo.
-  3. swap         fcfs on a small pool (--swap-num-kv-blocks: forced preemption), all requests at
-                  once, --preemption-mode recompute / swap / auto: preemptions by mode (from
-                  /metrics), output throughput, e2e, and each request's longest inter-token gap
-                  (a resumed request's stall shows there).
+  3. swap         fcfs on a small pool (--swap-num-kv-blocks 48), 24 random requests of 64 + 64
+                  tokens at once (they outgrow the pool while decoding: forced preemption),
+                  --preemption-mode recompute / swap / auto: preemptions by mode (from /metrics),
+                  output throughput, e2e, and each request's longest inter-token gap (a resumed
+                  request's stall shows there).
 
 Writes one JSON (--result-file: every run's bench summary, the plan, the tables) and prints the
 tables.  Per-run bench JSON and server logs go to --work-dir.
@@ -88,8 +89,9 @@ class Bench:
         """One `kvserve bench serve` run; returns its summary (also kept in self.runs)."""
         a = self.args
         out = self.work / f"{name}.json"
+        scale = [] if "random" in bench_args else ["--length-scale", str(a.length_scale)]  # traces only
         cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "bench", "serve", "--base-url", proc.url,
-               "--tokenizer", a.tokenizer, "--length-scale", str(a.length_scale), "--seed", str(a.seed),
+               "--tokenizer", a.tokenizer, *scale, "--seed", str(a.seed),
                "--no-plots", "--no-progress", "--result-file", str(out), *bench_args]
         self.log(f"{name}: kvserve bench serve {' '.join(cmd[5:])}")
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -128,7 +130,7 @@ def metric_total(url: str, prefix: str) -> dict[str, float]:
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for s in fam.samples:
             if s.name.startswith(prefix) and s.name.endswith("_total"):
-                out[",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))] = s.value
+                out[",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")] = s.value
     return out
 
 
@@ -145,10 +147,8 @@ def trace_shape(dataset: str, n: int, length_scale: float) -> tuple[float, float
 
 
 def longest_blocks(args: argparse.Namespace, block_size: int = 16) -> int:
-    """KV blocks of the longest of the swap run's requests (the small pool must hold it)."""
-    rows = [r for r in READERS["azure-conv"](default_file("azure-conv")) if r.input_len > 0 and r.output_len > 0]
-    return max(-(-(max(1, round(r.input_len * args.length_scale)) + max(1, round(r.output_len * args.length_scale)))
-                 // block_size) for r in rows[:args.swap_prompts])
+    """KV blocks of one swap-run request at its end (the small pool must hold it)."""
+    return -(-(args.swap_input_len + args.swap_output_len) // block_size)
 
 
 def plan(args: argparse.Namespace, capacity: float) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def plan(args: argparse.Namespace, capacity: float) -> dict[str, Any]:
     # Estimate: a run lasts about max(its arrival window, its requests / C), plus a bench start.
     runs = 4 * max(args.window_s, p["low"]["n"] / capacity) + 3 * max(args.high_window_s, p["high"]["n"] / capacity)
     runs += (2 + args.calibration_runs) * 1.2 * (n_az * az_tok + n_bg * bg_tok) / (cap_tok * capacity)
-    runs += 3 * 1.5 * args.swap_prompts / capacity
+    runs += 3 * 1.5 * args.swap_prompts * (args.swap_input_len + 2 * args.swap_output_len) / (cap_tok * capacity)
     p["estimated_s"] = 8 * args.est_server_start_s + (12 + 2 * args.calibration_runs) * args.est_bench_start_s + runs
     return p
 
@@ -225,8 +225,8 @@ def swap_run(b: Bench, mode: str, p: dict[str, Any]) -> None:
     with b.server(f"swap-{mode}", "--num-kv-blocks", str(p["swap"]["num_kv_blocks"]), "--preemption-mode", mode,
                   "--swap-space", str(a.swap_space)) as proc:
         before = metric_total(proc.url, "kvserve:preemptions")
-        b.bench(proc, f"swap-{mode}", "--dataset", "azure-conv", "--num-prompts", str(p["swap"]["n"]),
-                "--request-rate", "inf")
+        b.bench(proc, f"swap-{mode}", "--dataset", "random", "--input-len", str(a.swap_input_len),
+                "--output-len", str(a.swap_output_len), "--num-prompts", str(p["swap"]["n"]), "--request-rate", "inf")
         after = metric_total(proc.url, "kvserve:preemptions")
         b.runs[f"swap-{mode}"]["preemptions"] = {k: v - before.get(k, 0.0) for k, v in after.items()
                                                  if v - before.get(k, 0.0)}
@@ -239,6 +239,11 @@ def swap_run(b: Bench, mode: str, p: dict[str, Any]) -> None:
 def run_all(b: Bench) -> dict[str, Any]:
     a = b.args
     exps = set(a.experiments)
+    if a.capacity and exps == {"swap"}:  # nothing to run on the fcfs server
+        p = plan(a, a.capacity)
+        for mode in ("recompute", "swap", "auto"):
+            swap_run(b, mode, p)
+        return p
     with b.server("fcfs", "--scheduling-policy", "fcfs") as proc:
         cap = a.capacity or b.bench(proc, "capacity", "--dataset", "azure-conv", "--num-prompts",
                                     str(a.capacity_prompts), "--request-rate", "inf").get("request_throughput")
@@ -359,7 +364,7 @@ def tables(b: Bench, p: dict[str, Any]) -> str:
             out += goodput_table(b, trace) + [""]
     if any(k.startswith("swap-") for k in b.runs):
         out += [f"### preemption: fcfs, {p['swap']['num_kv_blocks']} KV blocks of 16 tokens, {a.swap_prompts} "
-                f"requests at once", ""]
+                f"requests of {a.swap_input_len} + {a.swap_output_len} tokens at once", ""]
         out += swap_table(b) + [""]
     return "\n".join(out)
 
@@ -385,7 +390,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--calibration-runs", type=int, default=2, help="goodput: at most this many fcfs runs per trace")
     ap.add_argument("--azure-time-scale", type=float, default=None, help="skip the Azure calibration")
     ap.add_argument("--burstgpt-time-scale", type=float, default=None, help="skip the BurstGPT calibration")
-    ap.add_argument("--swap-prompts", type=int, default=32)
+    ap.add_argument("--swap-prompts", type=int, default=24)
+    ap.add_argument("--swap-input-len", type=int, default=64, help="swap: prompt tokens per request (random)")
+    ap.add_argument("--swap-output-len", type=int, default=64,
+                    help="swap: output tokens per request: requests grow past the pool while decoding")
     ap.add_argument("--swap-num-kv-blocks", type=int, default=48, help="small pool: forced preemption")
     ap.add_argument("--swap-space", type=float, default=0.25, help="GiB of host swap space")
     ap.add_argument("--server-timeout-s", type=float, default=600.0)
@@ -398,7 +406,8 @@ def parse_args() -> argparse.Namespace:
     if args.tiny:
         args.length_scale = 0.02
         args.capacity_prompts, args.window_s, args.high_window_s, args.goodput_window_s = 4, 3.0, 2.0, 3.0
-        args.burstgpt_prompts, args.swap_prompts, args.swap_num_kv_blocks, args.calibration_runs = 6, 6, 12, 1
+        args.burstgpt_prompts, args.swap_prompts, args.swap_num_kv_blocks, args.calibration_runs = 6, 8, 6, 1
+        args.swap_input_len, args.swap_output_len = 16, 24
     return args
 
 
