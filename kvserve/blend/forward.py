@@ -3,9 +3,9 @@
 For a request whose step carries a BlendStep (kvserve/blend/spec.py), with the prefix
 cache supplying positions [0, S) and the step running [S, E):
 
-1. chunks not cached are computed alone after the prompt's first token (the attention
-   sink; positions 0 .. L) into their chunk blocks, as an ordinary prefill of a
-   sequence of their own;
+1. chunks not cached are computed alone after their sink (the prompt's first segment,
+   chunk_source.py; positions 0 .. len(sink) + L - 1) into their chunk blocks, as an
+   ordinary prefill of a sequence of their own;
 2. every chunk's K/V is copied from its chunk blocks to the request's slots at its
    prompt positions, keys re-rotated by the position shift (models/rope.py; RoPE
    composes additively, so this equals computing the keys there);

@@ -60,7 +60,8 @@ def segment_starts(segment_lens: Sequence[int]) -> list[int]:
 @dataclass(slots=True)
 class ChunkPlacement:
     """One document chunk of a blend.  Its KV was computed after `sink` alone (the prompt's
-    first token(s), the attention sink every prompt starts with): the chunk blocks
+    first segment, or its first `sink_tokens`: what every prompt of the application starts with):
+    the chunk blocks
     `src_block_ids` hold sink + chunk at positions 0 .. len(sink) + length - 1, and the
     chunk's part goes to prompt positions dst_start .. dst_start + length - 1."""
 
