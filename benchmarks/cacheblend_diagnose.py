@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     llm = LLM(args.model, dtype="float32", attention_backend="torch", enable_prefix_caching=False,
               num_kv_blocks=16)
-    model = llm.engine.core.runner.model
+    model: Any = llm.engine.core.runner.model  # type: ignore[attr-defined]
     tok = llm.get_tokenizer()
     eos = tok.eos_token_id
     suite = tasks.generate_suite([args.task], [args.length], args.num, args.seed, tok, [args.format])
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(s, c, rule, r) for s in args.sinks.split(",") for c in map(int, args.check_layers.split(","))
                for rule in args.rules.split(",") for r in ratios
                if r not in (0.0, 1.0) or rule == args.rules.split(",")[0]]  # 0 and 1.0 do not depend on the rule
-    em = {"full": 0}
+    em: dict[Any, int] = {"full": 0}
     kl: dict[Any, float] = {}
     top1: dict[Any, float] = {}
     for i, inst in enumerate(suite):
