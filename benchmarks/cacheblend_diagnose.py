@@ -153,7 +153,6 @@ def _choose(rule, k, v, k_old, v_old, reused, n_sel, full: KV, placed: KV, first
         elif rule == "random":
             score = torch.rand(len(placed_idx), generator=gen)
         elif rule in ("first", "kv+first"):
-            rank = torch.zeros(len(placed_idx))
             starts = torch.tensor(doc_starts)
             # distance from the start of the token's document
             d = placed_idx[:, None] - starts[None, :]
@@ -163,7 +162,6 @@ def _choose(rule, k, v, k_old, v_old, reused, n_sel, full: KV, placed: KV, first
             else:
                 score = _dev("kv", k[placed_idx], v[placed_idx], k_old[placed_idx], v_old[placed_idx])
                 score = torch.where(d < first, torch.full_like(score, float("inf")), score)
-            del rank
         else:
             raise ValueError(rule)
         chosen[placed_idx[score.topk(n_sel).indices]] = True
