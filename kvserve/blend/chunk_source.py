@@ -58,8 +58,12 @@ def chunk_hashes(token_ids: Sequence[int], block_size: int, namespace: bytes = b
     """Hashes of a chunk's blocks (`token_ids`: the sink, then the chunk's tokens): its full
     blocks chained from the chunk root, then its partial last block (if any) under a hash
     that also names its length.  Depends on the tokens and the namespace (model, dtype)
-    only, never on the chunk's position in a prompt."""
-    root = hashlib.sha256(b"kvserve-chunk-v1" + struct.pack("<I", len(namespace)) + namespace).digest()
+    only, never on the chunk's position in a prompt.  The root names every token of the chunk,
+    so no block is shared between two chunks: with a sink of a block or more, every chunk's
+    first blocks would otherwise have the same hash (the pure-sink blocks), and code that keys
+    a chunk by its first hash (fresh chunks, tier loads) would mix chunks up."""
+    content = hashlib.sha256(struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+    root = hashlib.sha256(b"kvserve-chunk-v2" + struct.pack("<I", len(namespace)) + namespace + content).digest()
     out: list[BlockHash] = []
     prev = root
     num_full = len(token_ids) // block_size
