@@ -24,7 +24,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] float32 -> [ceil(N / 16), K, 16] with P[b, k, j] = W[16 b + j, k] (zero padded)."""
     n, k = weight.shape
     blocks = -(-n // BLOCK)
-    padded = F.pad(weight.detach().float(), (0, 0, 0, blocks * BLOCK - n))
+    padded = weight.detach().float()
+    if blocks * BLOCK != n:  # only then a copy with zero rows (at load this pass is on the start-up path)
+        padded = F.pad(padded, (0, 0, 0, blocks * BLOCK - n))
     return padded.view(blocks, BLOCK, k).transpose(1, 2).contiguous()
 
 
