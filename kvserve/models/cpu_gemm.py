@@ -8,7 +8,7 @@ when the extension cannot be built, and callers then keep oneDNN or F.linear.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(blocks, BLOCK, k).transpose(1, 2).contiguous()
 
 
+_ext: Any = None  # the loaded extension, kept here: `load()` takes a lock, too dear per call on the hot path
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
     """x [..., K] -> x W^T + b [..., out_features] through the blocked kernel."""
-    ext = load()
-    assert ext is not None, "blocked weights were packed but the CPU model kernels are not loaded"
+    global _ext
+    ext = _ext
+    if ext is None:
+        ext = _ext = load()
+        assert ext is not None, "blocked weights were packed but the CPU model kernels are not loaded"
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()

@@ -30,8 +30,9 @@ __all__ = ["Linear", "MergedLinear", "RMSNorm", "RotaryEmbedding", "apply_rope",
 
 class Linear(nn.Linear):
     """y = x W^T (+ b); W: [out_features, in_features].  On CPU in float32 EngineCore
-    packs the weight for oneDNN (kvserve.models.cpu_linear: faster than F.linear there,
-    same result up to rounding); `packed_weight` then holds it and `weight` is empty."""
+    packs the weight (kvserve.models.cpu_linear: kvserve's blocked kernel, or oneDNN; faster
+    than F.linear there, same result up to rounding); `packed_weight` then holds it and
+    `weight` is empty."""
 
     packed_weight: Optional[torch.Tensor] = None
 
