@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""F.linear vs kvserve's CPU linear (kvserve/models/cpu_linear.py) vs oneDNN packed weights,
+"""F.linear vs kvserve's blocked CPU linear (kvserve/models/cpu_gemm.py) vs oneDNN packed weights,
 over the weights of a whole SmolLM2-135M forward (30 layers: q|k|v, o, gate|up, down; and the
 [49152, 576] LM head), float32, for the row counts of decoding and prefill.
 
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kvserve.models import cpu_linear
+from kvserve.models import cpu_gemm, cpu_linear
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) per SmolLM2-135M layer
 NUM_LAYERS = 30
@@ -36,14 +36,16 @@ def main() -> None:
     shapes = LAYER_SHAPES * NUM_LAYERS + [LM_HEAD]
     weights = [torch.randn(n, k) for n, k in shapes]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights] if torch.backends.mkldnn.is_available() else None
+    blocked = [cpu_gemm.pack_weight(w) for w in weights] if cpu_gemm.load() is not None else None
     nbytes = sum(w.numel() for w in weights) * 4
     kernels: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
         "F.linear": lambda x, i: F.linear(x, weights[i]),
-        "kvserve": lambda x, i: cpu_linear.linear(x, weights[i]),
     }
+    if blocked is not None:  # kvserve's own kernel on its column-blocked packing (the default)
+        kernels["kvserve blocked"] = lambda x, i: cpu_linear.linear(x, None, packed=blocked[i])
     if packed is not None:
         kernels["oneDNN packed"] = lambda x, i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
-    print(f"{'rows':>5} {'kernel':>14} {'ms/forward':>11} {'GB/s':>6} {'GFLOP/s':>8}")
+    print(f"{'rows':>5} {'kernel':>16} {'ms/forward':>11} {'GB/s':>6} {'GFLOP/s':>8}")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for k in {k for _, k in shapes}}
         times: dict[str, list[float]] = {name: [] for name in kernels}
@@ -55,7 +57,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             t = statistics.median(ts[1:])
-            print(f"{rows:5d} {name:>14} {t * 1e3:11.1f} {nbytes / t / 1e9:6.1f} {2 * rows * nbytes / 4 / t / 1e9:8.1f}")
+            print(f"{rows:5d} {name:>16} {t * 1e3:11.1f} {nbytes / t / 1e9:6.1f} {2 * rows * nbytes / 4 / t / 1e9:8.1f}")
 
 
 if __name__ == "__main__":

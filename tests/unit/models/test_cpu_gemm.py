@@ -1,6 +1,7 @@
 """kvserve's blocked CPU linear kernel (kvserve/models/csrc/cpu_model_ops.cpp) against F.linear:
-every microkernel height (1-6 rows, and several row strips), K slices (K above the kernel's
-256-wide slice, K not a multiple of 8), a partial last column block, bias or none, empty input."""
+every microkernel height (1-6 rows on AVX2, 1-12 on AVX-512, and several row strips), K slices
+(K above the kernel's 256-wide slice, K not a multiple of 8), an even and an odd number of column
+blocks (the AVX-512 path takes blocks in pairs), a partial last block, bias or none, empty input."""
 from __future__ import annotations
 
 import pytest
@@ -13,17 +14,18 @@ ext = cpu_gemm.load()
 pytestmark = pytest.mark.skipif(ext is None, reason="the CPU model kernels cannot be built here (no compiler)")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 100])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 25, 100])
 @pytest.mark.parametrize("k", [20, 576, 600])
-def test_blocked_linear_equals_f_linear(rows: int, k: int) -> None:
-    g = torch.Generator().manual_seed(rows * 1000 + k)
-    w = torch.randn(96, k, generator=g)
-    b = torch.randn(96, generator=g)
+@pytest.mark.parametrize("n", [96, 80])  # 6 and 5 column blocks
+def test_blocked_linear_equals_f_linear(rows: int, k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
     x = torch.randn(rows, k, generator=g)
     packed = cpu_gemm.pack_weight(w)
-    assert packed.shape == (6, k, 16)
-    torch.testing.assert_close(cpu_gemm.linear(x, packed, b, 96), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cpu_gemm.linear(x, packed, None, 96), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert packed.shape == (n // 16, k, 16)
+    torch.testing.assert_close(cpu_gemm.linear(x, packed, b, n), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_gemm.linear(x, packed, None, n), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("n", [1, 15, 17, 37])
