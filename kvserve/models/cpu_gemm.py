@@ -15,19 +15,31 @@ import torch.nn.functional as F
 
 from kvserve.models.cpu_kernels import load
 
-__all__ = ["BLOCK", "linear", "load", "pack_weight"]
+__all__ = ["BLOCK", "linear", "load", "pack_weight", "packed_numel"]
 
 BLOCK = 16  # output columns per block; must match kNR in the source
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 -> [ceil(N / 16), K, 16] with P[b, k, j] = W[16 b + j, k] (zero padded)."""
+def packed_numel(weight_shape: tuple[int, ...]) -> int:
+    """Elements of `pack_weight`'s result for an [N, K] weight."""
+    n, k = weight_shape
+    return -(-n // BLOCK) * BLOCK * k
+
+
+def pack_weight(weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, K] float32 -> [ceil(N / 16), K, 16] with P[b, k, j] = W[16 b + j, k] (zero padded).
+    `out` (float32, `packed_numel` elements, contiguous) receives it when given: the loader packs
+    every weight into one huge-page arena (kvserve.models.cpu_linear.pack_linears)."""
     n, k = weight.shape
     blocks = -(-n // BLOCK)
     padded = weight.detach().float()
     if blocks * BLOCK != n:  # only then a copy with zero rows (at load this pass is on the start-up path)
         padded = F.pad(padded, (0, 0, 0, blocks * BLOCK - n))
-    return padded.view(blocks, BLOCK, k).transpose(1, 2).contiguous()
+    blocked = padded.view(blocks, BLOCK, k).transpose(1, 2)
+    if out is None:
+        return blocked.contiguous()
+    assert out.is_contiguous() and out.numel() == blocks * BLOCK * k and out.dtype == torch.float32
+    return out.view(blocks, k, BLOCK).copy_(blocked)
 
 
 _ext: Any = None  # the loaded extension, kept here: `load()` takes a lock, too dear per call on the hot path

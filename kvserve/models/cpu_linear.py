@@ -10,12 +10,21 @@ whole SmolLM2-135M forward (30 layers + the LM head, float32, 2-core AMD EPYC, A
     blocked      38.9   44.4  104.6  268.2 1210.0    (kvserve.models.cpu_gemm)
     oneDNN       55.3   67.0  128.9  286.1 1182.5
 
+and session 9 (2-core Intel Xeon, AVX-512, the AVX-512 microkernel), median ms:
+
+    rows            1      8     32    128    512
+    blocked      18.0   24.0   41.8  122.2  447.0
+    oneDNN       24.6   30.7   48.1  117.7  450.5
+    F.linear     20.7   51.2   56.2  123.0  441.2
+
 Modes (KVSERVE_CPU_LINEAR): "blocked" (default) packs each weight into kvserve's column
 blocks (kvserve/models/csrc/cpu_model_ops.cpp); a weight whose row count is not a multiple
 of 16, or a machine where the extension cannot be built, gets oneDNN's packing instead
 (`torch.ops.mkldnn._reorder_linear_weight`).  "onednn" packs everything for oneDNN.
 `pack_linears(model)` packs once the weights are loaded (EngineCore.from_config) and frees
-the plain weights (the packed copy replaces them, so memory is unchanged).
+the plain weights (the packed copy replaces them, so memory is unchanged).  The blocked
+weights of a model share one arena in transparent huge pages (kvserve.utils.cpu_alloc):
+a decode step streams all of them, and with 4 KB pages it misses the TLB on every page.
 
 Results equal `F.linear` up to float rounding (another summation order).  The reference
 path is a model loaded without packing (`KVSERVE_CPU_LINEAR=reference`, or `pack_linears`
@@ -63,8 +72,10 @@ def _use_blocked(weight: torch.Tensor) -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] float32 CPU weight -> its packed form: kvserve's column blocks (3-D, see
     kvserve.models.cpu_gemm) or oneDNN's packed tensor (2-D, opaque layout)."""
-    if _use_blocked(weight):
-        return cpu_gemm.pack_weight(weight)
+    if _use_blocked(weight):  # in its own huge-page buffer (see pack_linears)
+        from kvserve.utils.cpu_alloc import zero_pages
+
+        return cpu_gemm.pack_weight(weight, out=zero_pages((cpu_gemm.packed_numel(tuple(weight.shape)),), torch.float32))
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
@@ -86,18 +97,40 @@ def linear(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
     return y.view(*x.shape[:-1], out_features)
 
 
+_ARENA_ALIGN = 16  # floats (64 bytes): each packed weight starts on a cache line
+
+
+def _blocked_arena(weights: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """One huge-page buffer for the blocked packings of `weights`: id(weight) -> its slice."""
+    from kvserve.utils.cpu_alloc import zero_pages
+
+    blocked = [w for w in weights if _use_blocked(w)]
+    sizes = [-(-cpu_gemm.packed_numel(tuple(w.shape)) // _ARENA_ALIGN) * _ARENA_ALIGN for w in blocked]
+    if not blocked:
+        return {}
+    arena = zero_pages((sum(sizes),), torch.float32)
+    views: dict[int, torch.Tensor] = {}
+    offset = 0
+    for w, size in zip(blocked, sizes):
+        views[id(w)] = arena[offset:offset + cpu_gemm.packed_numel(tuple(w.shape))]
+        offset += size
+    return views
+
+
 def pack_linears(model: nn.Module) -> int:
     """Pack every kvserve Linear of `model` (see module doc) and free its plain weight;
     returns how many were packed.  Call once, after the weights are loaded."""
     from kvserve.models.layers import Linear
 
+    todo = [m for m in model.modules() if isinstance(m, Linear) and m.packed_weight is None]
+    arena_views = _blocked_arena([m.weight for m in todo])
     count = 0
-    for module in model.modules():
-        if isinstance(module, Linear) and module.packed_weight is None:
-            module.packed_weight = pack(module.weight)
-            # The packed copy replaces the plain one; shape metadata stays on the module.
-            module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
-            count += 1
+    for module in todo:
+        view = arena_views.get(id(module.weight))
+        module.packed_weight = cpu_gemm.pack_weight(module.weight, out=view) if view is not None else pack(module.weight)
+        # The packed copy replaces the plain one; shape metadata stays on the module.
+        module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
+        count += 1
     pack_head = getattr(model, "pack_lm_head", None)
     if callable(pack_head) and pack_head():  # True when it packed a copy (a tied head)
         count += 1

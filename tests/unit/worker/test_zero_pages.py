@@ -49,3 +49,31 @@ def test_runner_kv_pool_is_zero(tmp_path: Path) -> None:
 
     layer = _zero_kv_layer((2, 4, 16, 2, 8), torch.float32, torch.device("cpu"))
     assert torch.count_nonzero(layer).item() == 0
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_zero_pages_asks_for_transparent_huge_pages() -> None:
+    """With THP in 'madvise' (or 'always') mode, written zero_pages memory is backed by 2 MB pages;
+    huge_pages=False keeps 4 KB pages under 'madvise'."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this kernel")
+    t = zero_pages((8 << 20,), torch.float32)  # 32 MiB
+    t.fill_(1.0)
+    assert _anon_huge_kib(t.data_ptr()) >= 4096  # at least two 2 MB pages
+    if "[madvise]" in thp.read_text():
+        small = zero_pages((8 << 20,), torch.float32, huge_pages=False)
+        small.fill_(1.0)
+        assert _anon_huge_kib(small.data_ptr()) == 0
