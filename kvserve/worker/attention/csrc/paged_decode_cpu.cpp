@@ -14,9 +14,19 @@
 // hardware prefetcher cannot follow a request from one block to the next), and
 // exp runs vectorized (exp_ps below) instead of one libm call per score.
 // Accumulation is float32 whatever the storage dtype (float32 only for now).
+//
+// Paths: AVX-512 (attend_request_avx512: per 16-key tile, 16 dot products summed by one
+// shuffle tree into a vector of scores, softmax on that vector; requests handed to the
+// threads one by one from an atomic counter), AVX2 (attend_request_avx2), portable loop.
+// The kernel is bound by memory latency, not compute: a request's blocks sit anywhere in
+// the pool, so the AVX-512 path prefetches g_prefetch_blocks blocks ahead, the far block's
+// lines spread over the query heads of the current one (a burst of hundreds of prefetches
+// fills the line-fill buffers and stalls the loads behind it).  Measured in
+// benchmarks/attention_cpu.py; numbers in docs/benchmarks.md.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -142,6 +152,165 @@ void attend_request_avx2(const float* qb, const float* kp, const float* vp, cons
 }
 #endif
 
+#if defined(__AVX512F__)
+#define KVSERVE_AVX512 1
+
+// How far ahead (in blocks) the pool is prefetched, and every how many floats a line is
+// touched (16 = every 64-byte line).  Set by tuning on the 2-core AVX-512 machine (see
+// docs/benchmarks.md, "CPU attention kernels (session 9)").
+constexpr int kDefaultPrefetchBlocks = 2, kDefaultPrefetchStride = 16;
+int g_prefetch_blocks = kDefaultPrefetchBlocks;
+int g_prefetch_stride = kDefaultPrefetchStride;
+
+// exp(x) for x <= 0, 16 lanes: as exp_neg above, 2^n by scalef; below -87 (and -inf) -> 0.
+inline __m512 exp_neg16(__m512 a) {
+  const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  const __m512 x = _mm512_max_ps(a, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(ok, _mm512_scalef_ps(p, n));
+}
+
+// Sixteen vectors -> one vector of their sixteen horizontal sums, in key order (lane t =
+// sum of x[t]).  A tree of 45 shuffles/adds (256-bit halves, 128-bit quarters, pairs, singles)
+// instead of 16 separate reductions; the tree leaves lane 4i+j holding x[4j+i], which one
+// permute puts back in order.
+inline __m512 sum16(const __m512* x) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)
+    a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k) {
+    const __m512d e = _mm512_castps_pd(b[2 * k]), f = _mm512_castps_pd(b[2 * k + 1]);
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(e, f)), _mm512_castpd_ps(_mm512_unpackhi_pd(e, f)));
+  }
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, w);
+}
+
+inline void prefetch_block(const float* base, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += g_prefetch_stride) __builtin_prefetch(base + i, 0, 2);
+}
+
+// One request, head_dim D = 16 * ND.  Per key tile (up to 16 keys of one block) and query
+// head: 16 dot products as vectors, summed by one sum16 tree into a vector of 16 scores
+// (lanes = keys), online softmax on that vector, then P.V with the head's accumulator in
+// registers.  The G heads of a group read the same K/V rows, from L1 after the first.
+template <int ND>
+void attend_request_avx512(const float* qb, const float* kp, const float* vp, const int64_t* table, int64_t L,
+                           int64_t BS, int64_t KVH, int64_t H, float scale, float* ob, float* acc_mem, float* mx,
+                           float* denom) {
+  constexpr int64_t D = ND * 16;
+  const int64_t G = H / KVH, row = KVH * D, nblocks = (L + BS - 1) / BS;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t hq = 0; hq < H; ++hq) {
+    mx[hq] = -std::numeric_limits<float>::infinity();
+    denom[hq] = 0.f;
+  }
+  std::fill(acc_mem, acc_mem + H * D, 0.f);
+  alignas(64) float pw[16];
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t blk = table[j];
+    if (j == 0)  // the first blocks at once; later, one block per block, spread over its heads
+      for (int64_t ahead = 1; ahead < g_prefetch_blocks && ahead < nblocks; ++ahead) {
+        const int64_t nxt = table[ahead], nn = std::min(BS, L - ahead * BS);
+        prefetch_block(kp + nxt * BS * row, nn * row);
+        prefetch_block(vp + nxt * BS * row, nn * row);
+      }
+    const int64_t ahead = j + g_prefetch_blocks;
+    const float* pf_k = nullptr;
+    const float* pf_v = nullptr;
+    int64_t pf_floats = 0, pf_step = 0;
+    if (g_prefetch_blocks > 0 && ahead < nblocks) {
+      pf_k = kp + table[ahead] * BS * row;
+      pf_v = vp + table[ahead] * BS * row;
+      pf_floats = std::min(BS, L - ahead * BS) * row;
+      pf_step = ((pf_floats + H - 1) / H + g_prefetch_stride - 1) / g_prefetch_stride * g_prefetch_stride;
+    }
+    for (int64_t off = 0; off < BS && j * BS + off < L; off += 16) {
+      const int64_t n = std::min<int64_t>({16, BS - off, L - j * BS - off});
+      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+      for (int64_t hq = 0; hq < H; ++hq) {
+        if (off == 0 && pf_k != nullptr) {  // this head's share of the block ahead
+          const int64_t from = hq * pf_step, len = std::min(pf_step, pf_floats - from);
+          if (len > 0) {
+            prefetch_block(pf_k + from, len);
+            prefetch_block(pf_v + from, len);
+          }
+        }
+        const int64_t h = hq / G;
+        const float* kb = kp + (blk * BS + off) * row + h * D;
+        const float* vb = vp + (blk * BS + off) * row + h * D;
+        __m512 q[ND], part[16];
+        for (int i = 0; i < ND; ++i) q[i] = _mm512_mul_ps(_mm512_loadu_ps(qb + hq * D + 16 * i), vscale);
+        for (int t = 0; t < 16; ++t) {
+          if (t >= n) {
+            part[t] = _mm512_setzero_ps();
+            continue;
+          }
+          const float* kr = kb + t * row;
+          __m512 s0 = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+          __m512 s1 = _mm512_mul_ps(q[1], _mm512_loadu_ps(kr + 16));
+          for (int i = 2; i + 1 < ND; i += 2) {
+            s0 = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), s0);
+            s1 = _mm512_fmadd_ps(q[i + 1], _mm512_loadu_ps(kr + 16 * i + 16), s1);
+          }
+          part[t] = _mm512_add_ps(s0, s1);
+        }
+        const __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                               sum16(part));
+        const float m_new = std::max(mx[hq], _mm512_reduce_max_ps(sc));
+        const float correction = exp_neg(mx[hq] - m_new);  // 0 on the first tile (mx = -inf)
+        const __m512 p = exp_neg16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));  // invalid lanes -> 0
+        denom[hq] = denom[hq] * correction + _mm512_reduce_add_ps(p);
+        mx[hq] = m_new;
+        _mm512_store_ps(pw, p);
+        float* am = acc_mem + hq * D;
+        const __m512 c = _mm512_set1_ps(correction);
+        // Even and odd keys into separate accumulators: half as long FMA chains.
+        __m512 acc[ND], acc2[ND];
+        for (int i = 0; i < ND; ++i) {
+          acc[i] = _mm512_mul_ps(_mm512_loadu_ps(am + 16 * i), c);
+          acc2[i] = _mm512_setzero_ps();
+        }
+        int64_t t = 0;
+        for (; t + 2 <= n; t += 2) {
+          const __m512 w0 = _mm512_set1_ps(pw[t]), w1 = _mm512_set1_ps(pw[t + 1]);
+          const float* vr = vb + t * row;
+          for (int i = 0; i < ND; ++i) {
+            acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vr + 16 * i), acc[i]);
+            acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(vr + row + 16 * i), acc2[i]);
+          }
+        }
+        if (t < n) {
+          const __m512 w0 = _mm512_set1_ps(pw[t]);
+          for (int i = 0; i < ND; ++i) acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vb + t * row + 16 * i), acc[i]);
+        }
+        for (int i = 0; i < ND; ++i) _mm512_storeu_ps(am + 16 * i, _mm512_add_ps(acc[i], acc2[i]));
+      }
+    }
+  }
+  for (int64_t hq = 0; hq < H; ++hq) {
+    const __m512 inv = _mm512_set1_ps(1.f / denom[hq]);
+    for (int i = 0; i < ND; ++i)
+      _mm512_storeu_ps(ob + hq * D + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(acc_mem + hq * D + 16 * i), inv));
+  }
+}
+#endif
+
 }  // namespace
 
 // q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] (contiguous);
@@ -167,9 +336,26 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const int64_t row = KVH * D;  // floats between consecutive tokens in a block
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= MB * BS, "seq_len out of range for the block table");
 
   // One work item per request: its blocks are read once each, whole (all KV heads:
   // one contiguous BS x KVH x D run), so the reads stream instead of hopping.
+#ifdef KVSERVE_AVX512
+  if (D == 64 || D == 128) {  // head sizes of the models we serve
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), B), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(H * D), mx(H), denom(H);
+      for (int64_t w = begin; w < end; ++w)
+        for (int64_t b; (b = next.fetch_add(1)) < B;) {  // one request at a time, first come first served
+          auto attend = D == 64 ? attend_request_avx512<4> : attend_request_avx512<8>;
+          attend(qp + b * H * D, kp, vp, tp + b * MB, lp[b], BS, KVH, H, fscale, op + b * H * D, acc.data(),
+                 mx.data(), denom.data());
+        }
+    });
+    return out;
+  }
+#endif
 #ifdef KVSERVE_AVX2
   if (D == 64 || D == 128) {  // the register-resident path (head sizes of the models we serve)
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -262,6 +448,26 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// Tuning knobs for benchmarks/attention_cpu.py --tune-prefetch (AVX-512 path only; no-ops
+// elsewhere).  Process-wide: set them only when no decode is running.
+void set_prefetch(int64_t blocks, int64_t stride) {
+  TORCH_CHECK(blocks >= 0 && stride >= 1, "set_prefetch: blocks >= 0, stride >= 1");
+#ifdef KVSERVE_AVX512
+  g_prefetch_blocks = static_cast<int>(blocks);
+  g_prefetch_stride = static_cast<int>(stride);
+#endif
+}
+
+std::vector<int64_t> default_prefetch() {
+#ifdef KVSERVE_AVX512
+  return {kDefaultPrefetchBlocks, kDefaultPrefetchStride};
+#else
+  return {0, 16};
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)");
+  m.def("set_prefetch", &set_prefetch, "tuning: prefetch distance (blocks ahead) and stride (floats)");
+  m.def("default_prefetch", &default_prefetch, "the built-in (blocks ahead, stride)");
 }
