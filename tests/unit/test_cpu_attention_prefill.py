@@ -140,3 +140,16 @@ def test_bad_descriptors_raise() -> None:
     ids[0] = cache.shape[1]
     with pytest.raises(RuntimeError, match="block id out of range"):
         ext.paged_prefill_attention(out, q, cache[0], cache[1], chunks, ids, 0.125)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (8, 2, 80)])
+def test_speculative_verify_batch(heads: int, kv_heads: int, head_dim: int) -> None:
+    """Many short chunks after cached contexts (k+1 drafted positions per request): the kernel
+    then runs one work item per chunk over all KV heads; mixed with decodes and one long chunk
+    (whose items stay one per KV head)."""
+    prefills = [(400 + 13 * i, 1 + i % 5) for i in range(12)] + [(0, 90)]
+    cache, meta, q, k, v = make_step(heads + head_dim, heads, kv_heads, head_dim, 16, [30, 64], prefills)
+    expected, ref_cache = reference(cache, meta, q, k, v, heads, kv_heads, head_dim)
+    impl = get_attention_backend("cpu")(heads, kv_heads, head_dim, 1 / math.sqrt(head_dim))
+    got = impl.forward(0, q, k, v, ForwardContext(impl, [cache], meta))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

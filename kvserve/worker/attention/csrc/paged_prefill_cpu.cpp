@@ -157,8 +157,9 @@ struct Chunk {
 };
 
 struct WorkItem {
-  int64_t chunk, kv_head, p0, np;  // query positions p0 .. p0 + np - 1 of the chunk (chunk-relative)
-  int64_t cost;                    // ~ query rows x keys
+  int64_t chunk, h0, h1;  // KV heads h0 .. h1 - 1
+  int64_t p0, np;         // query positions p0 .. p0 + np - 1 of the chunk (chunk-relative)
+  int64_t cost;           // ~ query rows x keys
 };
 
 struct Problem {
@@ -170,16 +171,20 @@ struct Problem {
   float scale;
 };
 
-// Per thread scratch, 64-byte aligned.
+// Per thread scratch, 64-byte aligned: per KV head of an item its transposed queries,
+// output accumulators and running max / sum; the scores of one key tile.
 struct Scratch {
   std::vector<float> mem;
-  float *qt, *ot, *s;
-  explicit Scratch(int64_t D) : mem(2 * kMaxVecs * D * W + kMaxVecs * W * W + W) {
+  float *qt, *ot, *ml, *s;
+  int64_t head_floats;  // qt and ot floats per KV head
+  Scratch(int64_t D, int64_t heads) : mem(heads * (2 * kMaxVecs * D * W + 2 * kMaxVecs * W) + kMaxVecs * W * W + W) {
     float* base = mem.data();
     base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64 / sizeof(float);
+    head_floats = kMaxVecs * D * W;
     qt = base;
-    ot = qt + kMaxVecs * D * W;
-    s = ot + kMaxVecs * D * W;
+    ot = qt + heads * head_floats;
+    ml = ot + heads * head_floats;  // [heads][2][kMaxVecs * W]: m then l
+    s = ml + heads * 2 * kMaxVecs * W;
   }
 };
 
@@ -215,30 +220,58 @@ inline void accumulate_block(const float* vb, int64_t row, int64_t n, const floa
   for (int i = 0; i < DB; ++i) acc[i].store(ot + (d0 + i) * W);
 }
 
+// The key tile starting at `kbase` (up to W keys of one block), for prefetching.
+struct TileRef {
+  const float* k = nullptr;  // this head's row 0 of the tile in the K pool; V likewise
+  const float* v = nullptr;
+  int64_t n = 0;
+};
+
+inline TileRef tile_at(const Problem& pb, const int64_t* table, int64_t kbase, int64_t n_keys, int64_t h) {
+  if (kbase >= n_keys) return {};
+  const int64_t off = kbase % pb.BS, row = pb.KVH * pb.D;
+  const int64_t first = (table[kbase / pb.BS] * pb.BS + off) * row + h * pb.D;
+  return {pb.k + first, pb.v + first, std::min({static_cast<int64_t>(W), pb.BS - off, n_keys - kbase})};
+}
+
+// Prefetch (into L2) rows j0 .. j1 - 1 of a later tile's K and V, a few rows per group of keys
+// computed: blocks sit anywhere in the pool, so the hardware prefetcher cannot follow a
+// sequence from one block to the next, and a burst of a whole tile's lines at once fills
+// the line-fill buffers and stalls the loads behind it.
+inline void prefetch_rows(const TileRef& t, int64_t row, int64_t D, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < std::min(j1, t.n); ++j)
+    for (int64_t d = 0; d < D; d += 16) {
+      __builtin_prefetch(t.k + j * row + d, 0, 2);
+      __builtin_prefetch(t.v + j * row + d, 0, 2);
+    }
+}
+
 template <int NV>
 void attend_item(const Problem& pb, const Chunk& c, const WorkItem& it, Scratch& sc) {
-  const int64_t D = pb.D, G = pb.G, BS = pb.BS, row = pb.KVH * D, h = it.kv_head;
+  const int64_t D = pb.D, G = pb.G, BS = pb.BS, row = pb.KVH * D;
   const int64_t R = G * it.np;  // lane r = p * G + g: position p0 + p, query head h * G + g
-  float* qt = sc.qt;
-  float* ot = sc.ot;
+  const int64_t nh = it.h1 - it.h0;
   float* s = sc.s;
   // Transpose the tile's queries in (scaled), zero the accumulators.  Padding lanes get
   // zero queries and the tile's last position: finite, harmless, never written out.
-  std::fill(qt, qt + NV * D * W, 0.f);
-  std::fill(ot, ot + NV * D * W, 0.f);
   float posf[kMaxVecs * W];
   const int64_t last_pos = c.start_pos + it.p0 + it.np - 1;
   for (int64_t r = 0; r < NV * W; ++r) posf[r] = static_cast<float>(r < R ? c.start_pos + it.p0 + r / G : last_pos);
-  for (int64_t r = 0; r < R; ++r) {
-    const float* qr = pb.q + (c.q_start + it.p0 + r / G) * pb.q_row + (h * G + r % G) * D;
-    float* col = qt + (r / W) * D * W + r % W;
-    for (int64_t d = 0; d < D; ++d) col[d * W] = qr[d] * pb.scale;
-  }
-  Vec16 pos[NV], m[NV], l[NV];
-  for (int v = 0; v < NV; ++v) {
-    pos[v] = Vec16::load(posf + v * W);
-    m[v] = Vec16::set1(-std::numeric_limits<float>::infinity());
-    l[v] = Vec16::zero();
+  Vec16 pos[NV];
+  for (int v = 0; v < NV; ++v) pos[v] = Vec16::load(posf + v * W);
+  for (int64_t hh = 0; hh < nh; ++hh) {
+    const int64_t h = it.h0 + hh;
+    float* qt = sc.qt + hh * sc.head_floats;
+    float* ml = sc.ml + hh * 2 * kMaxVecs * W;
+    std::fill(qt, qt + NV * D * W, 0.f);
+    std::fill(sc.ot + hh * sc.head_floats, sc.ot + hh * sc.head_floats + NV * D * W, 0.f);
+    std::fill(ml, ml + kMaxVecs * W, -std::numeric_limits<float>::infinity());
+    std::fill(ml + kMaxVecs * W, ml + 2 * kMaxVecs * W, 0.f);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* qr = pb.q + (c.q_start + it.p0 + r / G) * pb.q_row + (h * G + r % G) * D;
+      float* col = qt + (r / W) * D * W + r % W;
+      for (int64_t d = 0; d < D; ++d) col[d * W] = qr[d] * pb.scale;
+    }
   }
   const int64_t first_pos = c.start_pos + it.p0;  // no key below this position needs a mask
   const int64_t n_keys = last_pos + 1;
@@ -248,54 +281,65 @@ void attend_item(const Problem& pb, const Chunk& c, const WorkItem& it, Scratch&
     const int64_t off = kbase % BS;
     const int64_t n = std::min({static_cast<int64_t>(W), BS - off, n_keys - kbase});
     const int64_t blk = table[kbase / BS];
-    const float* kb = pb.k + (blk * BS + off) * row + h * D;
-    const float* vb = pb.v + (blk * BS + off) * row + h * D;
-    constexpr int KJ = NV == 1 ? 8 : NV == 2 ? 4 : 2;
-    int64_t j = 0;
-    for (; j + KJ <= n; j += KJ) scores<NV, KJ>(kb, row, D, qt, s, j);
-    for (; j < n; ++j) scores<NV, 1>(kb, row, D, qt, s, j);
     const bool masked = kbase + n - 1 > first_pos;
-    for (int v = 0; v < NV; ++v) {
-      float* sv = s + v * W;
-      Vec16 mt = Vec16::set1(-std::numeric_limits<float>::infinity());
-      for (int64_t jj = 0; jj < n; ++jj) {
-        Vec16 x = Vec16::load(sv + jj * kMaxVecs * W);
-        if (masked) {
-          x = causal(x, Vec16::set1(static_cast<float>(kbase + jj)), pos[v]);
-          x.store(sv + jj * kMaxVecs * W);
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const int64_t h = it.h0 + hh;
+      const float* qt = sc.qt + hh * sc.head_floats;
+      float* ot = sc.ot + hh * sc.head_floats;
+      float* ml = sc.ml + hh * 2 * kMaxVecs * W;
+      const float* kb = pb.k + (blk * BS + off) * row + h * D;
+      const float* vb = pb.v + (blk * BS + off) * row + h * D;
+      const TileRef ahead = tile_at(pb, table, kbase + n, n_keys, h);  // the next tile
+      constexpr int KJ = NV == 1 ? 8 : NV == 2 ? 4 : 2;
+      int64_t j = 0;
+      for (; j + KJ <= n; j += KJ) {
+        prefetch_rows(ahead, row, D, j, j + KJ);
+        scores<NV, KJ>(kb, row, D, qt, s, j);
+      }
+      for (; j < n; ++j) scores<NV, 1>(kb, row, D, qt, s, j);
+      prefetch_rows(ahead, row, D, n - n % KJ, W);
+      for (int v = 0; v < NV; ++v) {
+        float* sv = s + v * W;
+        Vec16 mt = Vec16::set1(-std::numeric_limits<float>::infinity());
+        for (int64_t jj = 0; jj < n; ++jj) {
+          Vec16 x = Vec16::load(sv + jj * kMaxVecs * W);
+          if (masked) {
+            x = causal(x, Vec16::set1(static_cast<float>(kbase + jj)), pos[v]);
+            x.store(sv + jj * kMaxVecs * W);
+          }
+          mt = max(mt, x);
         }
-        mt = max(mt, x);
+        // Key 0 is in the first tile and visible to every lane, so m is finite from then on
+        // and corr = exp(-inf) = 0 only on the first tile, where ot and l are still zero.
+        const Vec16 m_old = Vec16::load(ml + v * W);
+        const Vec16 m_new = max(m_old, mt);
+        const Vec16 corr = exp_neg(m_old - m_new);
+        Vec16 sum = Vec16::zero();
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const Vec16 p = exp_neg(Vec16::load(sv + jj * kMaxVecs * W) - m_new);  // masked -> 0
+          p.store(sv + jj * kMaxVecs * W);
+          sum = sum + p;
+        }
+        fma(Vec16::load(ml + kMaxVecs * W + v * W), corr, sum).store(ml + kMaxVecs * W + v * W);
+        m_new.store(ml + v * W);
+        float* otv = ot + v * D * W;
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) accumulate_block<8>(vb, row, n, sv, otv, corr, d);
+        for (; d < D; ++d) accumulate_block<1>(vb, row, n, sv, otv, corr, d);
       }
-      // Key 0 is in the first tile and visible to every lane, so m is finite from then on
-      // and corr = exp(-inf) = 0 only on the first tile, where ot and l are still zero.
-      const Vec16 m_new = max(m[v], mt);
-      const Vec16 corr = exp_neg(m[v] - m_new);
-      Vec16 sum = Vec16::zero();
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const Vec16 p = exp_neg(Vec16::load(sv + jj * kMaxVecs * W) - m_new);  // masked -> 0
-        p.store(sv + jj * kMaxVecs * W);
-        sum = sum + p;
-      }
-      l[v] = fma(l[v], corr, sum);
-      m[v] = m_new;
-      float* otv = ot + v * D * W;
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8) accumulate_block<8>(vb, row, n, sv, otv, corr, d);
-      for (; d < D; ++d) accumulate_block<1>(vb, row, n, sv, otv, corr, d);
     }
   }
   // Normalise and transpose out.
-  float inv[kMaxVecs * W];
-  for (int v = 0; v < NV; ++v) {
-    float lv[W];
-    l[v].store(lv);
-    for (int i = 0; i < W; ++i) inv[v * W + i] = 1.f / lv[i];
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    float* orow = pb.out + (c.q_start + it.p0 + r / G) * pb.out_row + (h * G + r % G) * D;
-    const float* col = ot + (r / W) * D * W + r % W;
-    const float iv = inv[r];
-    for (int64_t d = 0; d < D; ++d) orow[d] = col[d * W] * iv;
+  for (int64_t hh = 0; hh < nh; ++hh) {
+    const int64_t h = it.h0 + hh;
+    const float* ot = sc.ot + hh * sc.head_floats;
+    const float* l = sc.ml + hh * 2 * kMaxVecs * W + kMaxVecs * W;
+    for (int64_t r = 0; r < R; ++r) {
+      float* orow = pb.out + (c.q_start + it.p0 + r / G) * pb.out_row + (h * G + r % G) * D;
+      const float* col = ot + (r / W) * D * W + r % W;
+      const float iv = 1.f / l[r];
+      for (int64_t d = 0; d < D; ++d) orow[d] = col[d * W] * iv;
+    }
   }
 }
 
@@ -343,6 +387,12 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
   const int64_t P = std::max<int64_t>(1, kMaxVecs * W / G);
   std::vector<Chunk> cs(N);
   std::vector<WorkItem> items;
+  // Short chunks (all of a chunk's query rows in one vector: speculative verification,
+  // decode-like chunks) take all KV heads in one work item when there are enough chunks to
+  // keep the threads busy: the item then reads whole K/V rows, the pool's contiguous runs,
+  // which the hardware prefetcher streams (one item per head reads a third of each line run).
+  const int64_t max_threads = at::get_num_threads();
+  const bool group_heads = N >= 2 * max_threads;
   for (int64_t i = 0; i < N; ++i) {
     const Chunk c{cp[4 * i], cp[4 * i + 1], cp[4 * i + 2], cp[4 * i + 3]};
     TORCH_CHECK(c.q_len >= 1 && c.start_pos >= 0 && c.q_start >= 0 && c.q_start + c.q_len <= T,
@@ -354,16 +404,21 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
     cs[i] = c;
     for (int64_t p0 = 0; p0 < c.q_len; p0 += P) {
       const int64_t np = std::min(P, c.q_len - p0);
-      for (int64_t h = 0; h < KVH; ++h) items.push_back({i, h, p0, np, np * (c.start_pos + p0 + np)});
+      const int64_t cost = np * (c.start_pos + p0 + np);
+      if (group_heads && G * c.q_len <= W) {
+        items.push_back({i, 0, KVH, p0, np, cost * KVH});
+      } else {
+        for (int64_t h = 0; h < KVH; ++h) items.push_back({i, h, h + 1, p0, np, cost});
+      }
     }
   }
   // Longest first, handed out one at a time: the threads finish together.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_items);
+  const int64_t threads = std::min<int64_t>(max_threads, n_items);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(D);
+    Scratch sc(D, group_heads ? KVH : 1);
     for (int64_t t = begin; t < end; ++t)
       for (int64_t i; (i = next.fetch_add(1)) < n_items;) attend(pb, cs[items[i].chunk], items[i], sc);
   });
