@@ -5,13 +5,15 @@
 - Every prefill chunk of the step (fresh prompts, chunks after a cached prefix,
   speculative-verification queries) goes to csrc/paged_prefill_cpu.cpp in one call: causal
   flash-style attention straight from the block tables, no gathered context, no mask.
-  Without that extension, prefills stay on the torch path (the reference for both).
+  Without that extension, or with KVSERVE_CPU_PREFILL=0 (for A/B runs), prefills stay on
+  the torch path (the reference for both).
 
 Tested equal to the reference backend in tests/unit/test_attention_backends.py and
 tests/unit/test_cpu_attention_prefill.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -41,7 +43,8 @@ class CpuPagedAttention(TorchPagedAttention):
         self._ext = cpu_ext.load()
         if self._ext is None:
             raise RuntimeError("the CPU attention extension could not be built")
-        self._prefill_ext: Optional[Any] = cpu_ext.load_prefill()
+        self._prefill_ext: Optional[Any] = (None if os.environ.get("KVSERVE_CPU_PREFILL") == "0"
+                                            else cpu_ext.load_prefill())
         # The packed chunk descriptors of the step being run, built by its first layer and
         # reused by the others (all layers of a step share one AttentionMetadata).
         self._packed_for: Any = None
