@@ -119,7 +119,9 @@ constexpr Kernel kKernels[kMR + 1] = {nullptr,          microkernel<1>, microker
 // is the number of real columns of the last block (< 16 only for a padded weight).
 constexpr int kMR512 = 12;
 
-template <int MR, int NB>
+// x[m, k] is read at x[m * ldx + k] (rows of x as they are), or, with PACKED, at x[k * kMR512 + m]
+// (a strip packed k-major by pack_strips: the 12 broadcasts of a k are one cache line).
+template <int MR, int NB, bool PACKED>
 inline void microkernel512(const float* x, int64_t ldx, const float* block, int64_t block_stride, int64_t K, float* y,
                            int64_t ldy, int64_t ncols_last, const float* bias, bool accumulate) {
   __m512 acc[MR][NB];
@@ -131,7 +133,7 @@ inline void microkernel512(const float* x, int64_t ldx, const float* block, int6
     const __m512 w0 = _mm512_loadu_ps(block + k * kNR);
     const __m512 w1 = NB > 1 ? _mm512_loadu_ps(w1p + k * kNR) : w0;
     _Pragma("GCC unroll 12") for (int m = 0; m < MR; ++m) {
-      const __m512 b = _mm512_set1_ps(x[m * ldx + k]);
+      const __m512 b = _mm512_set1_ps(PACKED ? x[k * kMR512 + m] : x[m * ldx + k]);
       acc[m][0] = _mm512_fmadd_ps(b, w0, acc[m][0]);
       if (NB > 1) acc[m][NB - 1] = _mm512_fmadd_ps(b, w1, acc[m][NB - 1]);
     }
@@ -153,14 +155,30 @@ inline void microkernel512(const float* x, int64_t ldx, const float* block, int6
 
 using Kernel512 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, const float*,
                            bool);
-template <int NB>
+template <int NB, bool PACKED>
 struct Kernels512 {
   static constexpr Kernel512 table[kMR512 + 1] = {
       nullptr,
-      microkernel512<1, NB>, microkernel512<2, NB>, microkernel512<3, NB>, microkernel512<4, NB>,
-      microkernel512<5, NB>, microkernel512<6, NB>, microkernel512<7, NB>, microkernel512<8, NB>,
-      microkernel512<9, NB>, microkernel512<10, NB>, microkernel512<11, NB>, microkernel512<12, NB>};
+      microkernel512<1, NB, PACKED>, microkernel512<2, NB, PACKED>, microkernel512<3, NB, PACKED>,
+      microkernel512<4, NB, PACKED>, microkernel512<5, NB, PACKED>, microkernel512<6, NB, PACKED>,
+      microkernel512<7, NB, PACKED>, microkernel512<8, NB, PACKED>, microkernel512<9, NB, PACKED>,
+      microkernel512<10, NB, PACKED>, microkernel512<11, NB, PACKED>, microkernel512<12, NB, PACKED>};
 };
+
+// Rows m0..m1 of x [M, K] into `out` as strips of kMR512 rows, each strip K slices of kKC columns,
+// each slice k-major ([kc][kMR512], rows past m1 zero): slice (s, k0) starts at
+// out + s * kMR512 * K + k0 * kMR512.
+inline void pack_strips(const float* x, int64_t K, int64_t m0, int64_t m1, float* out) {
+  for (int64_t s = 0; m0 + s * kMR512 < m1; ++s) {
+    float* strip = out + s * kMR512 * K;
+    const int64_t rows = std::min<int64_t>(kMR512, m1 - m0 - s * kMR512);
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = strip + k * kMR512;
+      for (int64_t m = 0; m < rows; ++m) dst[m] = x[(m0 + s * kMR512 + m) * K + k];
+      for (int64_t m = rows; m < kMR512; ++m) dst[m] = 0.f;
+    }
+  }
+}
 #endif
 
 // K is taken kKC at a time: a block's K slice (kKC x 16 floats, 16 KB) stays in L1 while every
@@ -194,22 +212,29 @@ torch::Tensor blocked_linear(const torch::Tensor& x, const torch::Tensor& packed
   const float* pp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #ifdef KVSERVE_AVX512
-  // Work item = a pair of adjacent blocks (the last one alone when NB is odd).
+  // Work item = a pair of adjacent blocks (the last one alone when NB is odd).  With more than one
+  // row strip, each thread first packs the panel's rows k-major (pack_strips; ~M x K copies, against
+  // M x K x N FMAs) so a microkernel's broadcasts read one sequential stream.
   const int64_t mc = rows_per_panel(K, kMR512), pairs = (NB + 1) / 2;
+  const bool packed_x = M > kMR512;
   at::parallel_for(0, pairs, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<float> panel(packed_x ? static_cast<size_t>((std::min(mc, M) + kMR512 - 1) / kMR512 * kMR512 * K) : 0);
     for (int64_t m0 = 0; m0 < M; m0 += mc) {
       const int64_t m1 = std::min(M, m0 + mc);
+      if (packed_x) pack_strips(xp, K, m0, m1, panel.data());
       for (int64_t p = p_begin; p < p_end; ++p) {
         const int64_t b = 2 * p, nb = std::min<int64_t>(2, NB - b);
         const float* block = pp + b * K * kNR;
         const int64_t col = b * kNR, ncols_last = std::min(kNR, N - (b + nb - 1) * kNR);
         const float* bb = bias_ptr != nullptr ? bias_ptr + col : nullptr;
-        const Kernel512* table = nb == 2 ? Kernels512<2>::table : Kernels512<1>::table;
+        const Kernel512* table = packed_x ? (nb == 2 ? Kernels512<2, true>::table : Kernels512<1, true>::table)
+                                          : (nb == 2 ? Kernels512<2, false>::table : Kernels512<1, false>::table);
         for (int64_t k0 = 0; k0 < K; k0 += kKC) {
           const int64_t kc = std::min(kKC, K - k0);
           for (int64_t m = m0; m < m1; m += kMR512) {
             const int rows = static_cast<int>(std::min<int64_t>(kMR512, m1 - m));
-            table[rows](xp + m * K + k0, K, block + k0 * kNR, K * kNR, kc, yp + m * N + col, N, ncols_last,
+            const float* xs = packed_x ? panel.data() + (m - m0) * K + k0 * kMR512 : xp + m * K + k0;
+            table[rows](xs, K, block + k0 * kNR, K * kNR, kc, yp + m * N + col, N, ncols_last,
                         k0 == 0 ? bb : nullptr, k0 > 0);
           }
         }
