@@ -31,9 +31,11 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,8,32,128,512")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-lm-head", action="store_true",
+                    help="layer weights only (prefill row counts: the engine runs the head on sampled rows only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = LAYER_SHAPES * NUM_LAYERS + [LM_HEAD]
+    shapes = LAYER_SHAPES * NUM_LAYERS + ([] if args.no_lm_head else [LM_HEAD])
     weights = [torch.randn(n, k) for n, k in shapes]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights] if torch.backends.mkldnn.is_available() else None
     blocked = [cpu_gemm.pack_weight(w) for w in weights] if cpu_gemm.load() is not None else None
