@@ -81,11 +81,23 @@ def test_chunked_body_over_the_limit_raises_413() -> None:
     assert info.value.status == 413 and info.value.headers == {"Connection": "close"}
 
 
-def test_declared_length_over_the_limit_is_answered_without_reading() -> None:
-    peer = _Peer([None])  # reading would hang
+def test_declared_length_over_the_limit_is_answered_after_discarding_the_body() -> None:
+    # The body is read and dropped first: closing with unread bytes would reset the connection
+    # and could destroy the 413 on its way to the client.
+    peer = _Peer([b"x" * 60, b"y" * 41])
     _run(_guard(limit=100), peer, _scope(headers=[(b"content-length", b"101")]))
-    assert peer.status == 413
+    assert peer.status == 413 and peer.chunks == []
     assert (b"connection", b"close") in peer.sent[0]["headers"]
+    # A client that stops sending gets the answer once the read timeout passes.
+    stalled = _Peer([b"x" * 60, None])
+    _run(_guard(limit=100, timeout_s=0.05), stalled, _scope(headers=[(b"content-length", b"101")]))
+    assert stalled.status == 413
+
+
+def test_declared_length_over_the_limit_with_expect_100_continue_is_answered_without_reading() -> None:
+    peer = _Peer([b"x" * 101])  # with 'Expect: 100-continue' the client waits: reading would ask it to send
+    _run(_guard(limit=100), peer, _scope(headers=[(b"content-length", b"101"), (b"expect", b"100-continue")]))
+    assert peer.status == 413 and peer.chunks == [b"x" * 101]
 
 
 def test_stalled_body_times_out_with_408() -> None:

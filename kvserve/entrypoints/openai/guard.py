@@ -6,8 +6,11 @@ FastAPI's own included (/openapi.json, /docs, /redoc):
   * with an API key, every route except /health and /metrics (probes and
     scrapers) needs `Authorization: Bearer <key>`; the key is checked before
     the body is read;
-  * a body larger than `max_request_bytes` gets a 413 (at once from its
-    Content-Length, or as soon as a chunked body passes the limit);
+  * a body larger than `max_request_bytes` gets a 413 (decided from its
+    Content-Length before the body is used, or as soon as a chunked body
+    passes the limit); a request refused from its headers has its body read
+    and dropped first (bounded: `_discard_body`), so closing the connection
+    does not reset it under the error response;
   * a body must arrive within `body_read_timeout_s` of the request's headers,
     or the request gets a 408 (a client that sends half a body and stalls
     holds no connection for long);
@@ -129,6 +132,27 @@ class BodyReader:
         return err
 
 
+_DISCARD_BYTES = 64 << 20  # at most this much of a refused body is read before the error is sent
+_DISCARD_SECONDS = 5.0
+
+
+async def _discard_body(receive: Receive, max_bytes: int, timeout_s: float) -> None:
+    """Read and drop the request body until it ends, `max_bytes` were read or `timeout_s` passed."""
+    loop = asyncio.get_running_loop()
+    deadline, seen = loop.time() + timeout_s, 0
+    while seen <= max_bytes:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), timeout=remaining)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
 class RequestGuard:
     """ASGI middleware: see the module docstring."""
 
@@ -151,7 +175,12 @@ class RequestGuard:
         if error is None:
             error = self._check_length(headers.get(b"content-length"))
         if error is not None:
-            # The body is never read (with 'Expect: 100-continue' the client never sends it).
+            # With 'Expect: 100-continue' the client never sends the body; otherwise it may still be
+            # sending it, and closing the socket with unread bytes makes the kernel reset the
+            # connection, which can destroy the error response in flight.  So the body is read and
+            # thrown away first, within bounds (what is left past them is the client's loss).
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await _discard_body(receive, _DISCARD_BYTES, min(self.body_read_timeout_s, _DISCARD_SECONDS))
             await error.response()(scope, receive, send)
             return
         reader = BodyReader(receive, self.max_request_bytes, self.body_read_timeout_s, self.drain)
