@@ -19,7 +19,6 @@ from typing import Any, Optional
 import torch
 
 from kvserve.worker.attention import cpu_ext
-from kvserve.worker.attention.base import ForwardContext
 from kvserve.worker.attention.torch_paged import TorchPagedAttention
 
 
@@ -50,21 +49,15 @@ class CpuPagedAttention(TorchPagedAttention):
         self._packed_for: Any = None
         self._packed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, layer_idx, q, k, v, ctx: ForwardContext):
-        meta = ctx.meta
-        if not meta.prefills or self._prefill_ext is None or q.dtype != torch.float32 or q.device.type != "cpu":
-            return super().forward(layer_idx, q, k, v, ctx)
-        cache = ctx.kv_caches[layer_idx]
-        self.write_kv(cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
-        D = meta.num_decode_tokens
-        if D:
-            out[:D] = self._decode(q[:D], cache, meta)
+    def _prefill(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 cache: torch.Tensor, meta) -> None:
+        if self._prefill_ext is None or q.dtype != torch.float32 or q.device.type != "cpu":
+            super()._prefill(out, q, k, v, cache, meta)
+            return
         if self._packed_for is not meta:
             self._packed, self._packed_for = pack_prefill_chunks(meta.prefills), meta
         chunks, block_ids = self._packed
         self._prefill_ext.paged_prefill_attention(out, q, cache[0], cache[1], chunks, block_ids, self.scale)
-        return out
 
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta) -> torch.Tensor:
         if q.dtype != torch.float32 or q.device.type != "cpu":

@@ -27,6 +27,15 @@ class TorchPagedAttention(AttentionBackend):
         D = meta.num_decode_tokens
         if D:
             out[:D] = self._decode(q[:D], cache, meta)
+        if meta.prefills:
+            self._prefill(out, q, k, v, cache, meta)
+        return out
+
+    def _prefill(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 cache: torch.Tensor, meta) -> None:
+        """Writes the attention of every prefill chunk of the step into its rows of `out`
+        (the cache already holds the step's K/V).  Per chunk: causal SDPA on its own K/V, or,
+        after a cached prefix, on the context gathered from the pool with an offset mask."""
         for p in meta.prefills:
             qs = q[p.q_start:p.q_start + p.q_len]
             if p.start_pos == 0:
@@ -40,7 +49,6 @@ class TorchPagedAttention(AttentionBackend):
                 kpos = torch.arange(p.ctx_len, device=q.device).unsqueeze(0)
                 mask = kpos <= qpos  # [Q, L] True = attend
             out[p.q_start:p.q_start + p.q_len] = self._sdpa(qs, ks, vs, mask)
-        return out
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """q [Q, H, D], k/v [L, KVH, D] -> [Q, H, D]; causal when mask is None."""
