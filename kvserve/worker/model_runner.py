@@ -149,15 +149,17 @@ class ModelRunner:
         ends = np.cumsum(lens)
         sample_reqs = [r for r in ordered if r.sample]
         sample_idx = [int(ends[i]) - 1 for i, r in enumerate(ordered) if r.sample]
+        logits: Optional[torch.Tensor] = None  # of sample_reqs, when verification computed them
         if any(r.num_draft_tokens for r in sample_reqs):  # speculative verification; the rest sample below
             from kvserve.spec_decode.verify_step import verify_drafts
 
-            sample_reqs, sample_idx = verify_drafts(self, hidden, ordered, ends, out)
+            sample_reqs, logits = verify_drafts(self, hidden, ordered, ends, out)
         hooked = self.prompt_logprobs_hook is not None
         plp_reqs = [(i, r) for i, r in enumerate(ordered) if r.prompt_logprobs or hooked]
 
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[sample_idx])
+            if logits is None:
+                logits = self.model.compute_logits(hidden[sample_idx])
             if self.sample_logprobs_hook is not None:
                 self.sample_logprobs_hook([r.request_id for r in sample_reqs], logits.float().log_softmax(-1))
             rows = [self._sampling_row(r) for r in sample_reqs]
