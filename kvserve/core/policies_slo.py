@@ -11,9 +11,20 @@
 * Age bound: a request waiting longer than `max_wait_s` goes first, in arrival order,
   whatever its slack, so none starves (deprioritised and no-deadline ones included).
 * Chunk sizing: while running requests have TPOT targets, the step's token budget is
-  what the step-time model says fits in the tightest target (never less than the
-  decodes plus `min_prefill_chunk`), so long prompts are chunked instead of stalling
-  decodes past their TPOT.
+  what the step-time model says fits in the time the tightest of them has to spare
+  (never less than the decodes plus `min_prefill_chunk`), so long prompts are chunked
+  instead of stalling decodes past their TPOT.  A TPOT target bounds the *mean* time
+  per output token ((last - first token) / (n - 1), as benchmarks measure it), so the
+  time to spare is `first_token_time + tpot * num_output_tokens - now`: a request ahead
+  of its pace banks the difference, and a long prefill chunk may spend it.  (Bounding
+  every step by the TPOT itself chopped prompts into small chunks on CPUs, where each
+  step re-reads all the weights, and cost a third of the throughput.)
+* Seats: when every seat is taken and the head of the queue can still meet its TTFT,
+  it displaces the running request with the latest next deadline, provided that one
+  has nothing left to lose (its first token is out and it has no TPOT target) or can
+  lose its progress and still meet its next deadline after the head's (`displace`).
+  Without this, requests with loose targets occupying every seat make every tight
+  TTFT wait for a request to finish.
 * Victim: the running request with the latest next deadline (most slack).
 
 The step-time model is `seconds = base_s + per_token_s * tokens`; it starts from
@@ -173,13 +184,40 @@ class SLOPolicy(SchedulingPolicy):
         return max(candidates, key=lambda r: (self._next_deadline(r), r.arrival_time))
 
     # ------------------------------------------------------------ budgets
+    def tpot_spare_s(self, r: Request, now: float) -> float:
+        """Seconds request `r` may wait for its next token and keep its mean TPOT on target
+        (inf: no TPOT target or no first token yet)."""
+        tpot = self.tpot_s(r)
+        if tpot is None or r.first_token_time is None:
+            return INF
+        return r.first_token_time + tpot * r.num_output_tokens - now
+
     def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
-        targets = [t for r in running if r.first_token_time is not None and (t := self.tpot_s(r)) is not None]
-        if not targets:
+        now = self.clock()
+        spare = min((self.tpot_spare_s(r, now) for r in running), default=INF)
+        if spare == INF:
             return budget
         decodes = sum(1 for r in running if not _is_prefilling(r))
-        fits = self.model.tokens_within(min(targets))
+        fits = self.model.tokens_within(spare)
         return min(budget, max(fits, decodes + self.min_prefill_chunk))
+
+    def displace(self, head: Request, running: Sequence[Request]) -> Optional[Request]:
+        """A seat for a head that can still meet its TTFT (module doc, "Seats")."""
+        if not running:
+            return None
+        now = self.clock()
+        if self._key(head, now)[0] != 1 or self.slack(head, now) == INF:
+            return None  # aged heads are not urgent by deadline; infeasible or untargeted ones gain nothing
+        victim = self.victim(running)
+        due = self._next_deadline(victim)
+        if due == INF:
+            return victim  # first token out, no TPOT target: losing its seat costs it no target
+        if victim.first_token_time is not None:
+            return None  # decoding against a TPOT target: a preemption stalls it
+        head_due = head.arrival_time + (self.ttft_s(head) or 0.0)
+        # Its prefill starts over after the head's: both must still fit before its deadline.
+        redo = self.model.prefill_s(victim.num_tokens, self.chunk_tokens)
+        return victim if due - max(now, head_due) > redo else None
 
     def check_admission(self, request: Request) -> None:
         if not self.reject:

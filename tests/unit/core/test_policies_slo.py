@@ -78,22 +78,41 @@ def test_age_bound_puts_the_oldest_first_whatever_its_slack():
     assert p.peek() is urgent
 
 
+def decoding(rid: str, tpot: float, first_token_time: float, num_out: int) -> Request:
+    r = req(rid, 8, first_token_time - 1.0, tpot=tpot, max_tokens=num_out + 10)
+    r.num_computed_tokens = r.num_tokens - 1
+    r.first_token_time = first_token_time
+    r.output_token_ids = list(range(num_out))
+    return r
+
+
 def test_step_budget_keeps_the_tightest_tpot():
     clock = Clock(100.0)
     p = policy(clock, min_prefill_chunk=8)
-    d1 = req("d1", 8, 90.0, tpot=0.05)
-    d2 = req("d2", 8, 90.0, tpot=0.03)
-    for r in (d1, d2):
-        r.num_computed_tokens = r.num_tokens - 1  # decoding
-        r.first_token_time = 95.0
+    # First tokens just out: each may spend one TPOT on its next token.
+    d1 = decoding("d1", 0.05, 100.0, 1)
+    d2 = decoding("d2", 0.03, 100.0, 1)
     pre = req("pre", 200, 100.0)
     assert p.step_token_budget([pre], 2048) == 2048  # nobody with a TPOT target is decoding
     # 0.03 s holds (0.03 - 0.01) / 0.001 = 20 tokens.
     assert p.step_token_budget([d1, d2, pre], 2048) == 20
     assert p.step_token_budget([d1, d2, pre], 16) == 16
-    tight = req("tight", 8, 90.0, tpot=0.011)  # room for 1 token: decodes + min chunk instead
-    tight.num_computed_tokens, tight.first_token_time = 7, 95.0
+    tight = decoding("tight", 0.011, 100.0, 1)  # room for 1 token: decodes + min chunk instead
     assert p.step_token_budget([d1, d2, tight], 2048) == 3 + 8
+    behind = decoding("behind", 0.05, 99.0, 10)  # 10 tokens in 1 s: due at 99.5, already late
+    assert p.step_token_budget([d1, behind, pre], 2048) == 2 + 8
+
+
+def test_step_budget_spends_the_time_a_request_is_ahead_of_its_mean_tpot():
+    """TPOT is a mean over the request: 60 tokens in 1 s at a 30 ms target leave 0.8 s banked
+    (due at 99 + 60 x 0.03 = 100.8), which one long prefill chunk may spend."""
+    clock = Clock(100.0)
+    p = policy(clock, min_prefill_chunk=8)
+    ahead = decoding("ahead", 0.03, 99.0, 60)
+    assert p.tpot_spare_s(ahead, 100.0) == pytest.approx(0.8)
+    assert p.step_token_budget([ahead, req("pre", 2000, 100.0)], 2048) == 790  # (0.8 - 0.01) / 0.001
+    clock.t = 100.7  # the bank runs down as time passes without a token
+    assert p.step_token_budget([ahead], 2048) == 90
 
 
 def test_scheduler_chunks_a_long_prompt_to_keep_tpot():
@@ -153,3 +172,56 @@ def test_step_time_model_refits_from_observed_steps():
     assert m.tokens_within(0.002 + 3e-5 * 100 + 1e-9) == 100
     with pytest.raises(ValueError):
         StepTimeModel(per_token_s=0)
+
+
+def test_displace_gives_a_feasible_head_the_seat_of_a_request_with_nothing_to_lose():
+    clock = Clock(100.0)
+    p = policy(clock)
+    batch = req("batch", 8, 90.0, ttft=20.0)  # TTFT target met, no TPOT: nothing to lose
+    batch.first_token_time, batch.output_token_ids = 91.0, [1, 2]
+    chat = decoding("chat", 0.1, 99.0, 3)  # decoding against a TPOT target
+    head = req("head", 10, 100.0, ttft=1.0)
+    assert p.displace(head, [chat, batch]) is batch
+    assert p.displace(head, [chat]) is None  # never stall a TPOT-bound decode
+    assert p.displace(req("untargeted", 10, 100.0), [batch]) is None  # no deadline: it waits
+    late = req("late", 90, 98.0, ttft=1.0)  # due 99.0: past
+    assert p.displace(late, [batch]) is None  # it cannot make it: a seat gains nothing
+    assert p.displace(head, []) is None
+
+
+def test_displace_takes_a_prefilling_seat_only_when_its_deadline_survives_the_redo():
+    clock = Clock(100.0)
+    p = policy(clock)
+    head = req("head", 10, 100.0, ttft=1.0)  # due 101.0
+    # 90 tokens redo in 0.1 s: due at 101.05 leaves 0.05 s after the head's deadline (< 0.1 s).
+    close = req("close", 90, 99.0, ttft=2.05)
+    assert p.displace(head, [close]) is None
+    far = req("far", 90, 99.0, ttft=20.0)  # due 119.0: 18 s to spare
+    assert p.displace(head, [close, far]) is far
+
+
+def test_scheduler_preempts_a_finished_ttft_seat_for_a_tight_head():
+    clock = Clock(100.0)
+    p = policy(clock)
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=512, max_model_len=512),
+                  KVCacheManager(128, BS), policy=p, clock=clock)
+    for rid, arrival in (("b1", 99.9), ("b2", 100.0)):
+        s.add_request(req(rid, 8, arrival, ttft=20.0, max_tokens=50))
+    out = s.schedule()
+    s.update_from_output(out, ModelRunnerOutput(sampled={"b1": [SampledToken(5)], "b2": [SampledToken(6)]}))
+    clock.t = 100.2
+    s.add_request(req("chat", 8, 100.2, ttft=1.0, max_tokens=5))
+    out = s.schedule()
+    assert out.preempted_ids == ["b2"]  # both have nothing to lose: the later arrival goes
+    assert {r.request_id for r in out.requests} == {"b1", "chat"}
+    assert s.preemptions_by[("policy", "recompute")] == 1
+    assert s.requests["b2"].num_preemptions == 1
+    # The fcfs scheduler leaves the head waiting for a seat instead.
+    f = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=512, max_model_len=512),
+                  KVCacheManager(128, BS), clock=clock)
+    for rid in ("b1", "b2"):
+        f.add_request(req(rid, 8, 100.0, ttft=20.0, max_tokens=50))
+    out = f.schedule()
+    f.update_from_output(out, ModelRunnerOutput(sampled={"b1": [SampledToken(5)], "b2": [SampledToken(6)]}))
+    f.add_request(req("chat", 8, 100.2, ttft=1.0, max_tokens=5))
+    assert {r.request_id for r in f.schedule().requests} == {"b1", "b2"}
