@@ -18,7 +18,10 @@
   time to spare is `first_token_time + tpot * num_output_tokens - now`: a request ahead
   of its pace banks the difference, and a long prefill chunk may spend it.  (Bounding
   every step by the TPOT itself chopped prompts into small chunks on CPUs, where each
-  step re-reads all the weights, and cost a third of the throughput.)
+  step re-reads all the weights, and cost a third of the throughput.)  Only TPOTs that can
+  still count hold the step back: not a request that already missed its TTFT (its SLO is
+  lost), nor one whose deficit even the quickest steps could not make up over its
+  remaining `max_tokens` (`tpot_savable`), as only feasible TTFTs go first.
 * Seats: when every seat is taken and the head of the queue can still meet its TTFT,
   it displaces the running request with the latest next deadline, provided that one
   has nothing left to lose (its first token is out and it has no TPOT target) or can
@@ -192,12 +195,31 @@ class SLOPolicy(SchedulingPolicy):
             return INF
         return r.first_token_time + tpot * r.num_output_tokens - now
 
+    def tpot_savable(self, r: Request, now: float, min_step_s: float) -> bool:
+        """Whether keeping `r`'s TPOT can still count: its TTFT was met (a request that missed it
+        misses its SLO whatever its TPOT), and it can catch up on a deficit with steps of
+        `min_step_s` for the tokens it has left (max_tokens; unknown: assumed it can)."""
+        ttft = self.ttft_s(r)
+        if ttft is not None and r.first_token_time is not None and r.first_token_time - r.arrival_time > ttft:
+            return False
+        deficit = -self.tpot_spare_s(r, now)
+        if deficit <= 0:
+            return True
+        tpot = self.tpot_s(r)
+        left = None if r.sampling_params.max_tokens is None else r.sampling_params.max_tokens - r.num_output_tokens
+        if tpot is None or left is None:
+            return True
+        return deficit <= left * (tpot - min_step_s)
+
     def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
         now = self.clock()
-        spare = min((self.tpot_spare_s(r, now) for r in running), default=INF)
+        decodes = sum(1 for r in running if not _is_prefilling(r))
+        min_step = self.model.step_s(decodes)
+        # Only TPOTs that can still count constrain the step (as only feasible TTFTs go first).
+        spare = min((self.tpot_spare_s(r, now) for r in running if self.tpot_savable(r, now, min_step)),
+                    default=INF)
         if spare == INF:
             return budget
-        decodes = sum(1 for r in running if not _is_prefilling(r))
         fits = self.model.tokens_within(spare)
         return min(budget, max(fits, decodes + self.min_prefill_chunk))
 

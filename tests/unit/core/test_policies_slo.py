@@ -100,6 +100,7 @@ def test_step_budget_keeps_the_tightest_tpot():
     tight = decoding("tight", 0.011, 100.0, 1)  # room for 1 token: decodes + min chunk instead
     assert p.step_token_budget([d1, d2, tight], 2048) == 3 + 8
     behind = decoding("behind", 0.05, 99.0, 10)  # 10 tokens in 1 s: due at 99.5, already late
+    behind.sampling_params.max_tokens = 100  # 90 tokens left to make up the 0.5 s: savable
     assert p.step_token_budget([d1, behind, pre], 2048) == 2 + 8
 
 
@@ -225,3 +226,23 @@ def test_scheduler_preempts_a_finished_ttft_seat_for_a_tight_head():
     f.update_from_output(out, ModelRunnerOutput(sampled={"b1": [SampledToken(5)], "b2": [SampledToken(6)]}))
     f.add_request(req("chat", 8, 100.2, ttft=1.0, max_tokens=5))
     assert {r.request_id for r in f.schedule().requests} == {"b1", "b2"}
+
+
+def test_step_budget_ignores_tpots_that_can_no_longer_count():
+    clock = Clock(100.0)
+    p = policy(clock, min_prefill_chunk=8)
+    tight = decoding("tight", 0.02, 100.0, 1)  # on pace: 0.02 s to spare -> 10 tokens
+    assert p.step_token_budget([tight], 2048) == 10
+    # Its first token came 3 s after arrival against a 1 s TTFT: the SLO is lost already.
+    missed = decoding("missed", 0.02, 100.0, 1)
+    missed.arrival_time, missed.slo = 97.0, SLO(ttft_s=1.0, tpot_s=0.02)
+    assert not p.tpot_savable(missed, 100.0, p.model.step_s(1))
+    assert p.step_token_budget([missed], 2048) == 2048
+    # 1 s behind with 5 tokens left: even 11 ms steps gain 9 ms a token, 45 ms in all.
+    behind = decoding("behind", 0.02, 98.0, 51)  # due 98 + 51 x 0.02 = 99.02: 0.98 s late
+    behind.sampling_params.max_tokens = 56
+    assert not p.tpot_savable(behind, 100.0, p.model.step_s(1))
+    assert p.step_token_budget([behind, tight], 2048) == 10  # only the savable one counts
+    behind.sampling_params.max_tokens = 51 + 200  # 200 tokens left: 1.8 s to gain, savable
+    assert p.tpot_savable(behind, 100.0, p.model.step_s(1))
+    assert p.step_token_budget([behind, tight], 2048) == 2 + 8
