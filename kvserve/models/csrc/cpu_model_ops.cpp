@@ -119,17 +119,29 @@ constexpr Kernel kKernels[kMR + 1] = {nullptr,          microkernel<1>, microker
 // is the number of real columns of the last block (< 16 only for a padded weight).
 constexpr int kMR512 = 12;
 
+// Software prefetch distance of the weight streams, in k steps (64 B per stream each: 16 = 1 KB
+// ahead).  The hardware prefetchers alone left a decode step's linears at about memory time plus
+// compute time (no overlap: rows 8 cost 4-5 ms more than rows 1 over all SmolLM2 weights); 1 KB
+// ahead in L1 measured 20.0-20.8 vs 21.7-24.2 ms at rows 1, 23.6-24.4 vs 27.8-31.1 at rows 8 and
+// 26.1-28.9 vs 30.9-34.5 at rows 12 (benchmarks/cpu_linear.py, interleaved runs, session 10);
+// 8 and 32 were in between, 24 no better; NTA (session 9) was 2.5x slower.
+constexpr int64_t kPrefetchK = 16;
+
 // x[m, k] is read at x[m * ldx + k] (rows of x as they are), or, with PACKED, at x[k * kMR512 + m]
 // (a strip packed k-major by pack_strips: the 12 broadcasts of a k are one cache line).
 template <int MR, int NB, bool PACKED>
 inline void microkernel512(const float* x, int64_t ldx, const float* block, int64_t block_stride, int64_t K, float* y,
-                           int64_t ldy, int64_t ncols_last, const float* bias, bool accumulate) {
+                           int64_t ldy, int64_t ncols_last, const float* bias, bool accumulate, int64_t pf) {
   __m512 acc[MR][NB];
   _Pragma("GCC unroll 12") for (int m = 0; m < MR; ++m) {
     _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   }
   const float* w1p = block + (NB > 1 ? block_stride : 0);
   for (int64_t k = 0; k < K; ++k) {
+    if (pf > 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(block + (k + pf) * kNR), _MM_HINT_T0);
+      if (NB > 1) _mm_prefetch(reinterpret_cast<const char*>(w1p + (k + pf) * kNR), _MM_HINT_T0);
+    }
     const __m512 w0 = _mm512_loadu_ps(block + k * kNR);
     const __m512 w1 = NB > 1 ? _mm512_loadu_ps(w1p + k * kNR) : w0;
     _Pragma("GCC unroll 12") for (int m = 0; m < MR; ++m) {
@@ -154,7 +166,7 @@ inline void microkernel512(const float* x, int64_t ldx, const float* block, int6
 }
 
 using Kernel512 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, const float*,
-                           bool);
+                           bool, int64_t);
 template <int NB, bool PACKED>
 struct Kernels512 {
   static constexpr Kernel512 table[kMR512 + 1] = {
@@ -217,6 +229,7 @@ torch::Tensor blocked_linear(const torch::Tensor& x, const torch::Tensor& packed
   // M x K x N FMAs) so a microkernel's broadcasts read one sequential stream.
   const int64_t mc = rows_per_panel(K, kMR512), pairs = (NB + 1) / 2;
   const bool packed_x = M > kMR512;
+  const int64_t pf = kPrefetchK;
   at::parallel_for(0, pairs, 1, [&](int64_t p_begin, int64_t p_end) {
     std::vector<float> panel(packed_x ? static_cast<size_t>((std::min(mc, M) + kMR512 - 1) / kMR512 * kMR512 * K) : 0);
     for (int64_t m0 = 0; m0 < M; m0 += mc) {
@@ -234,8 +247,10 @@ torch::Tensor blocked_linear(const torch::Tensor& x, const torch::Tensor& packed
           for (int64_t m = m0; m < m1; m += kMR512) {
             const int rows = static_cast<int>(std::min<int64_t>(kMR512, m1 - m));
             const float* xs = packed_x ? panel.data() + (m - m0) * K + k0 * kMR512 : xp + m * K + k0;
+            // Only the first strip of a slice reads the weights from memory (the rest find them
+            // in L1), so only it prefetches ahead.
             table[rows](xs, K, block + k0 * kNR, K * kNR, kc, yp + m * N + col, N, ncols_last,
-                        k0 == 0 ? bb : nullptr, k0 > 0);
+                        k0 == 0 ? bb : nullptr, k0 > 0, m == m0 ? pf : 0);
           }
         }
       }
