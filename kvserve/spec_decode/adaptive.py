@@ -134,7 +134,7 @@ def _clamp01(x: float) -> float:
 
 def choose_spec_lengths(rates: Sequence[Sequence[float]], max_k: Sequence[int], step_time: StepTime,
                         base_tokens: int = 0, draft_token_s: float = 0.0, draft_fixed_s: float = 0.0,
-                        weights: Optional[Sequence[float]] = None, min_gain: float = 0.0) -> list[int]:
+                        weights: Optional[Sequence[float]] = None) -> list[int]:
     """k_i per request maximising goodput (module docstring).
 
     rates[i][l-1]: conditional acceptance rate at draft position l (needs >= max_k[i] entries).
@@ -143,11 +143,8 @@ def choose_spec_lengths(rates: Sequence[Sequence[float]], max_k: Sequence[int], 
     draft token / once per step that speculates at all.  weights[i] (default 1): the value
     of one of request i's tokens (an SLO-aware scheduler can raise a late request's weight);
     the optimum stays exact since weighted increments are still non-increasing per request.
-    Ties go to less speculation.  min_gain: speculate at all only when the best goodput beats
-    no speculation by more than this fraction (a margin for what the model leaves out).
+    Ties go to less speculation.
     """
-    if min_gain < 0:
-        raise ValueError(f"min_gain must be >= 0, got {min_gain!r}")
     if len(rates) != len(max_k):
         raise ValueError(f"{len(rates)} rate lists for {len(max_k)} requests")
     w = [1.0] * len(max_k) if weights is None else [float(x) for x in weights]
@@ -165,15 +162,12 @@ def choose_spec_lengths(rates: Sequence[Sequence[float]], max_k: Sequence[int], 
     B = len(max_k)
     emitted = sum(w)
     best_s, best_goodput = 0, emitted / step_time(base_tokens + B) if B else 0.0
-    plain_goodput = best_goodput
     for s, (neg_gain, _, _) in enumerate(incs, start=1):
         emitted -= neg_gain
         t = step_time(base_tokens + B + s) + draft_fixed_s + draft_token_s * s
         goodput = emitted / t
         if goodput > best_goodput * (1 + 1e-12):
             best_s, best_goodput = s, goodput
-    if best_goodput <= plain_goodput * (1 + min_gain):
-        best_s = 0
     ks = [0] * B
     for _, i, _ in incs[:best_s]:
         ks[i] += 1
@@ -245,18 +239,12 @@ class AcceptanceTracker:
         return len(self._per_request)
 
 
-# The engine's margin: its step-time model is keyed by token count only, and leaves out the
-# scheduler-side proposing and the verification bookkeeping (~1-2% of a batch-8 step on a CPU).
-# Near break-even (ShareGPT at batch 8, session 9: adaptive 0.95x of off) those decide the sign.
-DEFAULT_MIN_GAIN = 0.05
-
-
 class SpecLengthPolicy:
     """The per-step choice: fixed k (`adaptive=False`) or goodput-maximising k per request."""
 
     def __init__(self, max_k: int, step_time: Optional[StepTime] = None, adaptive: bool = True,
                  tracker: Optional[AcceptanceTracker] = None, draft_token_s: float = 0.0,
-                 draft_fixed_s: float = 0.0, min_gain: float = DEFAULT_MIN_GAIN) -> None:
+                 draft_fixed_s: float = 0.0) -> None:
         if adaptive and step_time is None:
             raise ValueError("adaptive speculation needs a step-time model")
         self.max_k = max_k
@@ -265,7 +253,6 @@ class SpecLengthPolicy:
         self.tracker = tracker if tracker is not None else AcceptanceTracker(max_k)
         self.draft_token_s = draft_token_s
         self.draft_fixed_s = draft_fixed_s
-        self.min_gain = min_gain
 
     def choose(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0) -> list[int]:
         """candidates: (request id, most drafts it can take); returns k per candidate.
@@ -275,8 +262,7 @@ class SpecLengthPolicy:
             return caps
         assert self.step_time is not None
         ks = choose_spec_lengths([self.tracker.rates(rid) for rid, _ in candidates], caps,
-                                 self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s,
-                                 min_gain=self.min_gain)
+                                 self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
         for (rid, _), k, cap in zip(candidates, ks, caps):
             if k < cap:
                 self.tracker.relax(rid, from_position=k)  # exploration: see AcceptanceTracker
