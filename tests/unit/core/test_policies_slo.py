@@ -188,6 +188,8 @@ def test_displace_gives_a_feasible_head_the_seat_of_a_request_with_nothing_to_lo
     late = req("late", 90, 98.0, ttft=1.0)  # due 99.0: past
     assert p.displace(late, [batch]) is None  # it cannot make it: a seat gains nothing
     assert p.displace(head, []) is None
+    batch.num_preemptions = 1  # displaced once already: it keeps its seat now
+    assert p.displace(head, [chat, batch]) is None
 
 
 def test_displace_takes_a_prefilling_seat_only_when_its_deadline_survives_the_redo():
