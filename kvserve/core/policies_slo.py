@@ -26,8 +26,8 @@
   it displaces the running request with the latest next deadline, provided that one
   has nothing left to lose (its first token is out and it has no TPOT target) or can
   lose its progress and still meet its next deadline after the head's (`displace`), and
-  has not been preempted before (a long prompt displaced over and over redoes its prefill
-  each time: seen as minutes of 2.5 s steps on a 2-core CPU).
+  has not been preempted before (each displacement throws the victim's computed tokens
+  away: at most one redo per request).
   Without this, requests with loose targets occupying every seat make every tight
   TTFT wait for a request to finish.
 * Victim: the running request with the latest next deadline (most slack).
@@ -234,7 +234,7 @@ class SLOPolicy(SchedulingPolicy):
             return None  # aged heads are not urgent by deadline; infeasible or untargeted ones gain nothing
         victim = self.victim(running)
         if victim.num_preemptions > 0:
-            return None  # once only: a long prompt displaced again and again redoes its prefill each time
+            return None  # once only: each displacement throws its computed tokens away; this bounds the redo
         due = self._next_deadline(victim)
         if due == INF:
             return victim  # first token out, no TPOT target: losing its seat costs it no target
