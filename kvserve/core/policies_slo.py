@@ -12,7 +12,8 @@
   whatever its slack, so none starves (deprioritised and no-deadline ones included).
 * Chunk sizing: while running requests have TPOT targets, the step's token budget is
   what the step-time model says fits in the time the tightest of them has to spare
-  (never less than the decodes plus `min_prefill_chunk`), so long prompts are chunked
+  (never less than the decodes plus `prefill_floor()`: `min_prefill_chunk`, and at least
+  the tokens that cost as much as a step's fixed time), so long prompts are chunked
   instead of stalling decodes past their TPOT.  A TPOT target bounds the *mean* time
   per output token ((last - first token) / (n - 1), as benchmarks measure it), so the
   time to spare is `first_token_time + tpot * num_output_tokens - now`: a request ahead
@@ -223,7 +224,14 @@ class SLOPolicy(SchedulingPolicy):
         if spare == INF:
             return budget
         fits = self.model.tokens_within(spare)
-        return min(budget, max(fits, decodes + self.min_prefill_chunk))
+        return min(budget, max(fits, decodes + self.prefill_floor()))
+
+    def prefill_floor(self) -> int:
+        """The fewest prompt tokens a TPOT-bound step still takes: `min_prefill_chunk`, and at
+        least as many as cost one step's fixed time (`base_s / per_token_s`), so such a step
+        spends at least half its time on tokens.  On a CPU the fixed part (every weight read
+        once) is large: 16-token chunks there cost most of the throughput that TTFTs need."""
+        return max(self.min_prefill_chunk, int(self.model.base_s / self.model.per_token_s))
 
     def displace(self, head: Request, running: Sequence[Request]) -> Optional[Request]:
         """A seat for a head that can still meet its TTFT (module doc, "Seats")."""

@@ -98,10 +98,14 @@ def test_step_budget_keeps_the_tightest_tpot():
     assert p.step_token_budget([d1, d2, pre], 2048) == 20
     assert p.step_token_budget([d1, d2, pre], 16) == 16
     tight = decoding("tight", 0.011, 100.0, 1)  # room for 1 token: decodes + min chunk instead
-    assert p.step_token_budget([d1, d2, tight], 2048) == 3 + 8
+    # The floor is the larger of min_prefill_chunk (8) and the tokens one step's fixed time buys
+    # (0.01 / 0.001 = 10), so a TPOT-bound step is still at least half spent on tokens.
+    assert p.prefill_floor() == 10
+    assert p.step_token_budget([d1, d2, tight], 2048) == 3 + 10
     behind = decoding("behind", 0.05, 99.0, 10)  # 10 tokens in 1 s: due at 99.5, already late
     behind.sampling_params.max_tokens = 100  # 90 tokens left to make up the 0.5 s: savable
-    assert p.step_token_budget([d1, behind, pre], 2048) == 2 + 8
+    assert p.step_token_budget([d1, behind, pre], 2048) == 2 + 10
+    assert policy(clock, min_prefill_chunk=32).prefill_floor() == 32
 
 
 def test_step_budget_spends_the_time_a_request_is_ahead_of_its_mean_tpot():
@@ -126,8 +130,8 @@ def test_scheduler_chunks_a_long_prompt_to_keep_tpot():
     s.update_from_output(out, ModelRunnerOutput(sampled={"chat": [SampledToken(5)]}))
     s.add_request(req("doc", 300, 100.0))  # would take 300 tokens in one step
     out = s.schedule()
-    # 0.02 s fits (0.02 - 0.01) / 0.001 = 10 tokens: the decode and 9 prompt tokens.
-    assert {r.request_id: len(r.token_ids) for r in out.requests} == {"chat": 1, "doc": 9}
+    # 0.02 s fits (0.02 - 0.01) / 0.001 = 10 tokens; the floor is the decode and 10 prompt tokens.
+    assert {r.request_id: len(r.token_ids) for r in out.requests} == {"chat": 1, "doc": 10}
 
 
 def test_reject_refuses_an_unreachable_ttft_at_arrival():
@@ -233,8 +237,8 @@ def test_scheduler_preempts_a_finished_ttft_seat_for_a_tight_head():
 def test_step_budget_ignores_tpots_that_can_no_longer_count():
     clock = Clock(100.0)
     p = policy(clock, min_prefill_chunk=8)
-    tight = decoding("tight", 0.02, 100.0, 1)  # on pace: 0.02 s to spare -> 10 tokens
-    assert p.step_token_budget([tight], 2048) == 10
+    tight = decoding("tight", 0.02, 100.0, 1)  # on pace: 0.02 s to spare -> 10 tokens, floor 1 + 10
+    assert p.step_token_budget([tight], 2048) == 11
     # Its first token came 3 s after arrival against a 1 s TTFT: the SLO is lost already.
     missed = decoding("missed", 0.02, 100.0, 1)
     missed.arrival_time, missed.slo = 97.0, SLO(ttft_s=1.0, tpot_s=0.02)
@@ -244,7 +248,8 @@ def test_step_budget_ignores_tpots_that_can_no_longer_count():
     behind = decoding("behind", 0.02, 98.0, 51)  # due 98 + 51 x 0.02 = 99.02: 0.98 s late
     behind.sampling_params.max_tokens = 56
     assert not p.tpot_savable(behind, 100.0, p.model.step_s(1))
-    assert p.step_token_budget([behind, tight], 2048) == 10  # only the savable one counts
+    roomy = decoding("roomy", 0.05, 100.0, 1)  # 0.05 s to spare: (0.05 - 0.01) / 0.001 = 40 tokens
+    assert p.step_token_budget([behind, roomy], 2048) == 40  # only the savable one counts
     behind.sampling_params.max_tokens = 51 + 200  # 200 tokens left: 1.8 s to gain, savable
     assert p.tpot_savable(behind, 100.0, p.model.step_s(1))
-    assert p.step_token_budget([behind, tight], 2048) == 2 + 8
+    assert p.step_token_budget([behind, roomy], 2048) == 2 + 10  # its deficit holds the step to the floor
