@@ -202,25 +202,28 @@ class SLOPolicy(SchedulingPolicy):
         """Whether keeping `r`'s TPOT can still count: its TTFT was met (a request that missed it
         misses its SLO whatever its TPOT), and it can catch up on a deficit with steps of
         `min_step_s` for the tokens it has left (max_tokens; unknown: assumed it can)."""
+        return self._savable(r, self.tpot_spare_s(r, now), min_step_s)
+
+    def _savable(self, r: Request, spare_s: float, min_step_s: float) -> bool:
+        """tpot_savable, given `r`'s tpot_spare_s."""
         ttft = self.ttft_s(r)
         if ttft is not None and r.first_token_time is not None and r.first_token_time - r.arrival_time > ttft:
             return False
-        deficit = -self.tpot_spare_s(r, now)
-        if deficit <= 0:
-            return True
+        if spare_s >= 0:
+            return True  # on pace or ahead (no TPOT target: inf)
         tpot = self.tpot_s(r)
         left = None if r.sampling_params.max_tokens is None else r.sampling_params.max_tokens - r.num_output_tokens
         if tpot is None or left is None:
             return True
-        return deficit <= left * (tpot - min_step_s)
+        return -spare_s <= left * (tpot - min_step_s)
 
     def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
         now = self.clock()
         decodes = sum(1 for r in running if not _is_prefilling(r))
         min_step = self.model.step_s(decodes)
         # Only TPOTs that can still count constrain the step (as only feasible TTFTs go first).
-        spare = min((self.tpot_spare_s(r, now) for r in running if self.tpot_savable(r, now, min_step)),
-                    default=INF)
+        spares = ((r, self.tpot_spare_s(r, now)) for r in running)
+        spare = min((s for r, s in spares if self._savable(r, s, min_step)), default=INF)
         if spare == INF:
             return budget
         fits = self.model.tokens_within(spare)
@@ -238,7 +241,8 @@ class SLOPolicy(SchedulingPolicy):
         if not running:
             return None
         now = self.clock()
-        if self._key(head, now)[0] != 1 or self.slack(head, now) == INF:
+        rank, slack, _ = self._key(head, now)
+        if rank != 1 or slack == INF:
             return None  # aged heads are not urgent by deadline; infeasible or untargeted ones gain nothing
         victim = self.victim(running)
         if victim.num_preemptions > 0:
