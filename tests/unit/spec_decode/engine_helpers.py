@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from kvserve import LLM
 from kvserve.spec_decode.adaptive import SpecLengthPolicy
@@ -87,8 +87,9 @@ class Recorder:
 
 def run_llm(model_dir: Any, prompts: list, params: Any, *, method: Optional[str] = None,
             spec: Optional[SpecScheduling] = None, adaptive: bool = False, k: int = 4,
-            **kwargs: Any) -> tuple[list, Any, Recorder]:
-    """Generate with speculation `method` (or an injected `spec`), recording every step."""
+            prepare: Optional[Callable[[Any], None]] = None, **kwargs: Any) -> tuple[list, Any, Recorder]:
+    """Generate with speculation `method` (or an injected `spec`), recording every step;
+    `prepare(core)` runs just before generating (e.g. to wrap the runner's model)."""
     opts: dict[str, Any] = dict(num_kv_blocks=256, block_size=4)
     opts.update(kwargs)
     with LLM(str(model_dir), speculative_method=method, num_speculative_tokens=k,
@@ -98,6 +99,8 @@ def run_llm(model_dir: Any, prompts: list, params: Any, *, method: Optional[str]
             core.scheduler.spec = spec
         rec = Recorder(core.executor, core)
         core.executor = rec
+        if prepare is not None:
+            prepare(core)
         outs = llm.generate(prompts, params, use_tqdm=False)
     return outs, core, rec
 

@@ -15,7 +15,7 @@ import torch
 
 from kvserve import SamplingParams
 from tests.helpers.tiny_models import build_tiny_model, compare_greedy, hf_greedy
-from tests.unit.spec_decode.engine_helpers import Recorder, oracle_spec, run_llm, tokens
+from tests.unit.spec_decode.engine_helpers import oracle_spec, run_llm, tokens
 
 PROMPTS = [
     [5, 17, 99, 3, 250, 17, 99, 3, 250, 42, 7, 5, 17, 99],  # repeats: n-gram/suffix find matches
@@ -104,27 +104,23 @@ def test_mixed_batches_chunked_prefill_and_preemption(models):
 def test_one_lm_head_call_per_step_with_drafting_and_plain_requests(models, reference):
     """A step holding drafting and non-drafting requests scores all of them in one LM-head call
     (each call streams the whole head from memory), and outputs still equal no speculation."""
-    from kvserve import LLM
-
     target, _ = models
     ref_outs, ref_seqs = reference
     # The oracle knows only the first prompt's continuation: the other two never draft.
     spec = oracle_spec(ref_seqs[:1], error=0.3, vocab_size=VOCAB)
-    with LLM(str(target), num_kv_blocks=256, block_size=4) as llm:
-        core = llm.engine.core
-        core.scheduler.spec = spec
-        runner = core.executor
-        rec = Recorder(runner, core)
-        core.executor = rec
-        calls: list[int] = []
-        head = runner.model.compute_logits
+    calls: list[int] = []
+
+    def count_head_calls(core) -> None:
+        model = core.executor.inner.model
+        head = model.compute_logits
 
         def counted(hidden: torch.Tensor) -> torch.Tensor:
             calls.append(hidden.shape[0])
             return head(hidden)
 
-        runner.model.compute_logits = counted
-        outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+        model.compute_logits = counted
+
+    outs, _, rec = run_llm(target, _prompts(), GREEDY, spec=spec, prepare=count_head_calls)
     assert tokens(outs) == tokens(ref_outs)
     both = [s for s in rec.steps if any(d for _, _, d, _ in s.requests)
             and any(d == 0 and sample for _, _, d, sample in s.requests)]
