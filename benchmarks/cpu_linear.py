@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-lm-head", action="store_true",
                     help="layer weights only (prefill row counts: the engine runs the head on sampled rows only)")
+    ap.add_argument("--kernels", default="", help="comma-separated subset of: flinear,blocked,onednn (default all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = LAYER_SHAPES * NUM_LAYERS + ([] if args.no_lm_head else [LM_HEAD])
@@ -47,6 +48,10 @@ def main() -> None:
         kernels["kvserve blocked"] = lambda x, i: cpu_linear.linear(x, None, packed=blocked[i])
     if packed is not None:
         kernels["oneDNN packed"] = lambda x, i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+    if args.kernels:
+        keep = {"flinear": "F.linear", "blocked": "kvserve blocked", "onednn": "oneDNN packed"}
+        wanted = {keep[k] for k in args.kernels.split(",")}
+        kernels = {name: fn for name, fn in kernels.items() if name in wanted}
     print(f"{'rows':>5} {'kernel':>16} {'ms/forward':>11} {'GB/s':>6} {'GFLOP/s':>8}")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for k in {k for _, k in shapes}}

@@ -52,6 +52,8 @@ Clock = Callable[[], float]
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes, when neither size is given
+# On CPU the KV pages of this many full steps are faulted in at start-up (worker/kv_prefault.py).
+KV_PREFAULT_STEPS = 4
 # With every request waiting for tier loads, a step waits this long for one to finish
 # (instead of spinning); steps with work never wait.
 _IDLE_LOAD_WAIT_S = 0.02
@@ -189,7 +191,8 @@ class EngineCore:
             kv_tiers = KVTiers(config.kv_tiers, model_dir, arch, dtype, cc.block_size)
         eos = eos_token_ids or frozenset(arch.eos_token_ids)
         runner = ModelRunner(model, arch, num_blocks, cc.block_size, dtype, device, eos,
-                             config.device.attention_backend, config.model.seed)
+                             config.device.attention_backend, config.model.seed,
+                             kv_prefault_tokens=KV_PREFAULT_STEPS * config.scheduler.max_num_batched_tokens)
         if kv_tiers is not None:
             runner.kv_transfer = kv_tiers.attach(runner.kv_caches)
         from kvserve.engine.swap_setup import build_swap_manager

@@ -21,6 +21,7 @@ from kvserve.protocol import (
 )
 from kvserve.worker.attention import get_attention_backend, resolve_backend_name
 from kvserve.worker.input_batch import BlockTables, build_step_arrays, build_step_arrays_reference
+from kvserve.worker.kv_prefault import KVPoolPrefaulter
 from kvserve.worker.kv_transfer import KVTransfer
 from kvserve.worker.sampler import Sampler, SamplingRow, top_logprobs
 
@@ -44,7 +45,9 @@ def _zero_kv_layer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: frozenset[int],
-                 attention_backend: str = "auto", seed: int = 0) -> None:
+                 attention_backend: str = "auto", seed: int = 0, kv_prefault_tokens: int = 0) -> None:
+        """`kv_prefault_tokens`: on CPU, fault in the first blocks of the KV pool, that many
+        tokens' worth, now (worker/kv_prefault.py); the others fault in on first write."""
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
@@ -55,6 +58,9 @@ class ModelRunner:
         # Per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [_zero_kv_layer((2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype, device)
                           for _ in range(cfg.num_layers)]
+        self.kv_prefaulter: Optional[KVPoolPrefaulter] = None
+        if kv_prefault_tokens > 0 and device.type == "cpu":
+            self.kv_prefaulter = KVPoolPrefaulter(self.kv_caches, -(-kv_prefault_tokens // block_size))
         backend_cls = get_attention_backend(resolve_backend_name(attention_backend, device.type, dtype))
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim))
         self.sampler = Sampler(seed=seed, device=device)
