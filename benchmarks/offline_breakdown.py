@@ -3,7 +3,7 @@
 linears by row count (prefill-sized > 64 rows, decode-sized <= 64), the attention backend's
 parts (KV writes, decode kernel, prefill kernel), the LM head, and the whole step.
 
-    chrt -f 50 python benchmarks/offline_breakdown.py [w1|w2|w3]
+    chrt -f 50 python benchmarks/offline_breakdown.py [w1|w2|w3]   # kvserve.bench.offline.WORKLOADS
 
 Same model (SmolLM2-135M architecture, random fp32 weights) and requests as the bench.  Timers
 wrap the Python calls (`time.perf_counter`), so each line includes the call's own overhead, and
@@ -19,12 +19,10 @@ import time
 from typing import Any, Callable
 
 from kvserve.bench import offline
-from kvserve.bench.offline import REFERENCE_CONFIG
+from kvserve.bench.offline import REFERENCE_CONFIG, WORKLOADS, parse_range
 from kvserve.engine.engine_core import EngineCore
 from kvserve.models import cpu_linear, llama
 from kvserve.worker.attention import base, cpu_paged, torch_paged
-
-WORKLOADS = {"w1": (32, (64, 512), 64), "w2": (64, (32, 128), 256), "w3": (1, (128, 128), 256)}
 
 seconds: dict[str, float] = collections.defaultdict(float)
 calls: dict[str, int] = collections.defaultdict(int)
@@ -65,9 +63,9 @@ def main() -> None:
     args = ap.parse_args()
     from kvserve import LLM, SamplingParams  # type: ignore[attr-defined]
 
-    num, lengths, out_len = WORKLOADS[args.workload]
+    num, lengths, out_len = WORKLOADS[args.workload]  # the bench's own named workloads
     model_dir = offline.build_reference_model(tempfile.mkdtemp(prefix="kvserve-breakdown-"), seed=args.seed)
-    reqs = offline.offline_workload(num, lengths, out_len, REFERENCE_CONFIG["vocab_size"], args.seed)
+    reqs = offline.offline_workload(num, parse_range(lengths), out_len, REFERENCE_CONFIG["vocab_size"], args.seed)
     _instrument()
     t0 = time.perf_counter()
     llm = LLM(model=str(model_dir))

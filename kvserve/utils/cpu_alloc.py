@@ -12,16 +12,19 @@ the peak working set, which the engine needs anyway.
 Opt out with KVSERVE_NO_MALLOC_TUNING=1.
 
 `zero_pages` allocates large zero tensors (the KV pool, the packed weights) without writing
-them, in transparent huge pages where the kernel allows them (see there).
+them, in transparent huge pages where the kernel allows them (see there); `populate` faults
+a byte range of such a tensor in ahead of use.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 import mmap
 import os
+from typing import Optional
 
 import torch
 
@@ -32,20 +35,31 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    """The C library, or None where it cannot be found or loaded."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
 def tune_malloc(threshold_bytes: int = 1 << 30) -> bool:
     """Apply once per process; returns whether glibc accepted the settings."""
     global _done
     if _done or os.environ.get("KVSERVE_NO_MALLOC_TUNING"):
         return _done
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold_bytes)
         )
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+    except AttributeError:  # not glibc (musl, macOS): nothing to tune
         return False
     _done = ok
     logger.debug("glibc malloc thresholds raised: %s", ok)
@@ -75,3 +89,22 @@ def zero_pages(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = Tr
             pass
     # frombuffer keeps `buf` alive for as long as the tensor (or a view of it) lives.
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+
+_MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module does not name it before 3.13
+
+
+def populate(t: torch.Tensor, start: int, nbytes: int) -> bool:
+    """Fault in bytes [start, start + nbytes) of `t`'s storage, writable, without writing them
+    (MADV_POPULATE_WRITE, Linux >= 5.14: contents are unchanged).  Returns False where the
+    kernel or libc cannot: nothing was done then."""
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return False
+    base = t.data_ptr() + start
+    lo = base - base % mmap.PAGESIZE
+    # ctypes drops the GIL for the call.
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(base + nbytes - lo), ctypes.c_int(_MADV_POPULATE_WRITE)) != 0:
+        logger.debug("MADV_POPULATE_WRITE failed: errno %d", ctypes.get_errno())
+        return False
+    return True

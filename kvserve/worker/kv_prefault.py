@@ -9,7 +9,7 @@ inside the engine as 1.3-1.6 s of a ~21 s W1 run spent in the KV writes of prefi
 and llama.cpp pay that cost at start-up by zero-filling their whole pool.
 
 kvserve faults in, at start-up, the blocks the first steps are given (the block pool hands
-free blocks out in ascending id order): `sync_blocks`, by default four full steps' worth
+free blocks out in ascending id order): by default four full steps' worth
 (engine_core.KV_PREFAULT_STEPS x max_num_batched_tokens; SmolLM2-135M: 8192 tokens = 377 MB,
 ~1.2 s here).  The rest of the pool still faults in on first write, so a large pool costs no
 start-up time and no resident memory it does not use.  (A background thread in the idle class
@@ -22,69 +22,31 @@ first use, as before.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import mmap
 import time
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import torch
 
+from kvserve.utils.cpu_alloc import populate
+
 logger = logging.getLogger(__name__)
 
-_MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module does not name it before 3.13
-_PAGE = mmap.PAGESIZE
 
-
-def _libc_madvise() -> Optional[Any]:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).madvise  # ctypes drops the GIL for the call
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _libc_madvise()
-
-
-def populate(t: torch.Tensor, start: int, nbytes: int) -> bool:
-    """Fault in bytes [start, start + nbytes) of `t`'s storage, writable, without writing
-    them.  Returns False where the kernel (or libc) cannot: nothing was done then."""
-    if _madvise is None or nbytes <= 0:
-        return False
-    base = t.data_ptr() + start
-    lo = base - base % _PAGE
-    if _madvise(lo, base + nbytes - lo, _MADV_POPULATE_WRITE) != 0:
-        logger.debug("MADV_POPULATE_WRITE failed: errno %d", ctypes.get_errno())
-        return False
-    return True
-
-
-class KVPoolPrefaulter:
-    """Faults in blocks [0, sync_blocks) of per-layer pools `[2 (K, V), num_blocks, block_size,
-    kvh, head_dim]`: both halves of every layer."""
-
-    def __init__(self, kv_caches: Sequence[torch.Tensor], sync_blocks: int) -> None:
-        self.num_blocks = int(kv_caches[0].shape[1]) if kv_caches else 0
-        self.layer_block_bytes = kv_caches[0][0, 0].numel() * kv_caches[0].element_size() if kv_caches else 0
-        self.done_blocks = 0  # blocks [0, done_blocks) are resident in every layer
-        t0 = time.perf_counter()
-        self.supported = self._fault(kv_caches, min(sync_blocks, self.num_blocks))
-        self.seconds = time.perf_counter() - t0
-        logger.debug("KV pool: %d of %d blocks faulted in at start-up in %.2f s", self.done_blocks,
-                     self.num_blocks, self.seconds)
-
-    def _fault(self, kv_caches: Sequence[torch.Tensor], blocks: int) -> bool:
-        bb = self.layer_block_bytes
-        for pool in kv_caches:
-            for half in (0, 1):
-                if not populate(pool, half * self.num_blocks * bb, blocks * bb):
-                    return False
-        self.done_blocks = blocks
-        return True
+def prefault_kv_blocks(kv_caches: Sequence[torch.Tensor], num_blocks: int) -> int:
+    """Fault in blocks [0, num_blocks) of per-layer pools `[2 (K, V), pool_blocks, block_size,
+    kvh, head_dim]`, both halves of every layer.  Returns the blocks now resident in every
+    layer: `num_blocks` (capped at the pool), or 0 where populating is unsupported."""
+    if not kv_caches:
+        return 0
+    pool_blocks = int(kv_caches[0].shape[1])
+    blocks = min(num_blocks, pool_blocks)
+    block_bytes = kv_caches[0][0, 0].numel() * kv_caches[0].element_size()  # one block of one half
+    t0 = time.perf_counter()
+    for pool in kv_caches:
+        for half in (0, 1):
+            if not populate(pool, half * pool_blocks * block_bytes, blocks * block_bytes):
+                return 0
+    logger.debug("KV pool: %d of %d blocks faulted in at start-up in %.2f s", blocks, pool_blocks,
+                 time.perf_counter() - t0)
+    return blocks

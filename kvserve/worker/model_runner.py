@@ -21,7 +21,7 @@ from kvserve.protocol import (
 )
 from kvserve.worker.attention import get_attention_backend, resolve_backend_name
 from kvserve.worker.input_batch import BlockTables, build_step_arrays, build_step_arrays_reference
-from kvserve.worker.kv_prefault import KVPoolPrefaulter
+from kvserve.worker.kv_prefault import prefault_kv_blocks
 from kvserve.worker.kv_transfer import KVTransfer
 from kvserve.worker.sampler import Sampler, SamplingRow, top_logprobs
 
@@ -58,9 +58,9 @@ class ModelRunner:
         # Per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [_zero_kv_layer((2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype, device)
                           for _ in range(cfg.num_layers)]
-        self.kv_prefaulter: Optional[KVPoolPrefaulter] = None
-        if kv_prefault_tokens > 0 and device.type == "cpu":
-            self.kv_prefaulter = KVPoolPrefaulter(self.kv_caches, -(-kv_prefault_tokens // block_size))
+        # Blocks [0, kv_prefaulted_blocks) of every layer were faulted in here.
+        self.kv_prefaulted_blocks = (prefault_kv_blocks(self.kv_caches, -(-kv_prefault_tokens // block_size))
+                                     if kv_prefault_tokens > 0 and device.type == "cpu" else 0)
         backend_cls = get_attention_backend(resolve_backend_name(attention_backend, device.type, dtype))
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim))
         self.sampler = Sampler(seed=seed, device=device)

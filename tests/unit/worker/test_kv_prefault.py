@@ -1,20 +1,21 @@
-"""The first blocks of the CPU KV pool are faulted in at start-up (kvserve.worker.kv_prefault),
-without changing any contents; the rest stays untouched."""
+"""The first blocks of the CPU KV pool are faulted in at start-up (kvserve.worker.kv_prefault,
+kvserve.utils.cpu_alloc.populate), without changing any contents; the rest stays untouched."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import mmap
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kvserve.utils.cpu_alloc import zero_pages
-from kvserve.worker.kv_prefault import KVPoolPrefaulter, populate
+from kvserve.sampling_params import SamplingParams
+from kvserve.utils.cpu_alloc import populate, zero_pages
+from kvserve.worker.kv_prefault import prefault_kv_blocks
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps (Linux)")
-
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MADV_POPULATE_WRITE: Linux")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
@@ -32,7 +33,7 @@ def _resident_kib(t: torch.Tensor, start: int = 0, nbytes: int | None = None) ->
 
 
 def _pool(num_blocks: int) -> torch.Tensor:
-    # [2, num_blocks, 16, 4, 16] float32: 4 KiB per block and half; 4 KB pages so Rss counts blocks.
+    # [2, num_blocks, 16, 4, 16] float32: 4 KiB per block and half; 4 KB pages, so a block is one page.
     return zero_pages((2, num_blocks, 16, 4, 16), torch.float32, huge_pages=False)
 
 
@@ -49,10 +50,11 @@ def test_populate_maps_pages_without_changing_contents() -> None:
 
 def test_sync_part_faults_exactly_the_first_blocks_of_both_halves_of_every_layer() -> None:
     layers = [_pool(256) for _ in range(3)]  # 2 MiB per layer
-    pf = KVPoolPrefaulter(layers, sync_blocks=40)
-    if not pf.supported:
+    done = prefault_kv_blocks(layers, 40)
+    if done == 0 and not populate(_pool(1), 0, 4096):
         pytest.skip("MADV_POPULATE_WRITE unsupported by this kernel")
-    assert pf.done_blocks == 40 and pf.layer_block_bytes == 4096
+    assert done == 40
+    assert prefault_kv_blocks([_pool(16)], 40) == 16  # capped at the pool
     for layer in layers:
         half = 256 * 4096
         for h in (0, 1):  # blocks 0-39 of the K and the V half resident, nothing past them
@@ -69,13 +71,9 @@ def test_engine_faults_in_four_steps_of_kv_at_start(tmp_path: Path) -> None:
     model = build_tiny_model("llama-tied", tmp_path / "m", seed=0)
     with LLM(model=str(model), block_size=16, num_kv_blocks=512, max_num_batched_tokens=256,
              max_model_len=512, dtype="float32") as llm:
-        pf = llm.engine.core.executor.kv_prefaulter
-        assert pf is not None
-        if not pf.supported:
+        if not populate(_pool(1), 0, 4096):
             pytest.skip("MADV_POPULATE_WRITE unsupported by this kernel")
-        assert pf.done_blocks >= KV_PREFAULT_STEPS * 256 // 16  # 64 blocks before the first step
-        from kvserve.sampling_params import SamplingParams
-
+        assert llm.engine.core.executor.kv_prefaulted_blocks >= KV_PREFAULT_STEPS * 256 // 16  # 64 before the first step
         out = llm.generate([{"prompt_token_ids": list(range(1, 40))}], SamplingParams(max_tokens=4, temperature=0.0),
                            use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 4
