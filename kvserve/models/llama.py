@@ -128,11 +128,17 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        stack = self.decoder_stack
+        if stack is not None and ctx.backend is stack.backend:  # every layer in one C++ call
+            return stack.forward(h, cos, sin, ctx)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
 
     lm_head_packed: Optional[torch.Tensor] = None
+    # The layers as one C++ call per step (kvserve.models.cpu_decoder_stack.attach), used for the
+    # steps of the backend it was built for; the Python layers are its reference.
+    decoder_stack: Optional[Any] = None
 
     def pack_lm_head(self) -> bool:
         """Pack the LM head for oneDNN (cpu_linear.pack_linears); True when that packed a new

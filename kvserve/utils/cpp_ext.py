@@ -33,9 +33,11 @@ class CppExtension:
     """One C++ source built into a Python module named `name`, loaded at most once per process."""
 
     def __init__(self, name: str, source: Path, what: str, cflags: Sequence[str] = DEFAULT_CFLAGS,
-                 ldflags: Sequence[str] = DEFAULT_LDFLAGS) -> None:
+                 ldflags: Sequence[str] = DEFAULT_LDFLAGS, includes: Sequence[Path] = ()) -> None:
+        """`includes`: other sources that `source` #includes; their content is in the build's digest."""
         self.name = name
         self.source = source
+        self.includes = tuple(includes)
         self.what = what  # for messages: "the CPU attention extension"
         self.cflags = tuple(cflags)
         self.ldflags = tuple(ldflags)
@@ -58,13 +60,14 @@ class CppExtension:
             return self._module
 
     def build_directory(self) -> Path:
-        """One directory per digest of the source's path, content and flags.  The path is in
+        """One directory per digest of the source's path, content (with its includes') and flags.  The path is in
         it because the build file names the source by path: two checkouts sharing one
         directory would each see the other's build as stale and rebuild it, over and over."""
         from torch.utils.cpp_extension import _get_build_directory
 
         flags = " ".join(self.cflags + self.ldflags).encode()
-        digest = hashlib.sha256(str(self.source).encode() + self.source.read_bytes() + flags).hexdigest()[:16]
+        content = self.source.read_bytes() + b"".join(path.read_bytes() for path in self.includes)
+        digest = hashlib.sha256(str(self.source).encode() + content + flags).hexdigest()[:16]
         return Path(_get_build_directory(self.name, verbose=False)).parent / f"{self.name}_{digest}"
 
     def _build_and_load(self) -> Any:

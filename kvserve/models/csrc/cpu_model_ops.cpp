@@ -440,6 +440,8 @@ torch::Tensor silu_and_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
+// Left out where another source includes this one for its kernels (cpu_decoder_stack.cpp).
+#ifndef KVSERVE_KERNELS_ONLY
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocked_linear", &blocked_linear, "y = x W^T + b with W packed in [NB, K, 16] column blocks");
   m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H]");
@@ -447,3 +449,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_inplace", &rope_inplace, "rotary embedding of the first num_heads heads of qkv [T, W], in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of gate_up [T, 2I]");
 }
+#endif

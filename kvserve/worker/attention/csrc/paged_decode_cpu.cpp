@@ -466,8 +466,11 @@ std::vector<int64_t> default_prefetch() {
 #endif
 }
 
+// Left out where another source includes this one for its kernels (cpu_decoder_stack.cpp).
+#ifndef KVSERVE_KERNELS_ONLY
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)");
   m.def("set_prefetch", &set_prefetch, "tuning: prefetch distance (blocks ahead) and stride (floats)");
   m.def("default_prefetch", &default_prefetch, "the built-in (blocks ahead, stride)");
 }
+#endif

@@ -426,8 +426,11 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
 
 std::string simd_path() { return KVSERVE_PATH; }
 
+// Left out where another source includes this one for its kernels (cpu_decoder_stack.cpp).
+#ifndef KVSERVE_KERNELS_ONLY
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_prefill_attention", &paged_prefill_attention,
         "paged causal multi-query attention for a step's prefill chunks (CPU, float32), into out");
   m.def("simd_path", &simd_path, "which vector path this build uses: avx512, avx2 or portable");
 }
+#endif
