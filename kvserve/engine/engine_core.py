@@ -193,7 +193,7 @@ class EngineCore:
         runner = ModelRunner(model, arch, num_blocks, cc.block_size, dtype, device, eos,
                              config.device.attention_backend, config.model.seed,
                              kv_prefault_tokens=KV_PREFAULT_STEPS * config.scheduler.max_num_batched_tokens)
-        from kvserve.models import cpu_decoder_stack
+        from kvserve.worker import cpu_decoder_stack
 
         cpu_decoder_stack.attach(model, runner.backend)  # CPU float32: every layer in one C++ call per step
         if kv_tiers is not None:

@@ -136,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(h)
 
     lm_head_packed: Optional[torch.Tensor] = None
-    # The layers as one C++ call per step (kvserve.models.cpu_decoder_stack.attach), used for the
+    # The layers as one C++ call per step (kvserve.worker.cpu_decoder_stack.attach), used for the
     # steps of the backend it was built for; the Python layers are its reference.
     decoder_stack: Optional[Any] = None
 

@@ -40,7 +40,10 @@ class DrainingServer(uvicorn.Server):
                 timer.cancel()
 
     def _deadline(self) -> None:
-        in_flight = self.ctx.drain.in_flight
-        self.ctx.expire_in_flight()
+        # The count is of the requests the engine still had, not of the open HTTP calls: a call whose
+        # request has just finished is still open while it writes its normal answer.
+        open_calls = self.ctx.drain.in_flight
+        ended = self.ctx.expire_in_flight()
         logger.warning("drain timeout of %g s reached: ending the %d requests still in flight with a 503 error "
-                       "(streams: an error event, then [DONE])", self.ctx.drain.timeout_s, in_flight)
+                       "(streams: an error event, then [DONE]); %d HTTP calls were open",
+                       self.ctx.drain.timeout_s, ended, open_calls)

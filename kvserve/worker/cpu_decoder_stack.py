@@ -1,4 +1,7 @@
-"""A Llama-family model's decoder layers in one C++ call per step (csrc/cpu_decoder_stack.cpp).
+"""A Llama-family model's decoder layers in one C++ call per step (worker/csrc/cpu_decoder_stack.cpp).
+
+It lives in the worker, not in kvserve.models, because it binds a model to the worker's attention
+backend (its KV layout and kernels): models never import the worker.
 
 Why: at the few rows of a decode step the weights' reads are the step's real work, and the
 Python around each layer (module calls, ~25 torch ops, their allocations) cost a few ms a step
@@ -12,7 +15,7 @@ model of the Llama family with every projection packed in column blocks
 (kvserve.models.cpu_linear), the fused ops enabled, and the C++ CPU attention backend with its
 prefill kernel.  Otherwise, or with KVSERVE_CPU_STACK=0 (for A/B runs), nothing is attached and
 the model runs its Python layers: the reference path, held equal in
-tests/unit/models/test_cpu_decoder_stack.py.
+tests/unit/worker/test_cpu_decoder_stack.py.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ logger = logging.getLogger(__name__)
 ENV = "KVSERVE_CPU_STACK"  # "1" (default) or "0": the Python layers
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_ATTN_CSRC = Path(__file__).resolve().parents[1] / "worker" / "attention" / "csrc"
+_MODEL_CSRC = Path(__file__).resolve().parents[1] / "models" / "csrc"
+_ATTN_CSRC = Path(__file__).resolve().parent / "attention" / "csrc"
 _EXT = CppExtension("kvserve_cpu_decoder_stack", _CSRC / "cpu_decoder_stack.cpp", "the CPU decoder stack extension",
-                    includes=(_CSRC / "cpu_model_ops.cpp", _ATTN_CSRC / "paged_decode_cpu.cpp",
+                    includes=(_MODEL_CSRC / "cpu_model_ops.cpp", _ATTN_CSRC / "paged_decode_cpu.cpp",
                               _ATTN_CSRC / "paged_prefill_cpu.cpp"))
 
 

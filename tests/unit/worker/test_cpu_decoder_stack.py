@@ -1,4 +1,4 @@
-"""The C++ decoder stack (kvserve.models.cpu_decoder_stack) equals the Python layers it replaces:
+"""The C++ decoder stack (kvserve.worker.cpu_decoder_stack) equals the Python layers it replaces:
 step by step in a running engine (hidden states and every KV cache write, bit for bit), through
 decodes, chunked prefills after a prefix and mixed steps; and it is attached only where its parts
 are there."""
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.models import cpu_decoder_stack, llama
+from kvserve.models import llama
+from kvserve.worker import cpu_decoder_stack
 from kvserve.protocol import ForwardContext
 from tests.helpers.tiny_models import build_tiny_model
 

@@ -11,7 +11,7 @@
 // order, the residual adds fused into the next norm exactly as add_rms_norm already does (x + r
 // is commutative in IEEE arithmetic).  The exception is a model with q/k norms, whose per-head
 // RMSNorm and rotary run here in C++ where the Python path uses torch ops: equal up to rounding.
-// tests/unit/models/test_cpu_decoder_stack.py holds both.
+// tests/unit/worker/test_cpu_decoder_stack.py holds both.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -23,9 +23,9 @@
 #include <vector>
 
 #define KVSERVE_KERNELS_ONLY  // the included sources leave out their Python modules
-#include "cpu_model_ops.cpp"
-#include "../../worker/attention/csrc/paged_decode_cpu.cpp"
-#include "../../worker/attention/csrc/paged_prefill_cpu.cpp"
+#include "../../models/csrc/cpu_model_ops.cpp"
+#include "../attention/csrc/paged_decode_cpu.cpp"
+#include "../attention/csrc/paged_prefill_cpu.cpp"
 
 namespace {
 
