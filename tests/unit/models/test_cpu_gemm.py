@@ -14,7 +14,7 @@ ext = cpu_gemm.load()
 pytestmark = pytest.mark.skipif(ext is None, reason="the CPU model kernels cannot be built here (no compiler)")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 25, 100])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 25, 32, 100, 1000])
 @pytest.mark.parametrize("k", [20, 576, 600])
 @pytest.mark.parametrize("n", [96, 80])  # 6 and 5 column blocks
 def test_blocked_linear_equals_f_linear(rows: int, k: int, n: int) -> None:
