@@ -26,8 +26,10 @@ from typing import Any, Optional
 
 import torch
 
+from kvserve.models.llama import LlamaForCausalLM
 from kvserve.protocol import ForwardContext
 from kvserve.utils.cpp_ext import CppExtension
+from kvserve.worker.attention.cpu_paged import CpuPagedAttention, pack_prefill_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,6 @@ class CpuDecoderStack:
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Embeddings h [T, hidden], cos/sin [T, 1, head_dim] -> final-norm hidden states [T, hidden]."""
-        from kvserve.worker.attention.cpu_paged import pack_prefill_chunks
-
         meta = ctx.meta
         T = h.shape[0]
         if meta.prefills:
@@ -80,9 +80,6 @@ def _packed_blocks(linear: Any) -> Optional[torch.Tensor]:
 def build(model: torch.nn.Module, backend: Any) -> Optional[CpuDecoderStack]:
     """The stack for `model` run with attention `backend`, or None where some part is missing
     (the reason is logged at debug level)."""
-    from kvserve.models.llama import LlamaForCausalLM
-    from kvserve.worker.attention.cpu_paged import CpuPagedAttention
-
     def no(reason: str) -> None:
         logger.debug("CPU decoder stack off: %s", reason)
         return None

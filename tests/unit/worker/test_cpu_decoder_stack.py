@@ -12,8 +12,8 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.models import llama
-from kvserve.worker import cpu_decoder_stack
 from kvserve.protocol import ForwardContext
+from kvserve.worker import cpu_decoder_stack
 from tests.helpers.tiny_models import build_tiny_model
 
 native = cpu_decoder_stack.load()
