@@ -22,7 +22,9 @@ blocks (kvserve/models/csrc/cpu_model_ops.cpp); a weight whose row count is not 
 of 16, or a machine where the extension cannot be built, gets oneDNN's packing instead
 (`torch.ops.mkldnn._reorder_linear_weight`).  "onednn" packs everything for oneDNN.
 `pack_linears(model)` packs once the weights are loaded (EngineCore.from_config) and frees
-the plain weights (the packed copy replaces them, so memory is unchanged).  The blocked
+the plain weights (the packed copy replaces them, so memory is unchanged), except where MKL is
+measured faster at prefill sizes on this machine: then the projections keep them and take
+`F.linear` from that many rows on (kvserve.models.cpu_linear_rows).  The blocked
 weights of a model share one arena in transparent huge pages (kvserve.utils.cpu_alloc):
 a decode step streams all of them, and with 4 KB pages it misses the TLB on every page.
 
@@ -80,9 +82,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None,
-           packed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x W^T (+ b) for x [..., in]: through `packed` (from `pack`) when given, else F.linear."""
-    if packed is None:
+           packed: Optional[torch.Tensor] = None, plain_from_rows: Optional[int] = None) -> torch.Tensor:
+    """y = x W^T (+ b) for x [..., in]: through `packed` (from `pack`) when given, else F.linear;
+    F.linear also from `plain_from_rows` rows on, where the layer kept its plain weight for it
+    (kvserve.models.cpu_linear_rows)."""
+    if packed is None or (plain_from_rows is not None and x.numel() >= plain_from_rows * x.shape[-1]):
         assert weight is not None and weight.numel() > 0, "a packed layer was called without its packed weight"
         return F.linear(x, weight, bias)
     if packed.dim() == 3:  # column blocks: [N / 16, K, 16]
@@ -122,17 +126,49 @@ def pack_linears(model: nn.Module) -> int:
     returns how many were packed.  Call once, after the weights are loaded."""
     from kvserve.models.layers import Linear
 
-    todo = [m for m in model.modules() if isinstance(m, Linear) and m.packed_weight is None]
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear) and m.packed_weight is None]
+    todo = [m for _, m in named]
     arena_views = _blocked_arena([m.weight for m in todo])
-    count = 0
     for module in todo:
         view = arena_views.get(id(module.weight))
         module.packed_weight = cpu_gemm.pack_weight(module.weight, out=view) if view is not None else pack(module.weight)
-        # The packed copy replaces the plain one; shape metadata stays on the module.
-        module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
+    # The LM head runs on the sampled rows only (a decode-sized count): it never keeps its plain weight.
+    projections = [m for name, m in named if m.packed_weight.dim() == 3 and name.rsplit(".", 1)[-1] != "lm_head"]
+    from_rows = _plain_from_rows(projections)
+    count = 0
+    for module in todo:
+        if from_rows is not None and module in projections:
+            module.plain_from_rows = from_rows  # keeps its plain weight for MKL at prefill sizes
+        else:  # the packed copy replaces the plain one; shape metadata stays on the module
+            module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
         count += 1
     pack_head = getattr(model, "pack_lm_head", None)
     if callable(pack_head) and pack_head():  # True when it packed a copy (a tied head)
         count += 1
     logger.debug("packed weights (%s) for %d linear layers", mode(), count)
     return count
+
+
+def _plain_from_rows(projections: list[nn.Module]) -> Optional[int]:
+    """The row count from which `projections` (blocked-packed, plain weights still loaded) run
+    through F.linear: the environment's, or calibrated on one module of each shape (one layer's
+    projections), or None (see kvserve.models.cpu_linear_rows)."""
+    from kvserve.models import cpu_linear_rows
+
+    choice = cpu_linear_rows.setting()
+    if not projections or choice == "off":
+        return None
+    if isinstance(choice, int):
+        return choice
+    by_shape: dict[tuple[int, ...], nn.Module] = {}
+    for m in projections:
+        by_shape.setdefault(tuple(m.weight.shape), m)
+    sample = list(by_shape.values())
+    from_rows = cpu_linear_rows.calibrate([m.weight.detach() for m in sample], [m.packed_weight for m in sample])
+    if from_rows is None:
+        logger.info("CPU linears: kvserve's blocked kernel at every row count (MKL measured no faster here)")
+    else:
+        extra = sum(m.weight.numel() * m.weight.element_size() for m in projections)
+        logger.info("CPU linears: MKL from %d rows (measured faster here at prefill sizes); the plain weights "
+                    "stay loaded for it (%.0f MB)", from_rows, extra / 2**20)
+    return from_rows

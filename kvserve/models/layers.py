@@ -32,12 +32,15 @@ class Linear(nn.Linear):
     """y = x W^T (+ b); W: [out_features, in_features].  On CPU in float32 EngineCore
     packs the weight (kvserve.models.cpu_linear: kvserve's blocked kernel, or oneDNN; faster
     than F.linear there, same result up to rounding); `packed_weight` then holds it and
-    `weight` is empty."""
+    `weight` is empty, unless the layer keeps it for prefill-sized inputs (`plain_from_rows`)."""
 
     packed_weight: Optional[torch.Tensor] = None
+    # Where set, `weight` stays loaded beside the packed copy and inputs of at least this many rows
+    # go through F.linear (MKL): kvserve.models.cpu_linear_rows.
+    plain_from_rows: Optional[int] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.bias, self.packed_weight)
+        return cpu_linear.linear(x, self.weight, self.bias, self.packed_weight, self.plain_from_rows)
 
 
 class MergedLinear(Linear):

@@ -93,6 +93,14 @@ def build(model: torch.nn.Module, backend: Any) -> Optional[CpuDecoderStack]:
     cfg = model.cfg
     empty = torch.empty(0)
     layers = []
+    # Where the projections keep their plain weights for MKL at prefill sizes (cpu_linear_rows),
+    # the stack takes the same threshold so that it stays bitwise equal to the Python layers.
+    from_rows = {m.plain_from_rows for layer in model.layers
+                 for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj)}
+    if len(from_rows) != 1:
+        return no("the projections take F.linear from different row counts")
+    plain_from_rows = from_rows.pop()
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.ext is None or mlp.ext is None or layer.input_layernorm.ext is None:
@@ -103,17 +111,20 @@ def build(model: torch.nn.Module, backend: Any) -> Optional[CpuDecoderStack]:
         if layer.input_layernorm.weight.dtype != torch.float32 or layer.input_layernorm.weight.device.type != "cpu":
             return no("not a float32 CPU model")
         qkv, o, gate_up, down = packed
+        plain = [m.weight.detach() if plain_from_rows is not None else empty
+                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         bias = attn.qkv_proj.bias
         q_norm = attn.q_norm.weight if attn.qk_norm else empty
         k_norm = attn.k_norm.weight if attn.qk_norm else empty
         layers.append([layer.input_layernorm.weight.detach(), qkv, empty if bias is None else bias.detach(),
                        q_norm.detach(), k_norm.detach(), o, layer.post_attention_layernorm.weight.detach(),
-                       gate_up, down])
+                       gate_up, down, *plain])
     native_module = load()
     if native_module is None:
         return no("the extension could not be built")
     native = native_module.DecoderStack(layers, model.norm.weight.detach(), cfg.num_heads, cfg.num_kv_heads,
-                                        cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, backend.scale)
+                                        cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, backend.scale,
+                                        -1 if plain_from_rows is None else plain_from_rows)
     return CpuDecoderStack(native, backend)
 
 

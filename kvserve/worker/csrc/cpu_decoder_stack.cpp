@@ -29,9 +29,11 @@
 
 namespace {
 
-// Weights of one layer, packed as kvserve.models.cpu_linear packs them (column blocks).
+// Weights of one layer, packed as kvserve.models.cpu_linear packs them (column blocks), and the
+// plain [N, K] projections where the model keeps them for MKL at prefill sizes (else empty).
 struct LayerWeights {
   torch::Tensor input_norm, qkv, qkv_bias, q_norm, k_norm, o, post_norm, gate_up, down;
+  torch::Tensor qkv_plain, o_plain, gate_up_plain, down_plain;
 };
 
 bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -44,19 +46,30 @@ c10::optional<torch::Tensor> optional_of(const torch::Tensor& t) {
 
 class DecoderStack {
  public:
-  // `layers`: per layer, 9 tensors in LayerWeights' order (an empty tensor where a model has none:
-  // qkv bias, q/k norms); the projections as [N / 16, K, 16] column blocks.
+  // `layers`: per layer, 13 tensors in LayerWeights' order (an empty tensor where a model has none:
+  // qkv bias, q/k norms, the plain projections); the projections as [N / 16, K, 16] column blocks.
+  // `plain_from_rows`: steps of at least this many tokens run the projections through at::linear on
+  // the plain weights, as the Python layers do (kvserve.models.cpu_linear_rows); -1: never.
   DecoderStack(std::vector<std::vector<torch::Tensor>> layers, torch::Tensor final_norm, int64_t num_heads,
-               int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size, double eps, double scale)
+               int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size, double eps, double scale,
+               int64_t plain_from_rows)
       : final_norm_(std::move(final_norm)), H_(num_heads), KVH_(num_kv_heads), D_(head_dim),
-        I_(intermediate_size), eps_(eps), scale_(scale) {
+        I_(intermediate_size), eps_(eps), scale_(scale), plain_from_rows_(plain_from_rows) {
     TORCH_CHECK(H_ > 0 && KVH_ > 0 && H_ % KVH_ == 0 && D_ % 2 == 0, "DecoderStack: bad head shape");
     for (auto& l : layers) {
-      TORCH_CHECK(l.size() == 9, "DecoderStack: 9 tensors per layer");
-      LayerWeights w{l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], l[8]};
+      TORCH_CHECK(l.size() == 13, "DecoderStack: 13 tensors per layer");
+      LayerWeights w{l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], l[8], l[9], l[10], l[11], l[12]};
       for (const torch::Tensor* p : {&w.qkv, &w.o, &w.gate_up, &w.down})
         TORCH_CHECK(p->dim() == 3 && p->size(2) == kNR && p->is_contiguous() && p->scalar_type() == torch::kFloat32,
                     "DecoderStack: projections must be packed column blocks");
+      if (plain_from_rows_ >= 0) {
+        const std::pair<const torch::Tensor*, const torch::Tensor*> pairs[] = {
+            {&w.qkv_plain, &w.qkv}, {&w.o_plain, &w.o}, {&w.gate_up_plain, &w.gate_up}, {&w.down_plain, &w.down}};
+        for (const auto& [plain, packed] : pairs)
+          TORCH_CHECK(plain->dim() == 2 && plain->scalar_type() == torch::kFloat32 &&
+                          plain->size(1) == packed->size(1) && plain->size(0) <= packed->size(0) * kNR,
+                      "DecoderStack: plain_from_rows needs every plain [N, K] projection");
+      }
       TORCH_CHECK(present(w.q_norm) == present(w.k_norm), "DecoderStack: q and k norms go together");
       layers_.push_back(std::move(w));
     }
@@ -98,16 +111,16 @@ class DecoderStack {
       const LayerWeights& w = layers_[li];
       const auto& cache = kv_caches[li];
       TORCH_CHECK(cache.sizes() == cache0.sizes() && cache.is_contiguous(), "kv caches differ in shape");
-      auto qkv = blocked_linear(x, w.qkv, optional_of(w.qkv_bias), width);
+      auto qkv = project(x, w.qkv, w.qkv_plain, optional_of(w.qkv_bias), width);
       if (qk_norm_) norm_heads(qkv, w.q_norm, w.k_norm);
       rope_inplace(qkv, cos, sin, H_ + KVH_, D_);
       write_kv(qkv, cache, slots, q_size, kv_size);
       attend(qkv, cache, attn, num_decodes, decode_tables, decode_seq_lens, has_prefill, chunks, block_ids);
-      auto o = blocked_linear(attn, w.o, c10::nullopt, h.size(1));
+      auto o = project(attn, w.o, w.o_plain, c10::nullopt, h.size(1));
       auto hx = add_rms_norm(o, h, w.post_norm, eps_);  // h + attention, and its norm
       h = hx[0];
-      auto act = silu_and_mul(blocked_linear(hx[1], w.gate_up, c10::nullopt, 2 * I_));
-      auto mlp = blocked_linear(act, w.down, c10::nullopt, h.size(1));
+      auto act = silu_and_mul(project(hx[1], w.gate_up, w.gate_up_plain, c10::nullopt, 2 * I_));
+      auto mlp = project(act, w.down, w.down_plain, c10::nullopt, h.size(1));
       // h + MLP, with the next layer's input norm (or the final norm) in the same pass.
       const torch::Tensor& next_norm = li + 1 < num_layers() ? layers_[li + 1].input_norm : final_norm_;
       auto hn = add_rms_norm(mlp, h, next_norm, eps_);
@@ -118,6 +131,14 @@ class DecoderStack {
   }
 
  private:
+  // x W^T (+ b): the blocked kernel, or at::linear on the plain weight from plain_from_rows_ rows on
+  // (the same call, on the same input, as the Python layers' F.linear: bitwise equal).
+  torch::Tensor project(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& plain,
+                        const c10::optional<torch::Tensor>& bias, int64_t out_features) const {
+    if (plain_from_rows_ >= 0 && x.size(0) >= plain_from_rows_) return at::linear(x, plain, bias);
+    return blocked_linear(x, packed, bias, out_features);
+  }
+
   // Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3's q_norm / k_norm).
   void norm_heads(torch::Tensor& qkv, const torch::Tensor& q_norm, const torch::Tensor& k_norm) const {
     const int64_t T = qkv.size(0), W = qkv.size(1);
@@ -168,15 +189,17 @@ class DecoderStack {
   torch::Tensor final_norm_;
   int64_t H_, KVH_, D_, I_;
   double eps_, scale_;
+  int64_t plain_from_rows_;
   bool qk_norm_ = false;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<std::vector<std::vector<torch::Tensor>>, torch::Tensor, int64_t, int64_t, int64_t, int64_t, double,
-                    double>(),
+                    double, int64_t>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("num_heads"), py::arg("num_kv_heads"),
-           py::arg("head_dim"), py::arg("intermediate_size"), py::arg("eps"), py::arg("scale"))
+           py::arg("head_dim"), py::arg("intermediate_size"), py::arg("eps"), py::arg("scale"),
+           py::arg("plain_from_rows") = -1)
       .def("num_layers", &DecoderStack::num_layers)
       .def("forward", &DecoderStack::forward, "every decoder layer and the final norm of one step",
            py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("kv_caches"), py::arg("slot_mapping"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvserve.models import cpu_gemm, cpu_linear
+from kvserve.models import cpu_gemm, cpu_linear, cpu_linear_rows
 from kvserve.models.layers import Linear, MergedLinear
 from kvserve.models.loader import load_model
 from tests.helpers.tiny_models import build_tiny_model
@@ -133,3 +133,85 @@ def test_engine_packs_on_cpu_float32_unless_reference(tmp_path: Path, monkeypatc
             outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs["blocked"] == outs["reference"]
     assert outs["onednn"] == outs["reference"]
+
+
+# ----------------------------------------------------------------------------- MKL at prefill sizes
+
+
+@needs_onednn
+def test_plain_from_rows_takes_f_linear_from_that_many_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_linear.ENV, "blocked")
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(64, 48, generator=g), torch.randn(64, generator=g)
+    packed = cpu_linear.pack(w)
+    for rows in (1, 7, 8, 30):
+        x = torch.randn(rows, 48, generator=g)
+        y = cpu_linear.linear(x, w, b, packed=packed, plain_from_rows=8)
+        if rows >= 8:
+            assert torch.equal(y, F.linear(x, w, b))  # the very same call
+        else:
+            assert torch.equal(y, cpu_linear.linear(x, None, b, packed=packed))  # the blocked kernel
+    x3 = torch.randn(2, 4, 48, generator=g)  # rows counted over the leading dims
+    assert torch.equal(cpu_linear.linear(x3, w, b, packed=packed, plain_from_rows=8), F.linear(x3, w, b))
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting", ["off", "4"])
+def test_pack_linears_keeps_plain_weights_only_for_mkl(setting: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_linear.ENV, "blocked")
+    monkeypatch.setenv(cpu_linear_rows.ENV, setting)
+    d = build_tiny_model("llama3", tmp_path / "m", seed=4)
+    model, _ = load_model(d, torch.float32, torch.device("cpu"), max_positions=64)
+    cpu_linear.pack_linears(model)
+    projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    for m in projections:
+        assert m.packed_weight is not None and m.packed_weight.dim() == 3
+        if setting == "off":
+            assert m.plain_from_rows is None and m.weight.numel() == 0  # freed: memory unchanged
+        else:
+            assert m.plain_from_rows == 4 and m.weight.shape == (m.out_features, m.in_features)
+            x = torch.randn(6, m.in_features)
+            assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
+
+
+def test_rows_setting_is_parsed_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, parsed in (("auto", "auto"), ("off", "off"), ("512", 512), (" AUTO ", "auto")):
+        monkeypatch.setenv(cpu_linear_rows.ENV, value)
+        assert cpu_linear_rows.setting() == parsed
+    for bad in ("fast", "0", "-3"):
+        monkeypatch.setenv(cpu_linear_rows.ENV, bad)
+        with pytest.raises(ValueError, match=cpu_linear_rows.ENV):
+            cpu_linear_rows.setting()
+
+
+@pytest.mark.parametrize("gains, expected", [
+    ((0.3, 0.3, 0.3, 0.3), 128),  # MKL faster everywhere: from the smallest candidate
+    ((-0.2, 0.05, 0.15, 0.2), 512),  # not enough at 256: from 512
+    ((0.2, -0.1, 0.2, 0.2), 512),  # a loss at 256 breaks the run: the larger sizes only
+    ((0.2, 0.2, 0.2, 0.02), None),  # not at the largest: never
+    ((-0.1, -0.1, -0.1, -0.1), None),
+])
+def test_calibrate_picks_the_smallest_size_of_a_winning_run(gains: tuple[float, ...], expected: int | None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The timings are replaced (blocked 1 ms, MKL 1 - gain ms per size): this checks the choice.
+    order = iter([t for gain in gains for t in (1.0 - gain, 1.0)])  # calibrate times MKL, then blocked
+    monkeypatch.setattr(cpu_linear_rows, "_best_ms", lambda fn: next(order))
+    monkeypatch.setattr(cpu_linear_rows, "MIN_LAYER_BYTES", 0)
+    w = torch.randn(32, 16)
+    assert cpu_linear_rows.calibrate([w], [cpu_gemm.pack_weight(w)], candidates=(128, 256, 512, 1024)) == expected
+
+
+def test_calibrate_skips_small_layers() -> None:
+    w = torch.randn(32, 16)  # far below MIN_LAYER_BYTES: the blocked kernel, untimed
+    assert cpu_linear_rows.calibrate([w], [cpu_gemm.pack_weight(w)]) is None
+
+
+@pytest.mark.skipif(cpu_gemm.load() is None, reason="the blocked kernel cannot be built here")
+def test_calibrate_times_real_kernels() -> None:
+    # A layer above the size floor, timed for real: the choice is a candidate or None, and either
+    # way the call finishes (what the engine runs at start-up).
+    ws = [torch.randn(1024, 576), torch.randn(576, 1536)]
+    got = cpu_linear_rows.calibrate(ws, [cpu_gemm.pack_weight(w) for w in ws], candidates=(64, 256))
+    assert got in (None, 64, 256)

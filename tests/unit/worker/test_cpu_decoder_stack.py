@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.models import llama
+from kvserve.models import cpu_linear_rows, llama
 from kvserve.protocol import ForwardContext
 from kvserve.worker import cpu_decoder_stack
 from tests.helpers.tiny_models import build_tiny_model
@@ -24,11 +24,14 @@ PROMPTS = [{"prompt_token_ids": [(7 * i + 3) % 500 for i in range(41)]},  # 41 t
            {"prompt_token_ids": [(5 * i + 11) % 500 for i in range(19)]}]
 
 
-def _run_both_paths(model_dir: Path, monkeypatch: pytest.MonkeyPatch, exact: bool) -> list[tuple[int, int, bool]]:
+def _run_both_paths(model_dir: Path, monkeypatch: pytest.MonkeyPatch, exact: bool,
+                    plain_from_rows: str = "off") -> list[tuple[int, int, bool, int]]:
     """Generate with every step run twice from the same state, by the stack and by the Python
     layers (on a copy of the KV caches), and compare; returns (decodes, prefill chunks, whether
-    a chunk started after a cached prefix) per step."""
-    steps: list[tuple[int, int, bool]] = []
+    a chunk started after a cached prefix, tokens) per step.  `plain_from_rows`: the projections'
+    KVSERVE_CPU_LINEAR_ROWS (MKL from that many rows; "off": the blocked kernel throughout)."""
+    steps: list[tuple[int, int, bool, int]] = []
+    monkeypatch.setenv(cpu_linear_rows.ENV, plain_from_rows)
     forward = llama.LlamaForCausalLM.forward
 
     def both(self: Any, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -51,13 +54,17 @@ def _run_both_paths(model_dir: Path, monkeypatch: pytest.MonkeyPatch, exact: boo
             for a, b in zip(ctx.kv_caches, before):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         meta = ctx.meta
-        steps.append((meta.num_decode_tokens, len(meta.prefills), any(p.start_pos > 0 for p in meta.prefills)))
+        steps.append((meta.num_decode_tokens, len(meta.prefills), any(p.start_pos > 0 for p in meta.prefills),
+                      input_ids.shape[0]))
         return fast
 
     monkeypatch.setattr(llama.LlamaForCausalLM, "forward", both)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with LLM(str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=16) as llm:
-        assert llm.engine.core.model.decoder_stack is not None
+        model = llm.engine.core.model
+        assert model.decoder_stack is not None
+        expected = None if plain_from_rows == "off" else int(plain_from_rows)
+        assert all(layer.mlp.down_proj.plain_from_rows == expected for layer in model.layers)
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     return steps
@@ -67,15 +74,25 @@ def _run_both_paths(model_dir: Path, monkeypatch: pytest.MonkeyPatch, exact: boo
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "llama-tied"])
 def test_stack_equals_python_layers_bit_for_bit(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     steps = _run_both_paths(build_tiny_model(name, tmp_path / name, seed=5), monkeypatch, exact=True)
-    assert any(d > 0 and p == 0 for d, p, _ in steps)  # decode-only steps
-    assert any(d > 0 and p > 0 for d, p, _ in steps)  # mixed steps
-    assert any(after_prefix for _, _, after_prefix in steps)  # chunks after their own prefix
+    assert any(d > 0 and p == 0 for d, p, _, _ in steps)  # decode-only steps
+    assert any(d > 0 and p > 0 for d, p, _, _ in steps)  # mixed steps
+    assert any(after_prefix for _, _, after_prefix, _ in steps)  # chunks after their own prefix
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_stack_with_mkl_at_prefill_sizes_equals_python_layers(name: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # MKL from 5 rows: the 16-token chunked steps take F.linear on the plain weights, steps of up
+    # to 3 decodes the blocked kernel; both paths switch at the same row count, bit for bit.
+    steps = _run_both_paths(build_tiny_model(name, tmp_path / name, seed=5), monkeypatch, exact=True,
+                            plain_from_rows="5")
+    assert any(tokens >= 5 for *_, tokens in steps) and any(tokens < 5 for *_, tokens in steps)
 
 
 def test_stack_with_qk_norms_equals_python_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Qwen3: per-head q/k RMSNorm (C++ here, torch ops in the Python layers): equal up to rounding.
     steps = _run_both_paths(build_tiny_model("qwen3", tmp_path / "qwen3", seed=5), monkeypatch, exact=False)
-    assert any(d > 0 for d, _, _ in steps)
+    assert any(d > 0 for d, *_ in steps)
 
 
 def test_stack_off_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

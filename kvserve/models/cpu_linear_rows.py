@@ -1,0 +1,100 @@
+"""From how many rows a packed CPU linear runs through MKL's `F.linear` instead of the blocked kernel.
+
+Why: kvserve's blocked kernel (kvserve.models.cpu_gemm) streams each weight block once and reuses
+it for every row, which is what decode steps of 1-64 rows need, and there it beats MKL and oneDNN on
+every machine measured.  At prefill sizes (hundreds to thousands of rows) the kernel is compute-bound,
+and on some CPUs MKL's sgemm is faster: on the 2-core Intel Xeons with AVX-512 (sessions 12 and 14,
+`benchmarks/cpu_linear.py`) MKL took 1164 against 1476 ms and 2423 against 3145 ms for a 2048-row
+SmolLM2 forward, ~20% less; on the AMD EPYCs it was slower than the blocked kernel at every size.
+So the choice is measured on the machine: `calibrate` times one decoder layer's projections both
+ways at a few prefill row counts when the weights are packed, and the model keeps its plain weights
+(one more copy: 538 MB for SmolLM2-135M in float32) only where MKL wins.
+
+KVSERVE_CPU_LINEAR_ROWS: "auto" (default: calibrate), "off" (the blocked kernel at every size, the
+plain weights freed), or an integer N (MKL from N rows, no calibration: for tests and A/B runs).
+The result of either kernel equals `F.linear` up to float rounding; the parity tests hold the
+engine to HF transformers token for token with the dispatch on (tests/parity) and the decoder stack
+to the Python layers bit for bit across the threshold (tests/unit/worker/test_cpu_decoder_stack.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.models import cpu_gemm
+
+logger = logging.getLogger(__name__)
+
+ENV = "KVSERVE_CPU_LINEAR_ROWS"
+
+# Row counts timed by `calibrate`: the sizes of prefill chunks (the scheduler's token budget is
+# 2048 by default).  Below the smallest, decode-sized steps, the blocked kernel always wins.
+CANDIDATE_ROWS = (128, 256, 512, 1024)
+# MKL must be this much faster at a row count (and every larger one) to be chosen: below it the
+# difference is within the noise of a start-up measurement, and the blocked kernel needs no
+# second copy of the weights.
+MIN_GAIN = 0.10
+# Layers smaller than this are not timed (the blocked kernel is kept): their calls take
+# microseconds, too few for a start-up timing to tell the kernels apart, and the tiny test models
+# would then take either path at random.  SmolLM2-135M's layer holds 14 MB.
+MIN_LAYER_BYTES = 4 << 20
+_REPS = 5
+
+
+def setting() -> Optional[int] | str:
+    """The parsed environment setting: "auto", "off" or a row count."""
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value in ("auto", "off"):
+        return value
+    try:
+        rows = int(value)
+    except ValueError:
+        raise ValueError(f"{ENV}={value!r}: expected auto, off or a row count") from None
+    if rows < 1:
+        raise ValueError(f"{ENV}={value!r}: the row count must be at least 1")
+    return rows
+
+
+def _best_ms(fn: Callable[[], torch.Tensor]) -> float:
+    best = float("inf")
+    for _ in range(_REPS):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def calibrate(weights: Sequence[torch.Tensor], packed: Sequence[torch.Tensor],
+              candidates: Sequence[int] = CANDIDATE_ROWS) -> Optional[int]:
+    """The smallest candidate row count from which `F.linear` over `weights` (one layer's plain
+    [N, K] projections) beats the blocked kernel over `packed` (the same, column-blocked) by
+    MIN_GAIN at that size and every larger candidate; None where it never does.  Best of a few
+    interleaved timings each (a start-up cost of well under a second for SmolLM2)."""
+    if sum(w.numel() * w.element_size() for w in weights) < MIN_LAYER_BYTES:
+        return None
+    inputs = {w.shape[1]: {} for w in weights}
+    gains: list[float] = []
+    for rows in candidates:
+        xs = {k: torch.randn(rows, k) for k in inputs}
+
+        def mkl() -> torch.Tensor:
+            return [F.linear(xs[w.shape[1]], w) for w in weights][-1]
+
+        def blocked() -> torch.Tensor:
+            return [cpu_gemm.linear(xs[w.shape[1]], p, None, w.shape[0]) for w, p in zip(weights, packed)][-1]
+
+        mkl(), blocked()  # warm-up: first-touch of outputs, MKL's own buffers
+        t_mkl, t_blocked = _best_ms(mkl), _best_ms(blocked)
+        gains.append(1.0 - t_mkl / t_blocked)
+        logger.debug("linear calibration at %d rows: blocked %.2f ms, MKL %.2f ms", rows, t_blocked, t_mkl)
+    threshold = None
+    for rows, gain in reversed(list(zip(candidates, gains))):
+        if gain < MIN_GAIN:
+            break
+        threshold = rows
+    return threshold
