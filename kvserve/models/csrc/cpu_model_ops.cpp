@@ -129,9 +129,13 @@ constexpr int64_t kPrefetchK = 16;
 
 // x[m, k] is read at x[m * ldx + k] (rows of x as they are), or, with PACKED, at x[k * kMR512 + m]
 // (a strip packed k-major by pack_strips: the 12 broadcasts of a k are one cache line).
+// `ahead` (may be null): the first `ahead_k` k steps of a later K slice, 64 B per stream and k,
+// `ahead_stride` floats between its two streams (0: one stream), prefetched into L2 one line per
+// stream and k step while this call computes from L1 (see blocked_linear).
 template <int MR, int NB, bool PACKED>
 inline void microkernel512(const float* x, int64_t ldx, const float* block, int64_t block_stride, int64_t K, float* y,
-                           int64_t ldy, int64_t ncols_last, const float* bias, bool accumulate, int64_t pf) {
+                           int64_t ldy, int64_t ncols_last, const float* bias, bool accumulate, int64_t pf,
+                           const float* ahead, int64_t ahead_stride, int64_t ahead_k) {
   __m512 acc[MR][NB];
   _Pragma("GCC unroll 12") for (int m = 0; m < MR; ++m) {
     _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -141,6 +145,10 @@ inline void microkernel512(const float* x, int64_t ldx, const float* block, int6
     if (pf > 0) {
       _mm_prefetch(reinterpret_cast<const char*>(block + (k + pf) * kNR), _MM_HINT_T0);
       if (NB > 1) _mm_prefetch(reinterpret_cast<const char*>(w1p + (k + pf) * kNR), _MM_HINT_T0);
+    }
+    if (k < ahead_k) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kNR), _MM_HINT_T1);
+      if (ahead_stride > 0) _mm_prefetch(reinterpret_cast<const char*>(ahead + ahead_stride + k * kNR), _MM_HINT_T1);
     }
     const __m512 w0 = _mm512_loadu_ps(block + k * kNR);
     const __m512 w1 = NB > 1 ? _mm512_loadu_ps(w1p + k * kNR) : w0;
@@ -166,7 +174,7 @@ inline void microkernel512(const float* x, int64_t ldx, const float* block, int6
 }
 
 using Kernel512 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, const float*,
-                           bool, int64_t);
+                           bool, int64_t, const float*, int64_t, int64_t);
 template <int NB, bool PACKED>
 struct Kernels512 {
   static constexpr Kernel512 table[kMR512 + 1] = {
@@ -242,15 +250,33 @@ torch::Tensor blocked_linear(const torch::Tensor& x, const torch::Tensor& packed
         const float* bb = bias_ptr != nullptr ? bias_ptr + col : nullptr;
         const Kernel512* table = packed_x ? (nb == 2 ? Kernels512<2, true>::table : Kernels512<1, true>::table)
                                           : (nb == 2 ? Kernels512<2, false>::table : Kernels512<1, false>::table);
+        const int64_t strips = (m1 - m0 + kMR512 - 1) / kMR512;
         for (int64_t k0 = 0; k0 < K; k0 += kKC) {
           const int64_t kc = std::min(kKC, K - k0);
-          for (int64_t m = m0; m < m1; m += kMR512) {
+          // The slice the first strip will stream next: this pair's next K slice, or the first of
+          // the thread's next pair.  The other strips compute from L1 while the memory bus would
+          // idle, so they prefetch it into L2, split between them (~20% of a 32-row decode step's
+          // linears was that idle time: weight stream and FMAs did not overlap).
+          const float* next = nullptr;
+          int64_t next_stride = 0, next_kc = 0;
+          if (k0 + kKC < K) {
+            next = block + (k0 + kKC) * kNR, next_stride = nb == 2 ? K * kNR : 0, next_kc = std::min(kKC, K - k0 - kKC);
+          } else if (p + 1 < p_end) {
+            next = pp + 2 * (p + 1) * K * kNR, next_stride = NB - 2 * (p + 1) >= 2 ? K * kNR : 0;
+            next_kc = std::min(kKC, K);
+          }
+          const int64_t share = strips > 1 ? (next_kc + strips - 2) / (strips - 1) : 0;
+          for (int64_t m = m0, s = 0; m < m1; m += kMR512, ++s) {
             const int rows = static_cast<int>(std::min<int64_t>(kMR512, m1 - m));
             const float* xs = packed_x ? panel.data() + (m - m0) * K + k0 * kMR512 : xp + m * K + k0;
             // Only the first strip of a slice reads the weights from memory (the rest find them
-            // in L1), so only it prefetches ahead.
+            // in L1), so only it prefetches ahead into L1; the others take a share of the next slice.
+            const int64_t first_k = (s - 1) * share;
+            const bool fetch_next = s > 0 && next != nullptr && first_k < next_kc;
             table[rows](xs, K, block + k0 * kNR, K * kNR, kc, yp + m * N + col, N, ncols_last,
-                        k0 == 0 ? bb : nullptr, k0 > 0, m == m0 ? pf : 0);
+                        k0 == 0 ? bb : nullptr, k0 > 0, m == m0 ? pf : 0,
+                        fetch_next ? next + first_k * kNR : nullptr, next_stride,
+                        fetch_next ? std::min(share, next_kc - first_k) : 0);
           }
         }
       }
