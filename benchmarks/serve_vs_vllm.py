@@ -11,7 +11,7 @@ requests, measured with guidellm (its own venv: `python -m venv ~/.cache/guidell
 ~/.cache/guidellm-venv/bin/pip install guidellm`), and stopped.  The default model is the real
 SmolLM2-135M-Instruct, its GGUF dequantized to an HF float32 directory (what both engines load).
 Prints output tokens/s, TTFT and ITL medians of both and the ratio; with --result-file, writes them
-and the guidellm JSON reports beside it.  Output lengths are forced by guidellm (`ignore_eos`).
+and the guidellm JSON reports and server logs beside it (named after it).  Output lengths are forced by guidellm (`ignore_eos`).
 """
 from __future__ import annotations
 
@@ -78,17 +78,17 @@ def guidellm(port: int, model: str, streams: int, requests: int, prompt_tokens: 
     }
 
 
-def run_system(system: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_system(system: str, args: argparse.Namespace, out_dir: Path, stem: str) -> dict[str, Any]:
     port = 8000 if system == "kvserve" else 8001
     proc = subprocess.Popen(server_command(system, args.model, port), stdout=subprocess.DEVNULL,
-                            stderr=open(out_dir / f"{system}-server.log", "wb"), start_new_session=True)
+                            stderr=open(out_dir / f"{stem}-{system}-server.log", "wb"), start_new_session=True)
     try:
         startup = wait_ready(port, proc, args.startup_timeout)
         print(f"{system}: up in {startup:.1f} s; warming up", file=sys.stderr)
-        guidellm(port, args.model, args.streams, args.streams, args.prompt_tokens, 8, out_dir / f"{system}-warmup.json")
+        guidellm(port, args.model, args.streams, args.streams, args.prompt_tokens, 8, out_dir / f"{stem}-{system}-warmup.json")
         print(f"{system}: measuring", file=sys.stderr)
         res = guidellm(port, args.model, args.streams, args.requests, args.prompt_tokens, args.output_tokens,
-                       out_dir / f"{system}-guidellm.json")
+                       out_dir / f"{stem}-{system}-guidellm.json")
         res["startup_s"] = startup
         return res
     finally:
@@ -115,8 +115,9 @@ def main() -> None:
                  "~/.cache/guidellm-venv/bin/pip install guidellm")
     args.model = args.model or default_model()
     out_dir = Path(args.result_file).parent if args.result_file else Path("/tmp/serve_vs_vllm")
+    stem = Path(args.result_file).stem if args.result_file else "serve"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {s: run_system(s, args, out_dir) for s in args.systems.split(",")}
+    results = {s: run_system(s, args, out_dir, stem) for s in args.systems.split(",")}
     print(f"{'system':>10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p95 ms':>11} {'start s':>8}")
     for name, r in results.items():
         print(f"{name:>10} {r['output_tok_s']:>10.1f} {r['ttft_ms_p50']:>12.0f} {r['itl_ms_p50']:>11.1f} "

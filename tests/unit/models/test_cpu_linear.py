@@ -196,8 +196,8 @@ def test_rows_setting_is_parsed_and_checked(monkeypatch: pytest.MonkeyPatch) -> 
 def test_calibrate_picks_the_smallest_size_of_a_winning_run(gains: tuple[float, ...], expected: int | None,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # The timings are replaced (blocked 1 ms, MKL 1 - gain ms per size): this checks the choice.
-    order = iter([t for gain in gains for t in (1.0 - gain, 1.0)])  # calibrate times MKL, then blocked
-    monkeypatch.setattr(cpu_linear_rows, "_best_ms", lambda fn: next(order))
+    order = iter([(1.0 - gain, 1.0) for gain in gains])  # (MKL, blocked) per size, smallest first
+    monkeypatch.setattr(cpu_linear_rows, "_best_pair_ms", lambda mkl, blocked: next(order))
     monkeypatch.setattr(cpu_linear_rows, "MIN_LAYER_BYTES", 0)
     w = torch.randn(32, 16)
     assert cpu_linear_rows.calibrate([w], [cpu_gemm.pack_weight(w)], candidates=(128, 256, 512, 1024)) == expected
