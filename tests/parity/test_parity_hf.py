@@ -75,6 +75,22 @@ def test_greedy_matches_hf(arch_case, config):
         assert core.stats.num_steps > MAX_NEW + 20
 
 
+def test_greedy_matches_hf_with_mkl_at_prefill_sizes(arch_case, monkeypatch):
+    # The calibrated MKL dispatch (kvserve.models.cpu_linear_rows) forced on from 32 rows: prefill
+    # chunks go through F.linear, decode steps through the blocked kernel, in one run.
+    from kvserve.models import cpu_linear_rows
+
+    name, model_dir, prompts, ref = arch_case
+    monkeypatch.setenv(cpu_linear_rows.ENV, "32")
+    llm = LLM(str(model_dir))
+    model = llm.engine.core.model
+    dispatched = [m for m in model.modules() if getattr(m, "plain_from_rows", None) == 32]
+    assert dispatched, "some projection should keep its plain weight for MKL"
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    _check(ref, outs, min_exact=len(prompts) - 2)
+
+
 def test_n_greater_than_one_shares_blocks_and_matches(arch_case):
     name, model_dir, prompts, ref = arch_case
     llm = LLM(str(model_dir), enable_prefix_caching=False)
