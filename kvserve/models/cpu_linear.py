@@ -160,6 +160,13 @@ def _plain_from_rows(projections: list[nn.Module]) -> Optional[int]:
         return None
     if isinstance(choice, int):
         return choice
+    extra = sum(m.weight.numel() * m.weight.element_size() for m in projections)
+    available = cpu_linear_rows.available_memory_bytes()
+    if available is not None and extra > cpu_linear_rows.MAX_MEMORY_SHARE * available:
+        logger.info("CPU linears: the blocked kernel at every row count (a second copy of the weights, %.0f MB, "
+                    "would take more than %.0f%% of the %.0f MB available)", extra / 2**20,
+                    100 * cpu_linear_rows.MAX_MEMORY_SHARE, available / 2**20)
+        return None
     by_shape: dict[tuple[int, ...], nn.Module] = {}
     for m in projections:
         by_shape.setdefault(tuple(m.weight.shape), m)
@@ -168,7 +175,6 @@ def _plain_from_rows(projections: list[nn.Module]) -> Optional[int]:
     if from_rows is None:
         logger.info("CPU linears: kvserve's blocked kernel at every row count (MKL measured no faster here)")
     else:
-        extra = sum(m.weight.numel() * m.weight.element_size() for m in projections)
         logger.info("CPU linears: MKL from %d rows (measured faster here at prefill sizes); the plain weights "
                     "stay loaded for it (%.0f MB)", from_rows, extra / 2**20)
     return from_rows

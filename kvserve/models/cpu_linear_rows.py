@@ -10,6 +10,9 @@ So the choice is measured on the machine: `calibrate` times one decoder layer's 
 ways at a few prefill row counts when the weights are packed, and the model keeps its plain weights
 (one more copy: 538 MB for SmolLM2-135M in float32) only where MKL wins.
 
+The copy is kept only while it takes at most a quarter of the memory available after the load
+(MAX_MEMORY_SHARE): a large model keeps the blocked kernel and its memory.
+
 KVSERVE_CPU_LINEAR_ROWS: "auto" (default: calibrate), "off" (the blocked kernel at every size, the
 plain weights freed), or an integer N (MKL from N rows, no calibration: for tests and A/B runs).
 The result of either kernel equals `F.linear` up to float rounding; the parity tests hold the
@@ -47,6 +50,21 @@ MIN_STEP_GAIN = 0.03
 # would then take either path at random.  SmolLM2-135M's layer holds 14 MB.
 MIN_LAYER_BYTES = 4 << 20
 _REPS = 5
+# The plain weights are kept only while they take at most this share of the memory available after
+# the load: the KV cache and the host tier need the rest (a 7B model in float32 would double 28 GB).
+MAX_MEMORY_SHARE = 0.25
+
+
+def available_memory_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (Linux), else None (the check is skipped)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def setting() -> Optional[int] | str:

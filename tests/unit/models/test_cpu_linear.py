@@ -215,3 +215,21 @@ def test_calibrate_times_real_kernels() -> None:
     ws = [torch.randn(1024, 576), torch.randn(576, 1536)]
     got = cpu_linear_rows.calibrate(ws, [cpu_gemm.pack_weight(w) for w in ws], candidates=(64, 256))
     assert got in (None, 64, 256)
+
+
+@needs_onednn
+def test_no_second_copy_when_memory_is_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "auto" with too little memory available: no calibration, the plain weights freed.
+    monkeypatch.setenv(cpu_linear.ENV, "blocked")
+    monkeypatch.setenv(cpu_linear_rows.ENV, "auto")
+    monkeypatch.setattr(cpu_linear_rows, "available_memory_bytes", lambda: 1024)
+    monkeypatch.setattr(cpu_linear_rows, "calibrate", lambda *a, **k: pytest.fail("calibrated anyway"))
+    model, _ = load_model(build_tiny_model("llama3", tmp_path / "m", seed=4), torch.float32, "cpu", max_positions=64)
+    cpu_linear.pack_linears(model)
+    assert all(layer.mlp.down_proj.plain_from_rows is None and layer.mlp.down_proj.weight.numel() == 0
+               for layer in model.layers)
+
+
+def test_available_memory_is_read() -> None:
+    got = cpu_linear_rows.available_memory_bytes()
+    assert got is None or got > 0
