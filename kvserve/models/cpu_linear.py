@@ -135,9 +135,10 @@ def pack_linears(model: nn.Module) -> int:
     # The LM head runs on the sampled rows only (a decode-sized count): it never keeps its plain weight.
     projections = [m for name, m in named if m.packed_weight.dim() == 3 and name.rsplit(".", 1)[-1] != "lm_head"]
     from_rows = _plain_from_rows(projections)
+    keep_plain = {id(m) for m in projections} if from_rows is not None else set()
     count = 0
     for module in todo:
-        if from_rows is not None and module in projections:
+        if id(module) in keep_plain:
             module.plain_from_rows = from_rows  # keeps its plain weight for MKL at prefill sizes
         else:  # the packed copy replaces the plain one; shape metadata stays on the module
             module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)

@@ -8,7 +8,7 @@ and on some CPUs MKL's sgemm is faster: on the 2-core Intel Xeons with AVX-512 (
 SmolLM2 forward, ~20% less; on the AMD EPYCs it was slower than the blocked kernel at every size.
 So the choice is measured on the machine: `calibrate` times one decoder layer's projections both
 ways at a few prefill row counts when the weights are packed, and the model keeps its plain weights
-(one more copy: 538 MB for SmolLM2-135M in float32) only where MKL wins.
+(one more copy of the decoder layers' projections: 405 MB for SmolLM2-135M in float32) only where MKL wins.
 
 The copy is kept only while it takes at most a quarter of the memory available after the load
 (MAX_MEMORY_SHARE): a large model keeps the blocked kernel and its memory.
@@ -103,10 +103,10 @@ def calibrate(weights: Sequence[torch.Tensor], packed: Sequence[torch.Tensor],
     None where it does not.  Best of a few timings each (~1 s at start-up for SmolLM2-135M)."""
     if sum(w.numel() * w.element_size() for w in weights) < MIN_LAYER_BYTES:
         return None
-    inputs = {w.shape[1]: {} for w in weights}
+    in_features = {w.shape[1] for w in weights}
     gains: list[float] = []
     for rows in candidates:
-        xs = {k: torch.randn(rows, k) for k in inputs}
+        xs = {k: torch.randn(rows, k) for k in in_features}
 
         def mkl() -> torch.Tensor:
             return [F.linear(xs[w.shape[1]], w) for w in weights][-1]

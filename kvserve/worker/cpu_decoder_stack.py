@@ -72,6 +72,11 @@ class CpuDecoderStack:
                                    tables, seq_lens, chunks, block_ids)
 
 
+def _projections(layer: Any) -> tuple[Any, Any, Any, Any]:
+    """A decoder layer's four projections, in the order the stack takes them."""
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
 def _packed_blocks(linear: Any) -> Optional[torch.Tensor]:
     packed = getattr(linear, "packed_weight", None)
     return packed if packed is not None and packed.dim() == 3 else None
@@ -95,9 +100,7 @@ def build(model: torch.nn.Module, backend: Any) -> Optional[CpuDecoderStack]:
     layers = []
     # Where the projections keep their plain weights for MKL at prefill sizes (cpu_linear_rows),
     # the stack takes the same threshold so that it stays bitwise equal to the Python layers.
-    from_rows = {m.plain_from_rows for layer in model.layers
-                 for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                           layer.mlp.down_proj)}
+    from_rows = {m.plain_from_rows for layer in model.layers for m in _projections(layer)}
     if len(from_rows) != 1:
         return no("the projections take F.linear from different row counts")
     plain_from_rows = from_rows.pop()
@@ -105,14 +108,13 @@ def build(model: torch.nn.Module, backend: Any) -> Optional[CpuDecoderStack]:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.ext is None or mlp.ext is None or layer.input_layernorm.ext is None:
             return no("the fused layer ops are off")
-        packed = [_packed_blocks(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        packed = [_packed_blocks(m) for m in _projections(layer)]
         if any(p is None for p in packed):
             return no("a projection is not packed in column blocks")
         if layer.input_layernorm.weight.dtype != torch.float32 or layer.input_layernorm.weight.device.type != "cpu":
             return no("not a float32 CPU model")
         qkv, o, gate_up, down = packed
-        plain = [m.weight.detach() if plain_from_rows is not None else empty
-                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        plain = [m.weight.detach() if plain_from_rows is not None else empty for m in _projections(layer)]
         bias = attn.qkv_proj.bias
         q_norm = attn.q_norm.weight if attn.qk_norm else empty
         k_norm = attn.k_norm.weight if attn.qk_norm else empty
