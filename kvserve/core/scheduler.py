@@ -105,6 +105,10 @@ class Scheduler:
         self.new_forks: list[Request] = []
         # Speculative decoding (kvserve/spec_decode/scheduling.py), set by the engine core.
         self.spec: Optional[SpecScheduling] = None
+        # True while the caller has submitted every request it will until the running ones
+        # finish (an offline batch, LLM.generate): once nobody waits, the batch's finish is
+        # what counts, so adaptive speculation values drafts by the batch's longest request.
+        self.closed_batch = False
 
     # -------------------------------------------------------------- requests
     def validate_fits(self, request: Request) -> None:

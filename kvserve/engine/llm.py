@@ -117,6 +117,8 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        scheduler = self.engine.core.scheduler
+        scheduler.closed_batch = True  # nothing else is submitted while this batch runs
         try:
             while pending:
                 if not self.engine.has_unfinished_requests():
@@ -128,6 +130,7 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
         finally:
+            scheduler.closed_batch = False
             if bar is not None:
                 bar.close()
         return [results[i] for i in ids]

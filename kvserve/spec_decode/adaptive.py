@@ -24,6 +24,10 @@ adding a draft with acceptance g pays only while g exceeds the marginal
 cost in tokens' worth of time, so at high load (compute-bound steps)
 speculation turns itself off.
 
+In a closed batch (every request submitted, nobody waiting) tokens that only make one
+request finish early buy nothing: `choose_joint_length` values drafts by the steps they
+save for the batch's longest requests instead.
+
 This module is pure Python (no torch): the scheduler calls it.
 """
 from __future__ import annotations
@@ -174,6 +178,42 @@ def choose_spec_lengths(rates: Sequence[Sequence[float]], max_k: Sequence[int], 
     return ks
 
 
+def choose_joint_length(rates: Sequence[Sequence[float]], max_k: Sequence[int], step_time: StepTime,
+                        base_tokens: int = 0, draft_token_s: float = 0.0, draft_fixed_s: float = 0.0) -> int:
+    """One k for a set of requests whose tokens pay only together: a closed batch's critical set.
+
+    When nobody waits and nobody will arrive, the batch lasts as long as its longest requests
+    (the most tokens left, tied: the critical set C).  A step is saved for the batch only if
+    every request of C gains, so a step drafting k for each of them advances the batch's end by
+    1 + E[min_i a_i] = 1 + sum_{j<=k} prod_{i in C} prod_{l<=j} rates[i][l-1] (independent
+    acceptances); the others drafting only finish sooner, which on weight-bound steps saves
+    nothing.  Returns the k (0 = none) maximising that advance per second:
+    (1 + gain(k)) / (t(base + |C| (k + 1)) + draft cost); ties go to less speculation.
+    For one request it is `choose_spec_lengths` of that request.
+    """
+    if len(rates) != len(max_k):
+        raise ValueError(f"{len(rates)} rate lists for {len(max_k)} requests")
+    if not max_k:
+        return 0
+    for i, (r, m) in enumerate(zip(rates, max_k)):
+        if m < 0 or m > len(r):
+            raise ValueError(f"request {i}: max_k={m} but {len(r)} acceptance rates")
+    n = len(max_k)
+    probs = [1.0] * n
+    advance = 1.0
+    best_k, best = 0, 1.0 / step_time(base_tokens + n)
+    for k in range(1, min(max_k) + 1):
+        joint = 1.0
+        for i in range(n):
+            probs[i] *= _clamp01(rates[i][k - 1])
+            joint *= probs[i]
+        advance += joint
+        rate = advance / (step_time(base_tokens + n * (k + 1)) + draft_fixed_s + draft_token_s * n * k)
+        if rate > best * (1 + 1e-12):
+            best_k, best = k, rate
+    return best_k
+
+
 # ------------------------------------------------------------------ acceptance estimates
 @dataclass
 class AcceptanceTracker:
@@ -254,15 +294,21 @@ class SpecLengthPolicy:
         self.draft_token_s = draft_token_s
         self.draft_fixed_s = draft_fixed_s
 
-    def choose(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0) -> list[int]:
+    def choose(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0, jointly: bool = False) -> list[int]:
         """candidates: (request id, most drafts it can take); returns k per candidate.
+        jointly: the candidates gain only together (a closed batch's critical set,
+        `choose_joint_length`): one k for all of them.
         Call once per step: positions offered but not drafted relax toward the prior."""
         caps = [max(0, min(m, self.max_k)) for _, m in candidates]
         if not self.adaptive:
             return caps
         assert self.step_time is not None
-        ks = choose_spec_lengths([self.tracker.rates(rid) for rid, _ in candidates], caps,
-                                 self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
+        rates = [self.tracker.rates(rid) for rid, _ in candidates]
+        if jointly:
+            k = choose_joint_length(rates, caps, self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
+            ks = [k] * len(candidates)
+        else:
+            ks = choose_spec_lengths(rates, caps, self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
         for (rid, _), k, cap in zip(candidates, ks, caps):
             if k < cap:
                 self.tracker.relax(rid, from_position=k)  # exploration: see AcceptanceTracker

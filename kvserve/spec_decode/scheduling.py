@@ -10,6 +10,9 @@ Per step, after the running requests and the admissions have been scheduled
                drafts fit the token budget left, and KV slots are reserved for them
                (`allocate_slots(request, 1 + k)`; short of blocks: no drafts).  The
                scheduler emits token_ids = [last token, d_1..d_k], k + 1 positions.
+               In a closed batch (`Scheduler.closed_batch`: every request submitted, nobody
+               waiting) a saved step is the only gain: only the requests with the most
+               tokens left draft, all the same k (`critical_set`, adaptive.choose_joint_length).
   on_output    the step's measured time feeds the step-time model; each verification
                (drafted k, accepted a = num_accepted - 1) the metrics and the policy.
   on_finished  the proposer learns the output (suffix tree) and drops the state.
@@ -23,7 +26,7 @@ extra protocol.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from kvserve.spec_decode import make_proposer
 from kvserve.spec_decode.adaptive import SpecLengthPolicy
@@ -67,6 +70,24 @@ def _make_proposer(config: SpeculativeConfig, *, vocab_size: int, device: str, d
     return PagedDraftProposer.load(config.draft_model, num_blocks=num_blocks, block_size=block_size,
                                    dtype=getattr(torch, dtype), device=device, attention_backend=attention_backend,
                                    target_vocab_size=vocab_size)
+
+
+def tokens_left(sched: "Scheduler", r: "Request") -> int:
+    """Tokens request `r` may still generate (before max_tokens and max_model_len): an upper
+    bound, since a stop token or string may end it sooner."""
+    left = sched.max_model_len - r.num_tokens
+    if r.sampling_params.max_tokens is not None:
+        left = min(left, r.sampling_params.max_tokens - r.num_output_tokens)
+    return max(0, left)
+
+
+def critical_set(left: Sequence[tuple[str, int]]) -> set[str]:
+    """The running requests with the most tokens left (`left`: (request id, tokens left) of
+    each): in a closed batch, those the batch waits for (adaptive.choose_joint_length)."""
+    if not left:
+        return set()
+    longest = max(n for _, n in left)
+    return {rid for rid, n in left if n == longest}
 
 
 class SpecScheduling:
@@ -122,9 +143,19 @@ class SpecScheduling:
         st = self.step_time
         if candidates and st is not None and st.num_buckets and not st.has(base + len(candidates)):
             candidates = []  # measure this step size without drafts first (step_time.py)
+        jointly = False
+        if candidates and sched.closed_batch and sched.num_waiting == 0 and self.manager.policy.adaptive:
+            # Only the critical set's drafts can save a step, and only all of them together:
+            # the others' rows join the base, and a critical request that cannot draft this
+            # step (a prefill, no room) means no drafts at all.
+            critical = critical_set([(r.request_id, tokens_left(sched, r)) for r in sched.running])
+            chosen = [(rid, cap) for rid, cap in candidates if rid in critical]
+            base += len(candidates) - len(chosen)
+            candidates = chosen if len(chosen) == len(critical) else []
+            jointly = True
         if candidates:
             t0 = self.clock()
-            drafts = self.manager.drafts(candidates, base)
+            drafts = self.manager.drafts(candidates, base, jointly)
             self._observe_draft_cost(self.clock() - t0, sum(len(d) for d in drafts.values()))
             for rid, _ in candidates:
                 d = drafts.get(rid, [])[:budget]

@@ -2,7 +2,7 @@
 
 `OnlineStepTime` records (batched tokens, seconds) of every engine step and
 answers t(n) from them: the median of the recent steps per token-count bucket,
-made non-decreasing in n, linear between buckets and along the last segment
+made non-decreasing in n (weighted by each bucket's samples: `monotone_fit`), linear between buckets and along the last segment
 beyond (the shape of `InterpolatedStepTime`; a line through a CPU's points
 misleads, docs/spec_decode.md section 3).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from typing import Optional
+from typing import Optional, Sequence
 
 from kvserve.spec_decode.adaptive import StepTime
 
@@ -37,6 +37,24 @@ def bucket(num_tokens: int) -> int:
         return max(1, num_tokens)
     j = round(math.log(num_tokens / _EXACT_UP_TO) / math.log(_RATIO))
     return max(_EXACT_UP_TO + 1, int(round(_EXACT_UP_TO * _RATIO ** j)))
+
+
+def monotone_fit(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in weighted least squares (pool
+    adjacent violators).  A running max would let one slow step, measured once in a small
+    bucket, raise every larger bucket to it, so that extra tokens look free; pooling weighs
+    it against the buckets measured many times."""
+    blocks: list[list[float]] = []  # [weighted mean, weight, number of values pooled]
+    for v, w in zip(values, weights):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m1, w1, n1 = blocks.pop()
+            m0, w0, n0 = blocks[-1]
+            blocks[-1] = [(m0 * w0 + m1 * w1) / (w0 + w1), w0 + w1, n0 + n1]
+    out: list[float] = []
+    for m, _, n in blocks:
+        out += [m] * int(n)
+    return out
 
 
 class OnlineStepTime:
@@ -71,13 +89,14 @@ class OnlineStepTime:
         return bucket(num_tokens) in self._samples
 
     def _rebuild(self) -> None:
-        xs, ys, running = [], [], 0.0
-        for b in sorted(self._samples):
+        xs = sorted(self._samples)
+        medians = []
+        for b in xs:
             ts = sorted(self._samples[b])
-            running = max(running, ts[len(ts) // 2])
-            xs.append(b)
-            ys.append(running)
-        self._xs, self._ys, self._dirty = xs, ys, False
+            medians.append(ts[len(ts) // 2])
+        self._xs = xs
+        self._ys = monotone_fit(medians, [len(self._samples[b]) for b in xs])
+        self._dirty = False
 
     def __call__(self, num_tokens: int) -> float:
         if self._dirty:

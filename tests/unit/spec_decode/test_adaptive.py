@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
 
 from kvserve.spec_decode.adaptive import (
-    AcceptanceTracker, InterpolatedStepTime, LinearStepTime, SpecLengthPolicy, choose_spec_lengths,
-    expected_tokens, fit_linear_step_time, roofline_step_time,
+    AcceptanceTracker, InterpolatedStepTime, LinearStepTime, SpecLengthPolicy, choose_joint_length,
+    choose_spec_lengths, expected_tokens, fit_linear_step_time, roofline_step_time,
 )
 
 
@@ -189,3 +190,60 @@ def test_a_request_turned_off_is_retried_at_low_load_only():
     assert low.choose([("a", 4)]) == [0]
     busy = turned_off(LinearStepTime(0.0, 1e-3))  # compute-bound: drafting never pays
     assert [busy.choose([("a", 4)] * 1)[0] for _ in range(500)] == [0] * 500
+
+
+# ------------------------------------------------------------------ closed batch: one k for the critical set
+def joint_advance_rate(k, rates, t, base=0, draft_token_s=0.0, draft_fixed_s=0.0):
+    """(1 + E[min_i accepted_i]) / step time, by enumerating every outcome of every request."""
+    n = len(rates)
+    outcomes = []  # per request: P(accepted == a) for a = 0..k
+    for r in rates:
+        probs, alive = [], 1.0
+        for a in range(k + 1):
+            nxt = alive * r[a] if a < k else 0.0
+            probs.append(alive - nxt)
+            alive = nxt
+        outcomes.append(probs)
+    e_min = sum(math.prod(p[a] for p, a in zip(outcomes, combo)) * min(combo)
+                for combo in itertools.product(range(k + 1), repeat=n))
+    time = t(base + n * (k + 1)) + ((draft_fixed_s + draft_token_s * n * k) if k else 0.0)
+    return (1 + e_min) / time
+
+
+def test_joint_length_matches_enumeration_and_is_the_single_request_choice_for_one():
+    rng = random.Random(1)
+    for trial in range(200):
+        n = rng.randint(1, 3)
+        caps = [rng.randint(0, 3) for _ in range(n)]
+        rates = [[rng.uniform(0.3, 1.0) for _ in range(3)] for _ in range(n)]
+        a, b = rng.uniform(0.5, 2), rng.uniform(0.02, 0.5)
+        t = (lambda m, a=a, b=b: max(a, b * m)) if rng.random() < 0.5 else LinearStepTime(a, b)
+        base = rng.randint(0, 6)
+        dts = rng.choice([0.0, 0.05])
+        got = choose_joint_length(rates, caps, t, base, dts)
+        assert 0 <= got <= min(caps)
+        best = max(joint_advance_rate(k, rates, t, base, dts) for k in range(min(caps) + 1))
+        assert joint_advance_rate(got, rates, t, base, dts) == pytest.approx(best, rel=1e-9), trial
+        if n == 1:
+            assert [got] == choose_spec_lengths(rates, caps, t, base, dts)
+
+
+def test_a_large_critical_set_does_not_draft_where_each_request_alone_would():
+    t = lambda m: max(0.030, 0.003 * m)  # weight-bound up to 10 tokens
+    rates = [[0.7] * 4] * 8
+    assert sum(choose_spec_lengths(rates, [4] * 8, t)) >= 2  # each request's tokens counted
+    assert choose_joint_length(rates, [4] * 8, t) == 0  # 0.7 ** 8: a saved step is unlikely
+    assert choose_joint_length([[0.95] * 4] * 2, [4, 4], t) > 0  # two likely requests: worth it
+    assert choose_joint_length([[0.95] * 4, [0.95] * 4], [4, 0], t) == 0  # one cannot draft
+    with pytest.raises(ValueError):
+        choose_joint_length([[0.5]], [2], t)
+
+
+def test_policy_chooses_jointly_when_asked():
+    pol = SpecLengthPolicy(4, step_time=LinearStepTime(0.030, 0.004))
+    ka, kb = pol.choose([("a", 4), ("b", 4)], jointly=True)
+    assert ka == kb > 0  # the prior 0.8 for both: one k
+    for _ in range(10):
+        pol.observe("b", 1, 0)  # b's drafts are rejected
+    assert pol.choose([("a", 4), ("b", 4)], jointly=True) == [0, 0]
+    assert pol.choose([("a", 4), ("b", 4)])[0] > 0  # on its own, a still drafts

@@ -14,11 +14,11 @@ from kvserve.core.scheduler import Scheduler
 from kvserve.protocol import ModelRunnerOutput, SampledToken
 from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
-from kvserve.spec_decode.adaptive import SpecLengthPolicy
+from kvserve.spec_decode.adaptive import LinearStepTime, SpecLengthPolicy
 from kvserve.spec_decode.base import Proposer, ProposerState
 from kvserve.spec_decode.manager import SpecDecodeManager
 from kvserve.spec_decode.scheduling import SpecScheduling
-from kvserve.spec_decode.step_time import OnlineStepTime, bucket
+from kvserve.spec_decode.step_time import OnlineStepTime, bucket, monotone_fit
 
 BS = 4
 
@@ -157,8 +157,26 @@ def test_online_step_time_is_flat_until_measured_then_interpolates():
     t.observe(2, 0.05)
     assert t(1) == pytest.approx(0.025)  # the first segment (2, 0.05)-(4, 0.10) extended
     assert t.has(8) and not t.has(5)
-    t.observe(16, 0.15)  # cheaper than a smaller step: made non-decreasing
-    assert t(16) == pytest.approx(0.22)
+    t.observe(16, 0.15)  # cheaper than a smaller step: made non-decreasing, pooled by samples
+    assert t(16) == t(8) == pytest.approx((3 * 0.22 + 0.15) / 4)
+
+
+def test_online_step_time_one_slow_small_step_does_not_make_larger_steps_look_free():
+    t = OnlineStepTime(window=16)
+    for _ in range(16):
+        t.observe(8, 0.033)
+        t.observe(12, 0.038)
+        t.observe(16, 0.045)
+    t.observe(7, 0.080)  # measured once: a stall
+    # A running max would read t(8) = t(12) = t(16) = 0.080: drafting would look free.
+    assert t(8) == pytest.approx((0.080 + 16 * 0.033) / 17)  # pooled with the 16 samples of 8 tokens
+    assert t(12) - t(8) > 0.002 and t(16) - t(12) == pytest.approx(0.007)
+
+
+def test_monotone_fit_is_weighted_least_squares_non_decreasing():
+    assert monotone_fit([1.0, 2.0, 3.0], [1, 1, 1]) == [1.0, 2.0, 3.0]
+    assert monotone_fit([3.0, 1.0], [1, 3]) == [1.5, 1.5]
+    assert monotone_fit([1.0, 5.0, 2.0, 4.0], [1, 1, 1, 1]) == [1.0, 3.5, 3.5, 4.0]
     assert bucket(3) == 3 and bucket(1000) == bucket(1010) and 900 < bucket(1000) < 1100
 
 
@@ -176,3 +194,47 @@ def test_an_unmeasured_no_draft_step_size_runs_without_drafts_first():
     assert st.has(1)
     assert s.schedule().requests[0].num_draft_tokens == 4
     assert r.num_tokens == 8
+
+
+# ------------------------------------------------------------------ closed batch (LLM.generate)
+def adaptive(s: Scheduler) -> None:
+    """An adaptive policy on a step time where a few extra tokens are cheap (30 ms + 1 ms each)."""
+    s.spec = SpecScheduling(SpecDecodeManager(Sevens(), SpecLengthPolicy(4, step_time=LinearStepTime(0.030, 0.001))))
+
+
+def drafts_of(out) -> dict[str, int]:
+    return {sr.request_id: sr.num_draft_tokens for sr in out.requests}
+
+
+def test_open_batch_drafts_for_every_request_it_pays_for():
+    s = make()
+    adaptive(s)
+    start(s, [("a", 6, {}), ("b", 6, {"max_tokens": 10})])
+    d = drafts_of(s.schedule())
+    assert d["a"] > 0 and d["b"] > 0
+
+
+def test_closed_batch_drafts_only_for_the_requests_with_most_tokens_left_all_alike():
+    s = make()
+    adaptive(s)
+    start(s, [("a", 6, {}), ("b", 6, {"max_tokens": 10}), ("c", 6, {})])
+    s.closed_batch = True
+    out = s.schedule()
+    d = drafts_of(out)
+    assert d["b"] == 0  # 9 tokens left against 19: drafting only makes it finish sooner
+    assert d["a"] == d["c"] > 0  # tied for the most tokens left: one k for both
+    s.update_from_output(out, ModelRunnerOutput(
+        sampled={"a": [SampledToken(7)] * (d["a"] + 1), "b": [SampledToken(2)], "c": [SampledToken(2)]},
+        num_accepted={"a": d["a"] + 1, "c": 1}))  # a took every draft, c none
+    d = drafts_of(s.schedule())
+    assert d == {"a": 0, "b": 0, "c": d["c"]} and d["c"] > 0  # c alone is the batch's end now
+
+
+def test_closed_batch_without_drafts_when_a_critical_request_cannot_draft():
+    s = make()
+    adaptive(s)
+    start(s, [("a", 6, {}), ("b", 6, {})])
+    s.closed_batch = True
+    s.add_request(Request("p", list(range(10, 50)), SamplingParams(max_tokens=20), block_size=BS))
+    out = s.schedule()  # p's prefill (20 tokens left, a and b 19) runs in this step
+    assert drafts_of(out) == {"a": 0, "b": 0, "p": 0}
