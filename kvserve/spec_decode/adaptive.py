@@ -294,10 +294,12 @@ class SpecLengthPolicy:
         self.draft_token_s = draft_token_s
         self.draft_fixed_s = draft_fixed_s
 
-    def choose(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0, jointly: bool = False) -> list[int]:
+    def choose(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0, jointly: bool = False,
+               weights: Optional[Sequence[float]] = None) -> list[int]:
         """candidates: (request id, most drafts it can take); returns k per candidate.
         jointly: the candidates gain only together (a closed batch's critical set,
-        `choose_joint_length`): one k for all of them.
+        `choose_joint_length`): one k for all of them.  weights: what one token of each
+        candidate is worth (`choose_spec_lengths`; SLO-aware, from the scheduler side).
         Call once per step: positions offered but not drafted relax toward the prior."""
         caps = [max(0, min(m, self.max_k)) for _, m in candidates]
         if not self.adaptive:
@@ -308,7 +310,8 @@ class SpecLengthPolicy:
             k = choose_joint_length(rates, caps, self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
             ks = [k] * len(candidates)
         else:
-            ks = choose_spec_lengths(rates, caps, self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s)
+            ks = choose_spec_lengths(rates, caps, self.step_time, base_tokens, self.draft_token_s, self.draft_fixed_s,
+                                     weights)
         for (rid, _), k, cap in zip(candidates, ks, caps):
             if k < cap:
                 self.tracker.relax(rid, from_position=k)  # exploration: see AcceptanceTracker

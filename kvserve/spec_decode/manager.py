@@ -29,19 +29,20 @@ class SpecDecodeManager:
         self._states[request_id] = self.proposer.new_state(token_ids, num_prompt_tokens)
 
     def drafts(self, candidates: Sequence[tuple[str, int]], base_tokens: int = 0,
-               jointly: bool = False) -> dict[str, list[int]]:
+               jointly: bool = False, weights: Optional[Sequence[float]] = None) -> dict[str, list[int]]:
         """Draft tokens per candidate (request id, most drafts it may take this step: the
         configured K, tokens left before max_tokens / max_model_len).  Requests given none
-        are absent.  jointly: one length for all candidates (SpecLengthPolicy.choose).  Cheap proposers propose first and the policy cuts the proposals;
+        are absent.  jointly: one length for all candidates; weights: the value of one token of
+        each candidate (SpecLengthPolicy.choose).  Cheap proposers propose first and the policy cuts the proposals;
         a draft model is asked only for the k the policy chose."""
         states = [self._states[rid] for rid, _ in candidates]
         if self.proposer.proposes_for_free:
             proposals = self.proposer.propose_batch(states, [min(cap, self.policy.max_k) for _, cap in candidates])
             ks = self.policy.choose([(rid, len(p)) for (rid, _), p in zip(candidates, proposals)], base_tokens,
-                                    jointly)
+                                    jointly, weights)
             chosen = [p[:k] for p, k in zip(proposals, ks)]
         else:
-            ks = self.policy.choose(candidates, base_tokens, jointly)
+            ks = self.policy.choose(candidates, base_tokens, jointly, weights)
             chosen = self.proposer.propose_batch(states, ks)
         return {rid: d for (rid, _), d in zip(candidates, chosen) if d}
 

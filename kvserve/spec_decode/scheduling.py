@@ -90,6 +90,31 @@ def critical_set(left: Sequence[tuple[str, int]]) -> set[str]:
     return {rid for rid, n in left if n == longest}
 
 
+# A request this many TPOT targets behind its pace values its tokens (1 + that) times at most;
+# one ahead of its pace by half a target or more, half.
+_SLO_WEIGHT_MAX, _SLO_WEIGHT_MIN = 4.0, 0.5
+
+
+def slo_weights(sched: "Scheduler", requests: Sequence["Request"]) -> Optional[list[float]]:
+    """What one token of each request is worth to the length policy, from its TPOT target
+    (`slo.tpot_s`, or the scheduling policy's default): on pace 1; behind by x targets' time
+    (first_token_time + tpot * outputs < now) 1 + x, at most 4; ahead, down to 0.5.  A late
+    request's drafts then win over an early one's in the same step.  None: no request has a
+    target (every token counts 1, and scaling all weights alike changes nothing)."""
+    target_of = getattr(sched.policy, "tpot_s", None)  # SLOPolicy: the request's target or the default
+    now = sched.clock()
+    weights, any_target = [], False
+    for r in requests:
+        tpot = target_of(r) if callable(target_of) else (r.slo.tpot_s if r.slo is not None else None)
+        if tpot is None or r.first_token_time is None:
+            weights.append(1.0)
+            continue
+        any_target = True
+        behind = (now - r.first_token_time - tpot * r.num_output_tokens) / tpot  # in targets' time
+        weights.append(min(_SLO_WEIGHT_MAX, max(_SLO_WEIGHT_MIN, 1.0 + behind)))
+    return weights if any_target else None
+
+
 class SpecScheduling:
     def __init__(self, manager: SpecDecodeManager, step_time: Optional[OnlineStepTime] = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -153,9 +178,12 @@ class SpecScheduling:
             base += len(candidates) - len(chosen)
             candidates = chosen if len(chosen) == len(critical) else []
             jointly = True
+        weights = None
+        if candidates and not jointly and self.manager.policy.adaptive:
+            weights = slo_weights(sched, [by_id[rid] for rid, _ in candidates])
         if candidates:
             t0 = self.clock()
-            drafts = self.manager.drafts(candidates, base, jointly)
+            drafts = self.manager.drafts(candidates, base, jointly, weights)
             self._observe_draft_cost(self.clock() - t0, sum(len(d) for d in drafts.values()))
             for rid, _ in candidates:
                 d = drafts.get(rid, [])[:budget]

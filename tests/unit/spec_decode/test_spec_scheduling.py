@@ -12,12 +12,12 @@ from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler
 from kvserve.protocol import ModelRunnerOutput, SampledToken
-from kvserve.request import Request
+from kvserve.request import SLO, Request
 from kvserve.sampling_params import SamplingParams
 from kvserve.spec_decode.adaptive import LinearStepTime, SpecLengthPolicy
 from kvserve.spec_decode.base import Proposer, ProposerState
 from kvserve.spec_decode.manager import SpecDecodeManager
-from kvserve.spec_decode.scheduling import SpecScheduling
+from kvserve.spec_decode.scheduling import SpecScheduling, slo_weights
 from kvserve.spec_decode.step_time import OnlineStepTime, bucket, monotone_fit
 
 BS = 4
@@ -238,3 +238,38 @@ def test_closed_batch_without_drafts_when_a_critical_request_cannot_draft():
     s.add_request(Request("p", list(range(10, 50)), SamplingParams(max_tokens=20), block_size=BS))
     out = s.schedule()  # p's prefill (20 tokens left, a and b 19) runs in this step
     assert drafts_of(out) == {"a": 0, "b": 0, "p": 0}
+
+
+# ------------------------------------------------------------------ SLO targets weigh drafts
+def test_a_request_behind_its_tpot_target_gets_the_drafts_before_one_ahead():
+    now = [0.0]
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                  KVCacheManager(32, BS), clock=lambda: now[0])
+    # One more draft token costs 4 ms against a 30 ms step: with equal weights each request gets
+    # the same drafts; 0.8 acceptance everywhere (the prior).
+    s.spec = SpecScheduling(SpecDecodeManager(Sevens(), SpecLengthPolicy(4, step_time=LinearStepTime(0.030, 0.004))))
+    reqs = [Request(rid, list(range(10, 16)), SamplingParams(max_tokens=20), block_size=BS,
+                    slo=SLO(tpot_s=tpot)) for rid, tpot in (("late", 0.010), ("early", 1.0))]
+    for r in reqs:
+        s.add_request(r)
+    out = s.schedule()
+    s.update_from_output(out, ModelRunnerOutput(sampled={r.request_id: [SampledToken(1)] for r in reqs}))
+    now[0] = 0.05  # "late" is 4 of its targets behind (weight 4), "early" far ahead (0.5)
+    assert slo_weights(s, reqs) == [4.0, 0.5]
+    d = drafts_of(s.schedule())
+    assert d["late"] > d["early"]
+
+
+def test_slo_weights_are_none_without_targets_and_one_on_pace():
+    now = [0.0]
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                  KVCacheManager(32, BS), clock=lambda: now[0])
+    plain = Request("p", [1, 2, 3], SamplingParams(max_tokens=5), block_size=BS)
+    paced = Request("q", [1, 2, 3], SamplingParams(max_tokens=5), block_size=BS, slo=SLO(tpot_s=0.1))
+    assert slo_weights(s, [plain]) is None
+    paced.first_token_time = 0.0
+    paced.output_token_ids.extend([1, 2])  # 2 outputs: the next one is due at 0.2 s
+    now[0] = 0.2
+    assert slo_weights(s, [plain, paced]) == [1.0, pytest.approx(1.0)]
+    now[0] = 0.25
+    assert slo_weights(s, [plain, paced]) == [1.0, pytest.approx(1.5)]
