@@ -87,6 +87,9 @@ class SchedulerConfig:
     default_slo_tpot_s: Optional[float] = None
     slo_reject: bool = False
     max_wait_s: float = 60.0
+    # "fair": while two or more tenants have requests, a step holds at most what takes this
+    # long by the measured step time (0: off; core/policies_fair.py).
+    fair_max_step_s: float = 0.2
     # Preemption: "recompute", "swap" (to a host buffer of swap_space_bytes) or "auto"
     # (per victim, whichever the cost model says is cheaper; core/swap.py).
     preemption_mode: str = "recompute"
@@ -111,13 +114,15 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be > 0 seconds, got {v!r}")
         if not self.max_wait_s > 0:
             raise ValueError(f"max_wait_s must be > 0 seconds, got {self.max_wait_s!r}")
+        if not self.fair_max_step_s >= 0:
+            raise ValueError(f"fair_max_step_s must be >= 0 seconds (0: off), got {self.fair_max_step_s!r}")
         parse_tenant_weights(self.tenant_weights)
 
     def policy_options(self) -> dict[str, object]:
         """Keyword arguments for make_policy (each policy takes the ones it knows)."""
         return dict(tenant_weights=parse_tenant_weights(self.tenant_weights),
                     default_ttft_s=self.default_slo_ttft_s, default_tpot_s=self.default_slo_tpot_s,
-                    reject=self.slo_reject, max_wait_s=self.max_wait_s)
+                    reject=self.slo_reject, max_wait_s=self.max_wait_s, contended_step_s=self.fair_max_step_s)
 
 
 # When blocks go down to the KV tiers (KVTierConfig.offload_policy; the server's --kv-offload-policy).
@@ -228,6 +233,7 @@ class EngineArgs:
     default_slo_ttft_ms: Optional[float] = None  # "slo": targets of requests without their own
     default_slo_tpot_ms: Optional[float] = None
     slo_reject: bool = False  # "slo": refuse a request that cannot meet its TTFT
+    fair_max_step_ms: float = 200.0  # "fair": the longest step while tenants compete (0: off)
     preemption_mode: str = "recompute"  # recompute | swap | auto
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks
     attention_backend: str = "auto"
@@ -258,6 +264,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             policy=self.scheduling_policy, long_prefill_token_threshold=self.long_prefill_token_threshold,
             tenant_weights=self.tenant_weights, slo_reject=self.slo_reject, preemption_mode=self.preemption_mode,
+            fair_max_step_s=self.fair_max_step_ms / 1000,
             default_slo_ttft_s=None if self.default_slo_ttft_ms is None else self.default_slo_ttft_ms / 1000,
             default_slo_tpot_s=None if self.default_slo_tpot_ms is None else self.default_slo_tpot_ms / 1000,
             swap_space_bytes=int(self.swap_space * 1024**3))

@@ -29,6 +29,11 @@ tenant does to a tenant *below its weighted share of the seats* (`max_num_seqs`)
   runs at once in a short step instead of sharing a full one;
 * its seats are never taken back by the counter-lead displacement (no ping-pong).
 
+And one for every tenant: while two or more have requests, a step is cut to what takes
+`contended_step_s` (0.2 s) by the measured step time (the `slo` policy's StepTimeModel), since
+a request arriving mid-step waits the step out, and on a CPU a full step of prompts lasts
+seconds (docs/scheduling.md, session 16).
+
 These rules (and the victim choice) read a second per-tenant number, its *service*: the
 same charges as the counter, but a lift raises it only to `lift_credit` below the floor.
 The lift (VTC) makes a tenant that is below its share level with the flooding tenant at each
@@ -58,6 +63,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 from kvserve.config import parse_tenant_weights  # noqa: F401  (re-exported)
 from kvserve.core.clock import Clock, wall_clock
 from kvserve.core.policies import SchedulingPolicy, _is_prefilling
+from kvserve.core.policies_slo import StepTimeModel
 from kvserve.request import Request
 
 Tenant = Optional[str]
@@ -70,8 +76,17 @@ class VTCPolicy(SchedulingPolicy):
 
     def __init__(self, clock: Clock = wall_clock, tenant_weights: Optional[Mapping[str, float]] = None,
                  w_prefill: float = 1.0, w_decode: float = 2.0, displace_threshold: float = 2048.0,
-                 protect_prefill: bool = True, lift_credit: float = 6144.0) -> None:
+                 protect_prefill: bool = True, lift_credit: float = 6144.0,
+                 contended_step_s: float = 0.2, step_model: Optional[StepTimeModel] = None) -> None:
         super().__init__(clock)
+        if not contended_step_s >= 0:
+            raise ValueError(f"contended_step_s must be >= 0 seconds (0: off), got {contended_step_s!r}")
+        # While two or more tenants have requests, a step holds at most the tokens that take
+        # this long by the measured step time (step_token_budget): a request arriving mid-step
+        # waits for the step in progress, so the step's length bounds what another tenant's
+        # prompts add to its TTFT.  0: the configured budget.
+        self.contended_step_s = contended_step_s
+        self.model = step_model or StepTimeModel()
         # How far below the lift's floor a tenant's service (module doc) may stay; 6144 weighted
         # tokens is a burst of about three long prompts (docs/scheduling.md has the sweep).
         self.lift_credit = lift_credit
@@ -254,15 +269,28 @@ class VTCPolicy(SchedulingPolicy):
 
     def step_token_budget(self, running: Sequence[Request], budget: int) -> int:
         """With protected prompt work (order_running), the step is cut to the decodes plus that
-        work, so the light tenant's prefill runs in a short step, not a full one."""
+        work, so the light tenant's prefill runs in a short step, not a full one.  While two
+        or more tenants have requests, the step is also cut to what takes contended_step_s
+        (never below the decodes plus one prompt token): on a CPU a full step of another
+        tenant's prompts lasts seconds, and a request that arrives during it waits it out."""
         protected = self._refresh_protected(running)
-        if not protected:
-            return budget
-        work = sum(r.num_tokens - r.num_computed_tokens for r in running
-                   if r.tenant in protected and _is_prefilling(r))
-        work += sum(r.num_tokens - r.num_computed_tokens for t in protected for r in self._queues.get(t, ()))
         decodes = sum(1 for r in running if not _is_prefilling(r))
-        return max(1, min(budget, decodes + work))
+        if protected:
+            work = sum(r.num_tokens - r.num_computed_tokens for r in running
+                       if r.tenant in protected and _is_prefilling(r))
+            work += sum(r.num_tokens - r.num_computed_tokens for t in protected for r in self._queues.get(t, ()))
+            budget = min(budget, decodes + work)
+        if self.contended_step_s > 0 and self._contended(running):
+            budget = min(budget, max(decodes + 1, self.model.tokens_within(self.contended_step_s)))
+        return max(1, budget)
+
+    def _contended(self, running: Sequence[Request]) -> bool:
+        """Two or more tenants have requests seated or waiting."""
+        tenants = {r.tenant for r in running} | {t for t, q in self._queues.items() if q}
+        return len(tenants) >= 2
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.model.observe_step(num_tokens, seconds)
 
     # ---------------------------------------------------------- preemption
     def victim(self, candidates: Sequence[Request]) -> Request:

@@ -78,6 +78,16 @@ def _checked(parse: Any) -> Any:
 
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
 def _fraction(text: str) -> float:
     v = positive_float(text)
     if v > 1:
@@ -93,6 +103,10 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
                         "TPOT-aware chunking (default: %(default)s)")
     g.add_argument("--tenant-weights", type=_checked(parse_tenant_weights), default=None, metavar="T=W,...",
                    help="fair: service weights per tenant, e.g. 'a=2,b=1' (default: 1 each)")
+    g.add_argument("--fair-max-step-ms", type=_non_negative_float, default=200.0, metavar="MS",
+                   help="fair: while two or more tenants have requests, a step holds at most the tokens that "
+                        "take this long by the measured step time, so a request arriving mid-step waits at "
+                        "most about this long for it (0: off; default: %(default)g)")
     g.add_argument("--default-slo-ttft-ms", type=positive_float, default=None, metavar="MS",
                    help="slo: TTFT target of requests without one (default: none)")
     g.add_argument("--default-slo-tpot-ms", type=positive_float, default=None, metavar="MS",
@@ -115,6 +129,7 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
 
 def scheduling_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(scheduling_policy=args.scheduling_policy, tenant_weights=args.tenant_weights,
+                fair_max_step_ms=args.fair_max_step_ms,
                 default_slo_ttft_ms=args.default_slo_ttft_ms, default_slo_tpot_ms=args.default_slo_tpot_ms,
                 slo_reject=args.slo_reject, preemption_mode=args.preemption_mode, swap_space=args.swap_space)
 

@@ -349,3 +349,28 @@ def test_decode_steps_are_charged_with_their_drafts_and_recomputes_are_not():
     r.num_computed_tokens = 6
     p.on_scheduled(r, 1)  # a recomputed output position (not the last token): not charged
     assert p.counters["a"] == 16.0
+
+
+def test_while_tenants_compete_a_step_is_cut_to_what_takes_contended_step_s():
+    """On a CPU a full step of prompts lasts seconds, and another tenant's request arriving
+    during it waits it out: with two tenants active the step holds what the measured step
+    time (here 30 ms + 1 ms per token) fits in contended_step_s."""
+    p = VTCPolicy(contended_step_s=0.2)
+    for n in (8, 16, 32, 64, 128, 256, 512, 8, 16, 32):
+        p.observe_step(n, 0.030 + 0.001 * n)
+    a = [req(f"a{i}", 400, "a", float(i)) for i in range(2)]  # two long prompts, prefilling
+    assert p.step_token_budget(a, 2048) == 2048  # one tenant: nobody else waits for the step
+    b = req("b0", 8, "b", 3.0)
+    b.num_computed_tokens = b.num_prompt_tokens
+    b.output_token_ids.append(7)  # seated and decoding: b is active, with no prompt work
+    assert p._protected(a + [b]) == set()
+    assert p.step_token_budget(a + [b], 2048) == 170  # (0.2 - 0.030) / 0.001
+    assert VTCPolicy(contended_step_s=0).step_token_budget(a + [b], 2048) == 2048  # off
+    # Never below the decodes plus one prompt token.
+    many = [req(f"d{i}", 8, "c", 4.0 + i) for i in range(200)]
+    for r in many:
+        r.num_computed_tokens = r.num_prompt_tokens
+        r.output_token_ids.append(7)
+    assert p.step_token_budget(a + [b] + many, 2048) == 202
+    with pytest.raises(ValueError):
+        VTCPolicy(contended_step_s=-1.0)
