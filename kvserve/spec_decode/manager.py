@@ -33,8 +33,8 @@ class SpecDecodeManager:
         """Draft tokens per candidate (request id, most drafts it may take this step: the
         configured K, tokens left before max_tokens / max_model_len).  Requests given none
         are absent.  jointly: one length for all candidates; weights: the value of one token of
-        each candidate (SpecLengthPolicy.choose).  Cheap proposers propose first and the policy cuts the proposals;
-        a draft model is asked only for the k the policy chose."""
+        each candidate (SpecLengthPolicy.choose).  Cheap proposers propose first and the
+        policy cuts the proposals; a draft model is asked only for the k the policy chose."""
         states = [self._states[rid] for rid, _ in candidates]
         if self.proposer.proposes_for_free:
             proposals = self.proposer.propose_batch(states, [min(cap, self.policy.max_k) for _, cap in candidates])
