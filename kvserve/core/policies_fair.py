@@ -271,7 +271,8 @@ class VTCPolicy(SchedulingPolicy):
         """With protected prompt work (order_running), the step is cut to the decodes plus that
         work, so the light tenant's prefill runs in a short step, not a full one.  While two
         or more tenants have requests, the step is also cut to what takes contended_step_s
-        (never below the decodes plus one prompt token): on a CPU a full step of another
+        (or twice the decodes' own step time, and never below the decodes plus one prompt
+        token): on a CPU a full step of another
         tenant's prompts lasts seconds, and a request that arrives during it waits it out."""
         protected = self._refresh_protected(running)
         decodes = sum(1 for r in running if not _is_prefilling(r))
@@ -281,7 +282,10 @@ class VTCPolicy(SchedulingPolicy):
             work += sum(r.num_tokens - r.num_computed_tokens for t in protected for r in self._queues.get(t, ()))
             budget = min(budget, decodes + work)
         if self.contended_step_s > 0 and self._contended(running):
-            budget = min(budget, max(decodes + 1, self.model.tokens_within(self.contended_step_s)))
+            # At least twice the decodes' own step: below that, prompts crawl in chunks of a few
+            # tokens and every TTFT grows (measured: 50 ms on a 2-core CPU, docs/scheduling.md).
+            cap_s = max(self.contended_step_s, 2 * self.model.step_s(decodes))
+            budget = min(budget, max(decodes + 1, self.model.tokens_within(cap_s)))
         return max(1, budget)
 
     def _contended(self, running: Sequence[Request]) -> bool:
