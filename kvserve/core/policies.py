@@ -85,6 +85,11 @@ class SchedulingPolicy(ABC):
     def victim(self, candidates: Sequence[Request]) -> Request:
         """The running request to preempt when blocks run out (`candidates` is never empty)."""
 
+    # ---------------------------------------------------------------- targets
+    def tpot_s(self, request: Request) -> Optional[float]:
+        """`request`'s TPOT target in seconds (None: none): its own; `slo` adds a default."""
+        return request.slo.tpot_s if request.slo is not None else None
+
     # --------------------------------------------------------------- hooks
     def on_scheduled(self, request: Request, num_tokens: int) -> None:
         """`request` runs `num_tokens` tokens in the step being built (for usage accounting)."""

@@ -272,8 +272,8 @@ class VTCPolicy(SchedulingPolicy):
         work, so the light tenant's prefill runs in a short step, not a full one.  While two
         or more tenants have requests, the step is also cut to what takes contended_step_s
         (or twice the decodes' own step time, and never below the decodes plus one prompt
-        token): on a CPU a full step of another
-        tenant's prompts lasts seconds, and a request that arrives during it waits it out."""
+        token): on a CPU a full step of another tenant's prompts lasts seconds, and a request
+        that arrives during it waits it out."""
         protected = self._refresh_protected(running)
         decodes = sum(1 for r in running if not _is_prefilling(r))
         if protected:

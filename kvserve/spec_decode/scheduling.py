@@ -101,11 +101,10 @@ def slo_weights(sched: "Scheduler", requests: Sequence["Request"]) -> Optional[l
     (first_token_time + tpot * outputs < now) 1 + x, at most 4; ahead, down to 0.5.  A late
     request's drafts then win over an early one's in the same step.  None: no request has a
     target (every token counts 1, and scaling all weights alike changes nothing)."""
-    target_of = getattr(sched.policy, "tpot_s", None)  # SLOPolicy: the request's target or the default
     now = sched.clock()
     weights, any_target = [], False
     for r in requests:
-        tpot = target_of(r) if callable(target_of) else (r.slo.tpot_s if r.slo is not None else None)
+        tpot = sched.policy.tpot_s(r)
         if tpot is None or r.first_token_time is None:
             weights.append(1.0)
             continue
@@ -209,10 +208,8 @@ class SpecScheduling:
         sp = r.sampling_params
         if sp.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
             return 0  # the prompt's last position: its logprobs are reported from this step
-        cap = min(self.max_k, sched.max_model_len - r.num_tokens - 1)  # emitted tokens stay within the limit
-        if sp.max_tokens is not None:
-            cap = min(cap, sp.max_tokens - r.num_output_tokens - 1)
-        return cap
+        # The step emits up to drafts + 1 tokens, all within max_tokens and max_model_len.
+        return min(self.max_k, tokens_left(sched, r) - 1)
 
     def _observe_draft_cost(self, seconds: float, num_drafted: int) -> None:
         """A draft model's time per proposed token, for the policy (free proposers: 0)."""

@@ -3,8 +3,8 @@
 `OnlineStepTime` records (batched tokens, seconds) of every engine step and
 answers t(n) from them: the median of the recent steps per token-count bucket,
 made non-decreasing in n (pooled by each bucket's samples: `monotone_fit`), linear
-between buckets and along the last segment beyond (the shape of `InterpolatedStepTime`; a line through a CPU's points
-misleads, docs/spec_decode.md section 3).
+between buckets and along the last segment beyond (the shape of `InterpolatedStepTime`;
+a line through a CPU's points misleads, docs/spec_decode.md section 3).
 
 With one bucket measured it answers optimistically, flat: "extra tokens cost
 nothing" until measured otherwise, so the policy does try speculating and the

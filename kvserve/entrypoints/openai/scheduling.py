@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kvserve.config import parse_tenant_weights
-from kvserve.entrypoints.arg_types import positive_float
+from kvserve.entrypoints.arg_types import non_negative_float, positive_float
 from kvserve.request import SLO
 
 POLICY_CHOICES = ("fcfs", "priority", "fair", "slo")
@@ -78,16 +78,6 @@ def _checked(parse: Any) -> Any:
 
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
-
-
 def _fraction(text: str) -> float:
     v = positive_float(text)
     if v > 1:
@@ -103,7 +93,7 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
                         "TPOT-aware chunking (default: %(default)s)")
     g.add_argument("--tenant-weights", type=_checked(parse_tenant_weights), default=None, metavar="T=W,...",
                    help="fair: service weights per tenant, e.g. 'a=2,b=1' (default: 1 each)")
-    g.add_argument("--fair-max-step-ms", type=_non_negative_float, default=200.0, metavar="MS",
+    g.add_argument("--fair-max-step-ms", type=non_negative_float, default=200.0, metavar="MS",
                    help="fair: while two or more tenants have requests, a step holds at most the tokens that "
                         "take this long by the measured step time, so a request arriving mid-step waits at "
                         "most about this long for it (0: off; default: %(default)g)")
